@@ -1,0 +1,58 @@
+"""Importance priors: how much each layer matters, from a few calibration batches.
+
+Two signals, both cheap next to a fine-tune:
+* sensitivity: the empirical Fisher (mean squared gradient of the loss w.r.t. the
+  layer's weights, times the squared weights: a first-order estimate of the loss
+  change if the layer were perturbed in proportion to its size);
+* quantization error at each bit-width: ||(W - Q_b(W)) X|| / ||W X|| over the
+  calibration activations X, i.e. how much the layer's output moves.
+
+They warm-start the search (more bits/rank to sensitive layers) and order repair
+(lower the least important layers first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Priors:
+    layers: tuple[str, ...]
+    sensitivity: tuple[float, ...]  # normalised to sum to 1
+    quant_error: dict[int, tuple[float, ...]]  # bits -> per-layer relative output error
+
+    def importance(self) -> tuple[float, ...]:
+        """One score per layer (sums to 1): sensitivity, weighted by how much low bits hurt that layer."""
+        low = min(self.quant_error) if self.quant_error else None
+        raw = [
+            s * (1.0 + (self.quant_error[low][i] if low is not None else 0.0)) for i, s in enumerate(self.sensitivity)
+        ]
+        total = sum(raw) or 1.0
+        return tuple(r / total for r in raw)
+
+    def damage(self, layer: int, bits: int) -> float:
+        """Expected harm of putting ``layer`` at ``bits``: sensitivity x quantization error (0 if unquantized)."""
+        err = self.quant_error.get(bits)
+        return self.sensitivity[layer] * (err[layer] if err else 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": list(self.layers),
+            "sensitivity": list(self.sensitivity),
+            "quant_error": {str(b): list(v) for b, v in self.quant_error.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Priors":
+        return cls(
+            tuple(d["layers"]),
+            tuple(float(x) for x in d["sensitivity"]),
+            {int(b): tuple(float(x) for x in v) for b, v in d["quant_error"].items()},
+        )
+
+    @classmethod
+    def uniform(cls, layers: tuple[str, ...], bits: tuple[int, ...]) -> "Priors":
+        """No information: every layer equally important, error halving per extra bit."""
+        n = len(layers)
+        return cls(tuple(layers), tuple(1.0 / n for _ in layers), {b: tuple(2.0 ** -b for _ in layers) for b in bits})

@@ -1,0 +1,204 @@
+"""Memory model: bytes a configuration needs to fine-tune, without building it.
+
+The search evaluates thousands of candidate configurations for feasibility, so
+the cost must be a cheap closed form. Each term mirrors what the training
+process really allocates (checked against tensor storage in tests and, on a GPU,
+``torch.cuda.max_memory_allocated`` in bench/):
+
+* quantized weights, packed as the backend packs them (HQQ: 2/4/8 bits in uint8,
+  3 bits as 10 values per int32 word over groups);
+* quantization metadata: one scale and one zero per group (HQQ), absmax per
+  block (bitsandbytes NF4), a scale per row (bitsandbytes int8);
+* parameters that stay unquantized: embeddings, norms, head, biases and layers
+  at 16 bits (stored in the base dtype);
+* LoRA A/B weights, their gradients and AdamW's two moments;
+* activations saved for backward, for a (batch, seq_len) step, with or without
+  gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+
+from .errors import BudgetError
+from .space import UNQUANTIZED, Config, SearchSpace
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know of a model: its layers' linear modules and the rest."""
+
+    layers: tuple[tuple[str, tuple[LinearShape, ...]], ...]
+    other_params: int  # embeddings, norms, lm head, biases: never quantized, frozen
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    vocab_size: int
+    num_blocks: int
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.layers)
+
+    @property
+    def linear_params(self) -> int:
+        return sum(m.numel for _, mods in self.layers for m in mods)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Dtypes and training shape. Defaults match CPU training in fp32; on a GPU use 2-byte base/meta/act."""
+
+    backend: str = "hqq"
+    group_size: int = 64
+    meta_bytes: int = 4  # per HQQ scale/zero (the compute dtype)
+    base_bytes: int = 4  # unquantized weights
+    lora_bytes: int = 4  # adapter weights and their gradients
+    optimizer_bytes: int = 8  # AdamW: two fp32 moments per trainable parameter
+    act_bytes: int = 4
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights: int
+    metadata: int
+    unquantized: int
+    lora: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def static(self) -> int:
+        """Everything but activations: what sits in memory before the first step."""
+        return self.total - self.activations
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"static": self.static, "total": self.total}
+
+
+def packed_bytes(numel: int, bits: int, s: MemorySettings, rows: int = 0) -> tuple[int, int]:
+    """(packed weight bytes, metadata bytes) of one weight matrix of ``numel`` values at ``bits``."""
+    if bits >= UNQUANTIZED:
+        return 0, 0
+    if s.backend in ("hqq", "sim"):
+        groups = math.ceil(numel / s.group_size)
+        if bits == 3:  # 10 three-bit values per int32, packed along the group axis
+            weight = math.ceil(groups / 10) * s.group_size * 4
+        else:
+            weight = math.ceil(numel * bits / 8)
+        return weight, 2 * groups * s.meta_bytes
+    if s.backend == "bnb":
+        if bits == 4:  # NF4: two values per byte, one fp32 absmax per 64-value block
+            return math.ceil(numel / 2), math.ceil(numel / 64) * 4
+        if bits == 8:  # LLM.int8: one byte per value, one fp32 scale per output row
+            return numel, rows * 4
+    raise BudgetError(f"backend {s.backend!r} cannot store {bits}-bit weights")
+
+
+def activation_bytes(shape: ModelShape, config: Config, s: MemorySettings) -> int:
+    """Tensors autograd keeps for backward in one training step.
+
+    Per token and decoder block (elements): norms and residuals ~4h, q/k/v/o
+    projections ~4h, the MLP ~4f, attention probabilities heads*seq, and for every
+    adapted module its input and the rank-r intermediate. With gradient
+    checkpointing only each block's input is kept, plus one block recomputed at a
+    time. The head adds logits and their log-softmax (2 * vocab per token).
+    """
+    tokens = s.batch_size * s.seq_len
+    h, f = shape.hidden_size, shape.intermediate_size
+    blocks = max(1, shape.num_blocks)
+    per_block = 8 * h + 4 * f + shape.num_heads * s.seq_len
+    lora = sum(
+        (m.in_features + layer.rank) for layer, (_, mods) in zip(config.layers, shape.layers) if layer.rank for m in mods
+    )
+    head = 2 * shape.vocab_size
+    if s.grad_checkpointing:
+        elems = blocks * h + per_block + lora / blocks + head
+    else:
+        elems = blocks * per_block + lora + head
+    return int(tokens * elems * s.act_bytes)
+
+
+def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> MemoryBreakdown:
+    """Bytes to fine-tune ``config`` on ``shape`` under settings ``s``."""
+    weights = meta = unq = lora = 0
+    for layer, (_, mods) in zip(config.layers, shape.layers):
+        for m in mods:
+            w, md = packed_bytes(m.numel, layer.bits, s, rows=m.out_features)
+            weights, meta = weights + w, meta + md
+            if layer.bits >= UNQUANTIZED:
+                unq += m.numel * s.base_bytes
+            lora += layer.rank * (m.in_features + m.out_features)
+    return MemoryBreakdown(
+        weights=weights,
+        metadata=meta,
+        unquantized=unq + shape.other_params * s.base_bytes,
+        lora=lora * s.lora_bytes,
+        gradients=lora * s.lora_bytes,
+        optimizer=lora * s.optimizer_bytes,
+        activations=activation_bytes(shape, config, s),
+    )
+
+
+def total_bytes(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> int:
+    return memory(config, shape, s).total
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_REFERENCE = re.compile(r"uniform-(\d+)bit-r(\d+)")
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+)\s*([a-z]*)")
+
+
+def parse_budget(text: str | int, space: SearchSpace, shape: ModelShape, s: MemorySettings = MemorySettings()) -> int:
+    """Budget in bytes from '6GiB', '1500MB', '123456' or a reference config 'uniform-4bit-r16'.
+
+    Raises BudgetError if unparseable, or if even the smallest configuration of the
+    space (fewest bits, smallest rank everywhere) does not fit.
+    """
+    raw = str(text).strip().lower()
+    if m := _REFERENCE.fullmatch(raw):
+        budget = total_bytes(space.uniform(int(m[1]), int(m[2])), shape, s)
+    elif (m := _SIZE.fullmatch(raw)) and m[2] in _UNITS:
+        budget = int(float(m[1]) * _UNITS[m[2]])
+    else:
+        raise BudgetError(
+            f"cannot read the budget {text!r}: give bytes with a unit ('6GiB', '800MB', '123456') "
+            f"or a reference configuration ('uniform-4bit-r16')"
+        )
+    smallest = total_bytes(space.uniform(space.bits[0], space.ranks[0]), shape, s)
+    if budget < smallest:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} is below the smallest feasible configuration "
+            f"({space.bits[0]}-bit, rank {space.ranks[0]} on every layer: {format_bytes(smallest)} = {smallest} bytes); "
+            f"raise --budget to at least {smallest}, shorten seq_len/batch or enable gradient checkpointing"
+        )
+    return budget
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
