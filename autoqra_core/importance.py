@@ -56,3 +56,60 @@ class Priors:
         """No information: every layer equally important, error halving per extra bit."""
         n = len(layers)
         return cls(tuple(layers), tuple(1.0 / n for _ in layers), {b: tuple(2.0 ** -b for _ in layers) for b in bits})
+
+
+def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = 64,
+                   max_tokens: int = 1024) -> Priors:
+    """Fisher sensitivity and activation-weighted quantization error per layer, from calibration batches.
+
+    ``model`` is the unquantized base (not modified); ``calibration`` a list of [batch, seq] token tensors.
+    """
+    import torch
+
+    from .quantize import QuantSettings, dequantized_weight
+
+    mods = dict(model.named_modules())
+    members = {m: i for i, (_, ms) in enumerate(lmap.layers) for m in ms}
+    inputs: dict[str, list] = {m: [] for m in members}
+    hooks = [
+        mods[m].register_forward_hook(lambda mod, args, out, m=m: inputs[m].append(args[0].detach().flatten(0, -2)))
+        for m in members
+    ]
+    weights = [mods[m].weight for m in members]
+    was = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    fisher = {m: 0.0 for m in members}
+    model.eval()
+    try:
+        for x in calibration:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=x, labels=x).loss.backward()
+            for m in members:
+                w = mods[m].weight
+                fisher[m] += float(((w.grad * w.detach()) ** 2).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        for w, r in zip(weights, was):
+            w.requires_grad_(r)
+            w.grad = None
+    sens = [sum(fisher[m] for m in ms) for _, ms in lmap.layers]
+    total = sum(sens) or 1.0
+
+    errors: dict[int, list[float]] = {b: [] for b in bits if b < 16}
+    q = QuantSettings(backend="sim", group_size=group_size)
+    with torch.no_grad():
+        for _, ms in lmap.layers:
+            num = {b: 0.0 for b in errors}
+            den = 0.0
+            for m in ms:
+                lin = mods[m]
+                x = torch.cat(inputs[m])[:max_tokens]
+                ref = x @ lin.weight.T
+                den += float((ref**2).sum())
+                for b in errors:
+                    num[b] += float(((x @ dequantized_weight(lin.weight, b, q).T - ref) ** 2).sum())
+            for b in errors:
+                errors[b].append((num[b] / max(den, 1e-30)) ** 0.5)
+    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()})

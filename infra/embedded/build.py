@@ -111,7 +111,8 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
     return fast
 
 
-def pretrain(corpus: list[str], tokenizer, out: Path, minutes: float, seq_len: int, batch: int, seed: int) -> dict:
+def pretrain(corpus: list[str], tokenizer, out: Path, minutes: float, seq_len: int, batch: int, seed: int,
+             resume: bool = False, lr_max: float = 1e-3) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,14 +128,15 @@ def pretrain(corpus: list[str], tokenizer, out: Path, minutes: float, seq_len: i
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32) if resume else LlamaForCausalLM(config)
+    prev = json.loads((out / "pretrain_stats.json").read_text()) if resume else {"steps": 0, "train_tokens": 0}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     deadline = time.time() + minutes * 60
-    est_steps = int(minutes * 60 / 0.45)
+    est_steps = int(minutes * 60 / 2.0)  # ~2 s per step on 2 CPU cores
     step, log = 0, []
     model.train()
     while time.time() < deadline:
-        lr = 1e-3 * min(1.0, (step + 1) / 100) * max(0.1, 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
+        lr = lr_max * min(1.0, (step + 1) / 100) * max(0.1, 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
         for g in opt.param_groups:
             g["lr"] = lr
         starts = torch.randint(0, len(train) - seq_len - 1, (batch,))
@@ -153,7 +155,7 @@ def pretrain(corpus: list[str], tokenizer, out: Path, minutes: float, seq_len: i
         v = val[: (len(val) // seq_len) * seq_len].view(-1, seq_len)
         val_loss = sum(model(input_ids=b, labels=b).loss.item() for b in v.split(16)) / math.ceil(len(v) / 16)
     model.half().save_pretrained(out, safe_serialization=True)
-    return {"steps": step, "train_tokens": step * batch * seq_len, "corpus_tokens": len(data), "val_loss": val_loss,
+    return {"steps": prev["steps"] + step, "train_tokens": prev["train_tokens"] + step * batch * seq_len, "corpus_tokens": len(data), "val_loss": val_loss,
             "params": sum(p.numel() for p in model.parameters()), "log": log[-5:]}
 
 
@@ -162,6 +164,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=14.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-model", action="store_true", help="only rebuild the WordNet task")
+    ap.add_argument("--resume", action="store_true", help="continue pretraining the existing checkpoint")
+    ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
 
     train_rows, test_rows = wordnet_rows(n_train=20000, n_test=600, seed=args.seed)
@@ -178,9 +182,17 @@ def main() -> None:
     print(f"docs corpus: {len(corpus)} paragraphs, {sum(map(len, corpus))} chars")
     out = HERE / "model"
     out.mkdir(exist_ok=True)
-    tok = train_tokenizer(corpus, vocab_size=4096, out=out)
-    stats = pretrain(corpus, tok, out, args.minutes, seq_len=128, batch=16, seed=args.seed)
-    stats["command"] = f"python infra/embedded/build.py --minutes {args.minutes} --seed {args.seed}"
+    if args.resume:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out)
+    else:
+        tok = train_tokenizer(corpus, vocab_size=4096, out=out)
+    stats = pretrain(corpus, tok, out, args.minutes, seq_len=128, batch=16, seed=args.seed, resume=args.resume,
+                     lr_max=args.lr)
+    cmd = f"python infra/embedded/build.py --minutes {args.minutes} --seed {args.seed}"
+    stats["commands"] = [*(json.loads((out / "pretrain_stats.json").read_text())["commands"] if args.resume else []),
+                         cmd + (f" --resume --lr {args.lr}" if args.resume else "")]
     (out / "pretrain_stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps({k: v for k, v in stats.items() if k != "log"}, indent=2))
 

@@ -1,0 +1,27 @@
+# Two commands for a fresh machine: `make demo` (a whole search on the embedded default)
+# and `make test` (the suite). Both create .venv and install everything first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: this machine serves a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/autoqra search --budget uniform-4bit-r16 --out demo-output --seed 0 --baselines
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-output .autoqra .pytest_cache

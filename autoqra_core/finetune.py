@@ -1,0 +1,198 @@
+"""Build one configuration (quantized base + per-layer LoRA), fine-tune it, score it.
+
+This is the expensive ``evaluate(config, fidelity)`` the search calls. LoRA ranks
+per layer go through peft's ``rank_pattern``/``alpha_pattern``, keyed by the
+*escaped full module name* (peft matches keys as regexes against the end of module
+names; a key like ``layers.1.`` would silently match nothing). Rank 0 leaves the
+layer's modules out of ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import EvalSet, Task, batches, eval_set, train_blocks
+from .errors import CandidateFailed
+from .fidelity import Evaluation, Fidelity
+from .model import LayerMap
+from .quantize import QuantSettings, quantize_model
+from .space import Config
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * rank, so the update scale is the same at every rank
+    dropout: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+
+
+def lora_config(config: Config, lmap: LayerMap, t: TrainSettings = TrainSettings()):
+    """peft LoraConfig with one rank per layer; None when no layer gets an adapter."""
+    from peft import LoraConfig
+
+    ranks = {m: c.rank for c, (_, mods) in zip(config.layers, lmap.layers) for m in mods if c.rank > 0}
+    if not ranks:
+        return None
+    default = max(ranks.values())
+    return LoraConfig(
+        r=default,
+        lora_alpha=t.alpha_ratio * default,
+        lora_dropout=t.dropout,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={re.escape(m): t.alpha_ratio * r for m, r in ranks.items()},
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build(base: nn.Module, config: Config, lmap: LayerMap, q: QuantSettings, t: TrainSettings) -> nn.Module:
+    """A fresh copy of ``base``: quantized per layer, with per-layer LoRA adapters attached."""
+    from peft import get_peft_model
+
+    model = quantize_model(copy.deepcopy(base), config, lmap, q)
+    lcfg = lora_config(config, lmap, t)
+    if lcfg is None:
+        return model
+    torch.manual_seed(t.seed)  # LoRA A init
+    model = get_peft_model(model, lcfg)
+    if t.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def make_optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
+
+
+def train(model: nn.Module, data: list[torch.Tensor], t: TrainSettings, progress=None) -> list[float]:
+    """Plain AdamW loop with warmup + cosine decay. Raises CandidateFailed on a non-finite loss or OOM."""
+    opt = make_optimizer(model, t)
+    if opt is None:
+        return []
+    model.train()
+    losses = []
+    steps = len(data)
+    for step, x in enumerate(data):
+        lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        try:
+            loss = model(input_ids=x, labels=x).loss
+            if not torch.isfinite(loss):
+                raise CandidateFailed(f"diverged: loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.max_grad_norm)
+            opt.step()
+        except torch.OutOfMemoryError as e:
+            raise CandidateFailed(f"out of memory at step {step}: {str(e).splitlines()[0]}") from None
+        losses.append(loss.item())
+        if progress:
+            progress(step + 1, steps, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def score(model: nn.Module, ev: EvalSet, batch_size: int = 64) -> tuple[float, float | None]:
+    """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks)."""
+    model.eval()
+    nll_sum = torch.zeros(len(ev.input_ids))
+    n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
+    for i in range(0, len(ev.input_ids), batch_size):
+        ids = ev.input_ids[i : i + batch_size]
+        mask = ev.target_mask[i : i + batch_size, 1:]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        nll_sum[i : i + batch_size] = (nll * mask).sum(1)
+    if not torch.isfinite(nll_sum).all():
+        raise CandidateFailed("diverged: non-finite held-out loss")
+    correct = ev.correct
+    loss = (nll_sum[correct].sum() / n_tok[correct].sum()).item()
+    if not ev.labelled:
+        return loss, None
+    mean_ll = -(nll_sum / n_tok)
+    n_ex = int(ev.example.max()) + 1
+    best = torch.full((n_ex,), -math.inf)
+    best = best.scatter_reduce(0, ev.example, mean_ll, reduce="amax")
+    hit = (mean_ll == best[ev.example]) & correct
+    return loss, hit.float().sum().item() / n_ex
+
+
+def evaluate_config(
+    base: nn.Module,
+    tokenizer,
+    task: Task,
+    lmap: LayerMap,
+    config: Config,
+    fidelity: Fidelity,
+    rung: int,
+    memory_bytes: int,
+    q: QuantSettings = QuantSettings(),
+    t: TrainSettings = TrainSettings(),
+    progress=None,
+) -> Evaluation:
+    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on held-out data. Failures become failed Evaluations."""
+    start = time.perf_counter()
+    torch.manual_seed(t.seed)
+    try:
+        model = build(base, config, lmap, q, t)
+        data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
+                       fidelity.steps, fidelity.batch_size, seed=t.seed)
+        losses = train(model, data, t, progress)
+        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, max_len=fidelity.seq_len))
+    except CandidateFailed as e:
+        return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=e.reason,
+                          seconds=time.perf_counter() - start)
+    return Evaluation(
+        config, rung, loss, memory_bytes, accuracy=acc,
+        train_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        seconds=time.perf_counter() - start,
+    )
+
+
+QUANT_FILE = "autoqra_quantization.json"
+
+
+def save(model: nn.Module, config: Config, q: QuantSettings, out_dir) -> None:
+    """Adapter weights (peft format) + the quantization config needed to rebuild the base exactly."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out)
+    spec = {"config": config.to_dict(), "backend": q.backend, "group_size": q.group_size}
+    (out / QUANT_FILE).write_text(json.dumps(spec, indent=2))
+
+
+def load(base: nn.Module, lmap: LayerMap, in_dir, device: str = "cpu") -> tuple[nn.Module, Config]:
+    """Rebuild what ``save`` wrote: quantize a copy of ``base`` the same way, then load the adapter."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    src = Path(in_dir)
+    spec = json.loads((src / QUANT_FILE).read_text())
+    config = Config.from_dict(spec["config"])
+    q = QuantSettings(backend=spec["backend"], group_size=spec["group_size"], device=device)
+    model = quantize_model(copy.deepcopy(base), config, lmap, q)
+    if (src / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(model, src)
+    return model.eval(), config

@@ -1,0 +1,1 @@
+"""The outside world: settings, storage, tracking, local stack."""

@@ -1,0 +1,143 @@
+"""Plots of a search from plain data (result.json pieces), saved as PNG for MLflow and the README.
+
+Built on ``matplotlib.figure.Figure`` rather than pyplot: no global figure state and no
+GUI backend, so it is safe in Prefect task threads and on headless machines. Each
+function returns the path written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+MIB = 2**20
+_STAGE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    return path
+
+
+def _layers(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(config.get("layers", config.get("config", {}).get("layers", [])))
+
+
+def plot_allocation(config: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Bits (top) and LoRA rank (bottom) per layer, sharing the layer axis.
+
+    Low-bit layers are drawn darker so the compensating pattern (low bits <-> high rank)
+    reads across the two panels. ``config`` is ``{"layers": [{"name","bits","rank"}, ...]}``
+    (a ``{"config": ...}`` wrapper such as ``result["best"]`` works too).
+    """
+    layers = _layers(config)
+    names = [str(layer.get("name", i)) for i, layer in enumerate(layers)]
+    bits = [int(layer["bits"]) for layer in layers]
+    ranks = [int(layer["rank"]) for layer in layers]
+    x = list(range(len(layers)))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(layers) + 2), 5))
+    ax_bits, ax_rank = fig.subplots(2, 1, sharex=True)
+    cmap = colormaps["viridis"]
+    colours = [cmap(min(b, 8) / 8 * 0.85) for b in bits]
+    ax_bits.bar(x, bits, color=colours)
+    ax_bits.set_ylabel("bits")
+    ax_bits.set_yticks(sorted(set(bits) | {2, 4, 8}))
+    ax_rank.bar(x, ranks, color=colours)
+    ax_rank.set_ylabel("LoRA rank")
+    ax_rank.set_xticks(x)
+    ax_rank.set_xticklabels(names if len(names) <= 40 else [str(i) for i in x], rotation=60, ha="right", fontsize=7)
+    ax_rank.set_xlabel("layer (colour = bits)")
+    ax_bits.set_title(title or "Per-layer allocation: bits and LoRA rank")
+    return _save(fig, path)
+
+
+def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Best ``eval_loss`` so far against evaluations spent, one colour per stage.
+
+    ``records``: ``{"evaluations": int, "best_loss": float, "stage": str}``, in order.
+    """
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    stages: list[str] = []
+    for rec in records:
+        if rec.get("stage", "") not in stages:
+            stages.append(str(rec.get("stage", "")))
+    ordered = sorted(records, key=lambda r: r["evaluations"])
+    xs = [r["evaluations"] for r in ordered if _finite(r.get("best_loss"))]
+    ys = [r["best_loss"] for r in ordered if _finite(r.get("best_loss"))]
+    if xs:
+        ax.step(xs, ys, where="post", color="lightgrey", zorder=1)
+    for i, stage in enumerate(stages):
+        pts = [r for r in ordered if str(r.get("stage", "")) == stage and _finite(r.get("best_loss"))]
+        ax.scatter(
+            [r["evaluations"] for r in pts],
+            [r["best_loss"] for r in pts],
+            color=_STAGE_COLOURS[i % len(_STAGE_COLOURS)],
+            label=stage or "search",
+            zorder=2,
+            s=18,
+        )
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best eval_loss so far")
+    ax.set_title(title or "Search progress")
+    if stages:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_pareto(
+    evaluations: Sequence[Mapping[str, Any]],
+    pareto: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    budget_bytes: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Memory (MiB) against ``eval_loss``: every evaluation grey, the Pareto front highlighted.
+
+    Failed or non-finite evaluations are left out; ``baselines`` (``result["baselines"]``)
+    are drawn as labelled markers and ``budget_bytes`` as a vertical line.
+    """
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ok = [e for e in evaluations if e.get("status", "ok") == "ok" and _finite(e.get("eval_loss"))]
+    ax.scatter([e["memory_bytes"] / MIB for e in ok], [e["eval_loss"] for e in ok], color="lightgrey", s=14, label="evaluated")
+    front = sorted((p for p in pareto if _finite(p.get("eval_loss"))), key=lambda p: p["memory_bytes"])
+    if front:
+        ax.plot(
+            [p["memory_bytes"] / MIB for p in front],
+            [p["eval_loss"] for p in front],
+            "o-",
+            color="tab:red",
+            markersize=5,
+            label="Pareto front",
+        )
+    for name, base in (baselines or {}).items():
+        if _finite(base.get("eval_loss")) and base.get("memory_bytes") is not None:
+            x, y = base["memory_bytes"] / MIB, base["eval_loss"]
+            ax.scatter([x], [y], marker="s", color="tab:blue", s=28, zorder=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if budget_bytes:
+        ax.axvline(budget_bytes / MIB, color="black", linestyle="--", linewidth=1, label="budget")
+    ax.set_xlabel("memory (MiB)")
+    ax.set_ylabel("eval_loss")
+    ax.set_title(title or "Memory vs. quality")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

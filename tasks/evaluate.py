@@ -1,0 +1,60 @@
+"""Prefect task: one configuration fine-tuned and scored at one fidelity.
+
+Cached across runs and processes: the key is every input (model and data
+fingerprints, configuration, rung and its fidelity, quantization and training
+settings, seed) plus the source hash of autoqra_core, and the result is persisted,
+so a re-run with the same parameters reuses every finished evaluation.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from autoqra_core.fidelity import Fidelity
+from autoqra_core.finetune import TrainSettings, evaluate_config
+from autoqra_core.memory import total_bytes
+from autoqra_core.quantize import QuantSettings
+from autoqra_core.space import Config
+
+from .common import memory_settings, workbench
+
+COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation actually run (tests)
+
+
+@task(
+    cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset",
+    persist_result=True,
+    retries=1,
+    task_run_name="eval r{rung} {config_key}",
+)
+def evaluate(
+    model: str,
+    dataset: str,
+    model_id: str,
+    dataset_id: str,
+    config: dict,
+    config_key: str,
+    rung: int,
+    fidelity: dict,
+    quant: dict,
+    train: dict,
+    granularity: str,
+    layers: list[str],
+    code_version: str,
+) -> dict:
+    """Evaluation.to_dict() of ``config`` at ``rung``. ``model``/``dataset`` are paths (not in the cache key:
+    ``model_id``/``dataset_id`` are their content fingerprints)."""
+    import os
+
+    wb = workbench(model, dataset, granularity, tuple(layers))
+    cfg = Config.from_dict(config)
+    fid = Fidelity(**fidelity)
+    q = QuantSettings(**quant)
+    mem = total_bytes(cfg, wb.shape, memory_settings(fid.batch_size, fid.seq_len, q.backend,
+                                                      train.get("grad_checkpointing", False), q.device))
+    result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, mem, q, TrainSettings(**train))
+    if path := os.environ.get(COUNTER_ENV):
+        with open(path, "a") as f:
+            f.write(f"{config_key} {rung}\n")
+    return result.to_dict()

@@ -1,0 +1,47 @@
+"""Helpers shared by the tests: embedded paths, a session fixture, tiny checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_MODEL = ROOT / "infra" / "embedded" / "model"
+EMBEDDED_DATA = ROOT / "infra" / "embedded" / "wordnet"
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer, task, layer map) of the embedded default, loaded once."""
+    from autoqra_core.data import load_task
+    from autoqra_core.model import layer_map, load_model
+
+    model, tok = load_model(EMBEDDED_MODEL)
+    return model, tok, load_task(EMBEDDED_DATA), layer_map(model)
+
+
+def tiny_checkpoint(tmp: Path, arch: str) -> Path:
+    """A randomly initialised 2-block model of ``arch`` saved like a hub checkpoint (with a tokenizer)."""
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    common = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**common)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=64, n_layer=2, n_head=4,
+                                                   n_positions=64)),
+    }[arch]()
+    out = tmp / arch
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

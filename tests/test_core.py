@@ -1,0 +1,268 @@
+"""The evaluation core: space, memory model vs measured bytes, quantization backends, LoRA ranks,
+model loading across architectures, fine-tuning, save/load, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from autoqra_core.data import eval_set, load_task
+from autoqra_core.errors import BudgetError, DatasetError, ModelLoadError, SpaceError
+from autoqra_core.fidelity import Fidelity
+from autoqra_core.finetune import TrainSettings, build, evaluate_config, load, make_optimizer, save, score
+from autoqra_core.importance import compute_priors
+from autoqra_core.memory import MemorySettings, memory, parse_budget
+from autoqra_core.model import layer_map, load_model, model_shape, select_layers
+from autoqra_core.quantize import QuantSettings, quantize_model, storage_bytes
+from autoqra_core.space import Config, SearchSpace
+
+from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, embedded, tiny_checkpoint  # noqa: F401
+
+QUICK = Fidelity(steps=30, data_fraction=0.1, seq_len=64, batch_size=8, eval_examples=150)
+
+
+# ---- space -------------------------------------------------------------------------------------
+
+
+def test_config_json_roundtrip_and_stable_key():
+    space = SearchSpace(("a", "b", "c"))
+    cfg = space.config([2, 4, 8], [0, 16, 64])
+    again = Config.from_json(cfg.to_json())
+    assert again == cfg and again.key() == cfg.key()
+    assert cfg.replace(0, bits=3).key() != cfg.key()
+    assert cfg.short() == "2/0 4/16 8/64"
+
+
+@pytest.mark.parametrize(
+    "bits,ranks,match",
+    [([2, 5, 8], [0, 4, 8], "5 bits is outside the space"), ([2, 4, 8], [0, 7, 8], "rank 7 is outside the space")],
+)
+def test_config_outside_space_is_rejected(bits, ranks, match):
+    with pytest.raises(SpaceError, match=match):
+        SearchSpace(("a", "b", "c")).config(bits, ranks)
+
+
+def test_malformed_config_names_the_problem():
+    with pytest.raises(SpaceError, match="malformed configuration"):
+        Config.from_dict({"layers": [{"name": "a", "bits": 4}]})
+    with pytest.raises(SpaceError, match="not valid JSON"):
+        Config.from_json("{layers")
+
+
+# ---- memory model vs measured bytes ------------------------------------------------------------
+
+MIXED = [
+    ([2, 3, 4, 8, 2, 3], [0, 4, 8, 16, 32, 64]),
+    ([8, 8, 2, 2, 4, 4], [64, 0, 64, 0, 16, 16]),
+    ([3, 3, 3, 3, 3, 3], [8, 8, 8, 8, 8, 8]),
+    ([4, 2, 8, 3, 16, 4], [16, 64, 4, 32, 0, 8]),
+    ([2, 2, 2, 8, 8, 8], [64, 32, 16, 8, 4, 0]),
+    ([16, 4, 4, 4, 4, 16], [4, 4, 0, 0, 4, 4]),
+]
+
+
+@pytest.mark.parametrize("bits,ranks", MIXED)
+def test_memory_model_static_part_matches_allocated_bytes(embedded, bits, ranks):
+    """Weights + metadata + unquantized + LoRA + grads + AdamW state, predicted vs the real tensors' storage."""
+    base, tok, task, lmap = embedded
+    space = SearchSpace(lmap.names, bits=(2, 3, 4, 8, 16))
+    cfg = space.config(bits, ranks)
+    model = build(base, cfg, lmap, QuantSettings("hqq"), TrainSettings())
+    opt = make_optimizer(model, TrainSettings())
+    x = torch.randint(0, 100, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    measured = storage_bytes(model, opt)
+    predicted = memory(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def test_bnb_nf4_and_int8_memory_matches_allocated_bytes(embedded):
+    base, _, _, lmap = embedded
+    cfg = SearchSpace(lmap.names, bits=(4, 8)).config([4, 8, 4, 8, 4, 8], [0] * 6)
+    model = quantize_model(__import__("copy").deepcopy(base), cfg, lmap, QuantSettings("bnb"))
+    measured = storage_bytes(model)
+    predicted = memory(cfg, model_shape(base, lmap), MemorySettings(backend="bnb")).static
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def test_budget_parsing_and_reference(embedded):
+    base, _, _, lmap = embedded
+    space, shape = SearchSpace(lmap.names), model_shape(base, lmap)
+    assert parse_budget("1GiB", space, shape) == 2**30
+    assert parse_budget("1500MB", space, shape) == 1_500_000_000
+    ref = memory(space.uniform(4, 16), shape).total
+    assert parse_budget("uniform-4bit-r16", space, shape) == ref
+    with pytest.raises(BudgetError, match="cannot read the budget"):
+        parse_budget("six gigs", space, shape)
+
+
+def test_budget_below_smallest_config_says_the_smallest(embedded):
+    base, _, _, lmap = embedded
+    space, shape = SearchSpace(lmap.names), model_shape(base, lmap)
+    smallest = memory(space.uniform(2, 0), shape).total
+    with pytest.raises(BudgetError, match=f"at least {smallest}"):
+        parse_budget("1MB", space, shape)
+
+
+# ---- quantization backends and LoRA ------------------------------------------------------------
+
+
+def test_simulated_backend_matches_packed_hqq(embedded):
+    base, tok, task, lmap = embedded
+    cfg = SearchSpace(lmap.names).config([2, 3, 4, 8, 2, 3], [0] * 6)
+    packed = quantize_model(__import__("copy").deepcopy(base), cfg, lmap, QuantSettings("hqq"))
+    sim = quantize_model(__import__("copy").deepcopy(base), cfg, lmap, QuantSettings("sim"))
+    pm, sm = dict(packed.named_modules()), dict(sim.named_modules())
+    for _, mods in lmap.layers:
+        for name in mods:
+            deq = pm[name].dequantize().reshape(sm[name].weight.shape)
+            assert torch.equal(deq, sm[name].weight), name
+    ev = eval_set(task, tok, 20, 64)
+    assert score(packed, ev) == pytest.approx(score(sim, ev), rel=1e-4)
+
+
+def test_rank_pattern_gives_each_layer_its_rank(embedded):
+    base, _, _, lmap = embedded
+    ranks = [0, 4, 8, 16, 32, 64]
+    cfg = SearchSpace(lmap.names).config([4] * 6, ranks)
+    model = build(base, cfg, lmap, QuantSettings("sim"), TrainSettings())
+    seen = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "r", {}):
+            layer = next(l for l, ms in lmap.layers if any(name.endswith(m) for m in ms))
+            assert mod.lora_A["default"].weight.shape[0] == mod.r["default"]
+            seen.setdefault(layer, set()).add(mod.r["default"])
+    assert lmap.names[0] not in seen  # rank 0: no adapter
+    assert {l: r.pop() for l, r in seen.items()} == dict(zip(lmap.names[1:], ranks[1:]))
+
+
+def test_quantization_hurts_in_bit_order_and_lora_recovers(embedded):
+    """Held-out loss: 2 > 3 > 4 > 8 >= unquantized; fine-tuning 2- and 3-bit models lowers it."""
+    base, tok, task, lmap = embedded
+    ev = eval_set(task, tok, 200, 64)
+    space = SearchSpace(lmap.names, bits=(2, 3, 4, 8, 16))
+    loss = {}
+    for b in (2, 3, 4, 8, 16):
+        loss[b] = score(quantize_model(__import__("copy").deepcopy(base), space.uniform(b, 0), lmap,
+                                       QuantSettings("hqq")), ev)[0]
+    assert loss[2] > loss[3] > loss[4] > loss[8] >= loss[16] - 1e-3, loss
+    for b in (2, 3):
+        tuned = evaluate_config(base, tok, task, lmap, space.uniform(b, 16), QUICK, 0, 0, QuantSettings("sim"))
+        assert tuned.ok and tuned.eval_loss < loss[b] - 0.1, (b, tuned.eval_loss, loss[b])
+
+
+def test_mixed_config_end_to_end_and_save_load(embedded, tmp_path):
+    base, tok, task, lmap = embedded
+    cfg = SearchSpace(lmap.names).config([2, 8, 3, 4, 8, 2], [64, 0, 32, 8, 4, 16])
+    q, t = QuantSettings("hqq"), TrainSettings()
+    fid = Fidelity(steps=4, data_fraction=0.05, seq_len=32, batch_size=4, eval_examples=20)
+    result = evaluate_config(base, tok, task, lmap, cfg, fid, 0, 123, q, t)
+    assert result.ok and math.isfinite(result.eval_loss) and 0 <= result.accuracy <= 1
+    model = build(base, cfg, lmap, q, t)
+    from autoqra_core.data import batches, train_blocks
+    from autoqra_core.finetune import train
+
+    train(model, batches(train_blocks(task, tok, 32, 0.05), 3, 4, 0), t)
+    save(model, cfg, q, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "autoqra_quantization.json").read_text())["config"] == cfg.to_dict()
+    reloaded, cfg2 = load(base, lmap, tmp_path / "export")
+    x = torch.randint(0, 1000, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        assert cfg2 == cfg
+        assert torch.allclose(model(input_ids=x).logits, reloaded(input_ids=x).logits, atol=1e-5)
+
+
+def test_importance_priors_shape_and_order(embedded):
+    base, tok, task, lmap = embedded
+    from autoqra_core.data import batches, train_blocks
+
+    calib = batches(train_blocks(task, tok, 64, 0.05), 2, 4, 0)
+    pri = compute_priors(base, lmap, calib, (2, 3, 4, 8))
+    assert pri.layers == lmap.names and sum(pri.sensitivity) == pytest.approx(1.0)
+    assert all(s > 0 for s in pri.sensitivity)
+    for i in range(len(lmap.names)):
+        errs = [pri.quant_error[b][i] for b in (2, 3, 4, 8)]
+        assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 < errs[0]
+    assert all(p.grad is None for p in base.parameters())
+
+
+# ---- models of several architectures, from local files ------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_loads_architectures_from_local_files(tmp_path, arch):
+    path = tiny_checkpoint(tmp_path, arch)
+    model, tok = load_model(path)
+    lmap = layer_map(model)
+    assert len(lmap.names) == 2 and all(len(mods) >= 4 for _, mods in lmap.layers)
+    fine = layer_map(model, "module")
+    assert len(fine.names) == sum(len(m) for _, m in lmap.layers)
+    cfg = SearchSpace(lmap.names).config([2, 4], [8, 0])
+    model2 = build(model, cfg, lmap, QuantSettings("hqq"), TrainSettings())
+    x = torch.randint(0, 100, (2, 8))
+    loss = model2(input_ids=x, labels=x).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_gpt2_conv1d_conversion_keeps_outputs(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint(tmp_path, "gpt2")
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    model, _ = load_model(path)
+    x = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(ref(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-5)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_layers_the_model_does_not_have(embedded):
+    _, _, _, lmap = embedded
+    with pytest.raises(SpaceError, match=r"not in the model"):
+        select_layers(lmap, ["model.layers.0", "model.layers.99"])
+    with pytest.raises(SpaceError, match="do not match the model"):
+        SearchSpace(lmap.names).validate(SearchSpace(("x",) * 6).uniform(4, 8))
+
+
+def test_backend_that_cannot_pack_the_bits(embedded):
+    base, _, _, lmap = embedded
+    with pytest.raises(SpaceError, match="cannot pack"):
+        quantize_model(base, SearchSpace(lmap.names).uniform(2, 0), lmap, QuantSettings("bnb"))
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_task(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "p", "choices": ["a"], "label": 0}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: 'choices' must be a list of at least 2"):
+        load_task(bad)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(DatasetError, match="too small"):
+        load_task(small)
+    notjson = tmp_path / "x.jsonl"
+    notjson.write_text("{oops\n")
+    with pytest.raises(DatasetError, match="x.jsonl:1: not valid JSON"):
+        load_task(notjson)
+
+
+def test_embedded_task_has_disjoint_splits():
+    task = load_task(EMBEDDED_DATA)
+    words = lambda rows: {r["prompt"].lower() for r in rows}  # noqa: E731
+    assert task.labelled and len(task.test) >= 500
+    assert not words(task.train) & words(task.test)
+    assert (EMBEDDED_MODEL / "config.json").is_file()

@@ -1,0 +1,304 @@
+"""infra/: settings, object storage, MLflow tracking/registry, local stack, plots — against real servers."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra import stack as local_stack
+from infra import tracking
+from infra.plots import plot_allocation, plot_pareto, plot_progress
+from infra.settings import Settings, SettingsError, embedded_dataset_path, embedded_model_path
+from infra.storage import StoreError, open_store
+from infra.tracking import TrackingError
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def _config(pairs: list[tuple[int, int]]) -> dict:
+    return {"layers": [{"name": f"model.layers.{i}", "bits": b, "rank": r} for i, (b, r) in enumerate(pairs)]}
+
+
+def _tree(root: Path) -> Path:
+    """A small adapter-like folder: nested files, binary and text."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "adapter_model.safetensors").write_bytes(os.urandom(300_000))
+    (root / "adapter_config.json").write_text(json.dumps({"r": 16, "rank_pattern": {"layers.0.mlp": 64}}))
+    (root / "sub" / "deeper" / "quant.json").write_text('{"bits": [2, 4, 8]}')
+    return root
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_settings_defaults_precedence_and_redaction(tmp_path: Path) -> None:
+    env = {"AUTOQRA_HOME": str(tmp_path / "h"), "AWS_SECRET_ACCESS_KEY": SECRET, "AUTOQRA_STORE": "s3://envbucket/p"}
+    s = Settings.load(environ=env)
+    assert s.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
+    assert s.prefect_api_url is None and s.store == "s3://envbucket/p"
+    assert SECRET not in repr(s) and SECRET not in str(s) and s.redacted()["aws_secret_access_key"] == "***"
+
+    file = tmp_path / "settings.yaml"
+    file.write_text("AUTOQRA_STORE: s3://filebucket/x\nmlflow_tracking_uri: http://127.0.0.1:5000\n")
+    s = Settings.load(file, overrides={"store": "file:///tmp/flag", "prefect_api_url": None}, environ=env)
+    assert s.store == "file:///tmp/flag"  # flag > file > environment
+    assert s.mlflow_tracking_uri == "http://127.0.0.1:5000"
+    assert s.to_env()["AWS_SECRET_ACCESS_KEY"] == SECRET
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MLFLOW_TRACKING_URL: oops\n")
+    with pytest.raises(SettingsError, match="MLFLOW_TRACKING_URL"):
+        Settings.load(bad, environ={})
+    default = Settings.load(environ={"AUTOQRA_HOME": str(tmp_path)})
+    assert default.store == (tmp_path / "store").as_uri()
+
+
+def test_embedded_paths() -> None:
+    assert embedded_model_path().name == "model" and embedded_model_path().parent.name == "embedded"
+    assert embedded_dataset_path().name == "wordnet" and embedded_dataset_path().is_dir()
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+
+def test_file_store_roundtrip(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    store = open_store((tmp_path / "store").as_uri())
+    keys = store.put_dir(src, "runs/r1/adapter")
+    assert sorted(keys) == store.list("runs/r1")
+    assert store.list("runs/r") == []  # prefixes match whole path components
+    assert store.exists("runs/r1/adapter/sub/deeper/quant.json") and not store.exists("runs/r1/nope")
+    assert store.url_for("a/b.json") == (tmp_path / "store" / "a" / "b.json").as_uri()
+    store.get_dir("runs/r1/adapter", tmp_path / "back")
+    cmp = filecmp.dircmp(src, tmp_path / "back")
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    with pytest.raises(StoreError):
+        store.put_file(src / "adapter_config.json", "../escape.json")
+
+
+@pytest.mark.slow
+def test_s3_store_roundtrip_on_real_server(s3_server: local_stack.Stack, tmp_path: Path, monkeypatch) -> None:
+    import boto3
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    src = _tree(tmp_path / "src")
+    store = open_store("s3://fresh-bucket/exports/run1")  # bucket does not exist yet: created
+    keys = store.put_dir(src, "adapter")
+    assert len(keys) == 3 and store.list("adapter") == sorted(keys)
+    assert store.exists("adapter/sub/deeper/quant.json") and not store.exists("adapter/missing")
+    assert store.url_for("adapter/adapter_config.json") == "s3://fresh-bucket/exports/run1/adapter/adapter_config.json"
+
+    # Read back with plain boto3 (what any other S3 client would see) and through the store.
+    env = s3_server.env()
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket="fresh-bucket", Prefix="exports/run1/")["Contents"]]
+    assert sorted(listed) == sorted(f"exports/run1/{k}" for k in keys)
+    body = s3.get_object(Bucket="fresh-bucket", Key="exports/run1/adapter/adapter_model.safetensors")["Body"].read()
+    assert body == (src / "adapter_model.safetensors").read_bytes()
+    store.get_dir("adapter", tmp_path / "back")
+    cmp = filecmp.dircmp(src, tmp_path / "back", ignore=[])
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    assert filecmp.cmp(src / "sub/deeper/quant.json", tmp_path / "back/sub/deeper/quant.json", shallow=False)
+
+    # The secret reaches rclone through its environment, never its command line.
+    cmdline = Path(f"/proc/{s3_server.services['s3'].pid}/cmdline").read_bytes()
+    assert env["AWS_SECRET_ACCESS_KEY"].encode() not in cmdline
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x" * 40)
+    with pytest.raises(StoreError, match="AWS_SECRET_ACCESS_KEY"):
+        open_store("s3://fresh-bucket/exports")
+
+
+def test_s3_unreachable_endpoint_fails_fast(monkeypatch) -> None:
+    port = local_stack.free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    start = time.monotonic()
+    with pytest.raises(StoreError) as err:
+        open_store("s3://bucket/prefix")
+    assert time.monotonic() - start < 8
+    message = str(err.value)
+    assert f"127.0.0.1:{port}" in message and "AWS_ENDPOINT_URL" in message and "AUTOQRA_STORE" in message
+    assert SECRET not in message
+    from autoqra_core.errors import AutoQRAError
+
+    assert isinstance(err.value, AutoQRAError)
+
+
+# --- tracking -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mlflow_server_nested_runs_and_champion_alias(mlflow_server: local_stack.Stack, tmp_path: Path, monkeypatch) -> None:
+    import boto3
+    import mlflow
+
+    uri = mlflow_server.env()["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # must never be logged
+    exp_id = tracking.ensure_experiment("autoqra-test", uri=uri)
+    assert tracking.ensure_experiment("autoqra-test", uri=uri) == exp_id  # idempotent
+    parent = tracking.start_search_run(
+        exp_id, "search", params={"model": "embedded", "budget_bytes": 123, "aws_secret_access_key": SECRET}, uri=uri
+    )
+    configs = [_config([(2, 64), (4, 16), (8, 0)]), _config([(4, 16)] * 3), _config([(3, 32), (3, 32), (8, 4)])]
+    children = []
+    for i, cfg in enumerate(configs):
+        children.append(
+            tracking.log_evaluation(
+                parent,
+                {"config": cfg, "fidelity": i % 2, "eval_loss": 2.5 - 0.1 * i, "accuracy": 0.3 + 0.1 * i,
+                 "memory_bytes": 5_000_000 + i, "seconds": 1.5, "status": "ok", "stage": "evolution"},
+                uri=uri,
+            )
+        )  # fmt: skip
+    children.append(
+        tracking.log_evaluation(
+            parent,
+            {"config": configs[0], "fidelity": 0, "eval_loss": float("nan"), "memory_bytes": 1, "seconds": 0.2,
+             "status": "failed", "reason": "NaN loss"},
+            uri=uri,
+        )
+    )  # fmt: skip
+    for step in range(3):
+        tracking.log_progress(parent, step, {"best_eval_loss": 2.5 - 0.1 * step, "evaluations": 2 * step}, uri=uri)
+
+    adapter = _tree(tmp_path / "adapter")
+    plot = plot_allocation(configs[0], tmp_path / "allocation.png")
+    tracking.log_artifacts(parent, [adapter, plot], uri=uri)
+    version = tracking.register_model(parent, "adapter", "autoqra-test-model", uri=uri)
+    tracking.end_run(parent, uri=uri)
+
+    client = tracking.client(uri)
+    nested = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_id for r in nested) == sorted(children)
+    assert {r.info.status for r in nested} == {"FINISHED", "FAILED"}
+    ok = next(r for r in nested if r.info.run_id == children[0])
+    assert ok.data.params["bits"] == "2,4,8" and ok.data.params["ranks"] == "64,16,0" and ok.data.params["rung"] == "0"
+    assert ok.data.metrics["eval_loss"] == pytest.approx(2.5) and ok.data.metrics["memory_bytes"] == 5_000_000
+    failed = next(r for r in nested if r.info.run_id == children[-1])
+    assert failed.data.tags["autoqra.reason"] == "NaN loss" and "eval_loss" not in failed.data.metrics
+    history = client.get_metric_history(parent, "best_eval_loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    parent_run = client.get_run(parent)
+    assert "aws_secret_access_key" not in parent_run.data.params
+    assert SECRET not in json.dumps([parent_run.data.params, parent_run.data.tags])
+
+    # Registry: alias "champion" resolves through MLflow's own models:/ URI to the adapter files.
+    assert version.aliases == ["champion"]
+    assert client.get_model_version_by_alias("autoqra-test-model", "champion").version == version.version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        got = Path(mlflow.artifacts.download_artifacts("models:/autoqra-test-model@champion", dst_path=str(tmp_path / "dl")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert filecmp.cmp(got / "adapter_model.safetensors", adapter / "adapter_model.safetensors", shallow=False)
+    again = tracking.download_model("autoqra-test-model", tmp_path / "dl2", uri=uri)
+    assert (again / "sub" / "deeper" / "quant.json").read_text() == '{"bits": [2, 4, 8]}'
+
+    # The server keeps artifacts in the S3 server (bucket "mlflow").
+    env = mlflow_server.env()
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+    assert any(k.endswith(f"{parent}/artifacts/adapter/adapter_model.safetensors") for k in stored)
+    assert any(k.endswith("allocation.png") for k in stored)
+
+
+def test_mlflow_sqlite_registry_without_server(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = tracking.ensure_experiment("local", uri=uri)
+    assert tracking.client(uri).get_experiment(exp_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
+    parent = tracking.start_search_run(exp_id, "search", uri=uri)
+    tracking.log_evaluation(parent, {"config": _config([(4, 8)]), "fidelity": 1, "eval_loss": 1.0,
+                                     "memory_bytes": 10, "seconds": 0.1, "status": "ok"}, uri=uri)  # fmt: skip
+    tracking.log_artifacts(parent, [_tree(tmp_path / "adapter")], uri=uri)
+    version = tracking.register_model(parent, "adapter", "local-model", uri=uri)
+    assert tracking.resolve_alias("local-model", uri=uri).version == version.version
+    assert len(tracking.child_runs(parent, uri=uri)) == 1
+    with pytest.raises(TrackingError, match="no artifacts"):
+        tracking.register_model(parent, "not-there", "local-model", uri=uri)
+
+
+def test_mlflow_unreachable_uri_fails_fast() -> None:
+    uri = f"http://127.0.0.1:{local_stack.free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        tracking.check_tracking(uri)
+    assert time.monotonic() - start < 5
+    assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+    with pytest.raises(TrackingError):
+        tracking.ensure_experiment("x", uri=uri)  # checks before MLflow's own long retry loop
+
+
+# --- stack ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prefect_server_runs_a_flow(prefect_server: local_stack.Stack, tmp_path: Path) -> None:
+    api = prefect_server.env()["PREFECT_API_URL"]
+    code = (
+        "from prefect import flow, task\n"
+        "@task\ndef add(a, b): return a + b\n"
+        "@flow(name='infra-smoke')\ndef f(): return add(1, 2)\n"
+        "assert f() == 3\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120, capture_output=True)
+    import urllib.request
+
+    req = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        runs = json.load(resp)
+    assert any(r["state_type"] == "COMPLETED" for r in runs)
+
+
+@pytest.mark.slow
+def test_stack_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with local_stack.running(home, services=("s3",)) as stack:
+        service = stack.services["s3"]
+        assert local_stack.up(home, services=("s3",)).services["s3"].pid == service.pid  # reused, not restarted
+        assert (home / "stack" / "pids" / "s3.pid").read_text() == str(service.pid)
+        assert stack.env()["AWS_SECRET_ACCESS_KEY"] not in stack.shell_exports()
+        assert oct((home / "stack" / "s3-credentials").stat().st_mode)[-3:] == "600"
+    assert not local_stack._alive(service)
+    assert local_stack.status(home).services == {}
+    assert not (home / "stack" / "pids" / "s3.pid").exists()
+    assert local_stack.down(home) == []
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def test_plots_write_pngs(tmp_path: Path) -> None:
+    cfg = _config([(2, 64), (4, 16), (8, 0), (3, 32)])
+    evaluations = [
+        {"config": cfg, "memory_bytes": (5 + i) * 2**20, "eval_loss": 3 - 0.05 * i, "status": "ok"} for i in range(10)
+    ] + [{"config": cfg, "memory_bytes": 2**20, "eval_loss": float("nan"), "status": "failed"}]
+    pareto = [{"memory_bytes": 5 * 2**20, "eval_loss": 3.0}, {"memory_bytes": 14 * 2**20, "eval_loss": 2.55}]
+    records = [{"evaluations": i, "best_loss": 3 - 0.02 * i, "stage": "evolution" if i < 8 else "turbo"} for i in range(12)]
+    paths = [
+        plot_allocation({"config": cfg}, tmp_path / "a.png"),
+        plot_progress(records, tmp_path / "p.png"),
+        plot_pareto(evaluations, pareto, tmp_path / "sub" / "f.png",
+                    baselines={"uniform-4bit-r16": {"memory_bytes": 9 * 2**20, "eval_loss": 2.8}}, budget_bytes=12 * 2**20),
+    ]  # fmt: skip
+    for path in paths:
+        data = Path(path).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
