@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,9 @@ def lora_config(config: Config, lmap: LayerMap, t: TrainSettings = TrainSettings
     )
 
 
+_SEEDED = threading.Lock()  # LoRA init draws from torch's global RNG: one seeded build at a time per process
+
+
 def build(base: nn.Module, config: Config, lmap: LayerMap, q: QuantSettings, t: TrainSettings) -> nn.Module:
     """A fresh copy of ``base``: quantized per layer, with per-layer LoRA adapters attached."""
     from peft import get_peft_model
@@ -66,8 +70,9 @@ def build(base: nn.Module, config: Config, lmap: LayerMap, q: QuantSettings, t: 
     lcfg = lora_config(config, lmap, t)
     if lcfg is None:
         return model
-    torch.manual_seed(t.seed)  # LoRA A init
-    model = get_peft_model(model, lcfg)
+    with _SEEDED:
+        torch.manual_seed(t.seed)  # same LoRA init for the same config and seed, whatever ran before
+        model = get_peft_model(model, lcfg)
     if t.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -148,7 +153,6 @@ def evaluate_config(
 ) -> Evaluation:
     """Quantize, attach LoRA, fine-tune at ``fidelity``, score on held-out data. Failures become failed Evaluations."""
     start = time.perf_counter()
-    torch.manual_seed(t.seed)
     try:
         model = build(base, config, lmap, q, t)
         data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),

@@ -13,11 +13,10 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import TrainSettings, evaluate_config
-from autoqra_core.memory import total_bytes
 from autoqra_core.quantize import QuantSettings
 from autoqra_core.space import Config
 
-from .common import memory_settings, workbench
+from .common import workbench
 
 COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation actually run (tests)
 
@@ -37,6 +36,7 @@ def evaluate(
     config_key: str,
     rung: int,
     fidelity: dict,
+    memory_bytes: int,
     quant: dict,
     train: dict,
     granularity: str,
@@ -44,16 +44,15 @@ def evaluate(
     code_version: str,
 ) -> dict:
     """Evaluation.to_dict() of ``config`` at ``rung``. ``model``/``dataset`` are paths (not in the cache key:
-    ``model_id``/``dataset_id`` are their content fingerprints)."""
+    ``model_id``/``dataset_id`` are their content fingerprints); ``memory_bytes`` is the memory model's cost,
+    computed by the caller for the reporting fidelity's training shape."""
     import os
 
     wb = workbench(model, dataset, granularity, tuple(layers))
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
-    q = QuantSettings(**quant)
-    mem = total_bytes(cfg, wb.shape, memory_settings(fid.batch_size, fid.seq_len, q.backend,
-                                                      train.get("grad_checkpointing", False), q.device))
-    result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, mem, q, TrainSettings(**train))
+    result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,
+                             QuantSettings(**quant), TrainSettings(**train))
     if path := os.environ.get(COUNTER_ENV):
         with open(path, "a") as f:
             f.write(f"{config_key} {rung}\n")

@@ -1,0 +1,147 @@
+"""What a run leaves for people: result.json, plots, an MLflow parent run with one child per evaluation,
+and Prefect artifacts (a table of the best configurations, a markdown summary with the plots)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from autoqra_core.fidelity import Evaluation
+from autoqra_core.importance import Priors
+from autoqra_core.memory import format_bytes
+from autoqra_core.search import SearchResult, pareto_front
+from infra import tracking
+from infra.plots import plot_allocation, plot_pareto, plot_progress
+
+from .run import Run, write_json
+
+EXPERIMENT = "autoqra"
+
+
+def _eval_entry(e: Evaluation) -> dict:
+    d = e.to_dict()
+    d["config_key"] = e.config.key()
+    return d
+
+
+@dataclass
+class Report:
+    run: Run
+    out: Path
+    kind: str
+    mlflow_run: str
+    uri: str
+    logged: int = 0
+
+    @classmethod
+    def start(cls, run: Run, out: Path, kind: str) -> "Report":
+        """Fail fast on an unreachable tracking server, then open the parent run."""
+        uri = tracking.tracking_uri()
+        exp = tracking.ensure_experiment(EXPERIMENT, uri=uri)
+        params = {"model": run.model, "dataset": run.dataset, "budget_bytes": run.budget_bytes, "seed": run.seed,
+                  "layers": len(run.space), "bits": list(run.space.bits), "ranks": list(run.space.ranks),
+                  "backend": run.rc.quant.backend, "rungs": len(run.ladder.rungs)}
+        run_id = tracking.start_search_run(exp, f"{kind}-{out.name}", params, {"autoqra.kind": kind, "out": str(out)},
+                                           uri)
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(run, out, kind, run_id, uri)
+
+    def log_new(self, history: list[Evaluation], stage: str = "search") -> None:
+        for e in history[self.logged:]:
+            entry = _eval_entry(e) | {"stage": stage, "seed": self.run.seed}
+            tracking.log_evaluation(self.mlflow_run, entry, run_name=f"{stage}-r{e.fidelity}-{e.config.key()[:8]}",
+                                    uri=self.uri)
+        self.logged = len(history)
+
+    def checkpoint(self, res: SearchResult) -> None:
+        """After each generation / TuRBO iteration: new child runs and the progress metrics."""
+        self.log_new(res.history)
+        best = res.best.eval_loss if res.best else None
+        tracking.log_progress(self.mlflow_run, len(res.history),
+                              {"best_eval_loss": best, "evaluations": len(res.history)}, uri=self.uri)
+
+    def finish(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors) -> dict:
+        history = list(res.history) if res else []
+        if res:
+            self.log_new(history)
+        extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
+                                                       for h in history)]
+        all_evals = history + extra
+        best = res.best if res else min((e for e in baselines.values() if e.ok and e.memory_bytes <=
+                                         self.run.budget_bytes), key=lambda e: e.eval_loss, default=None)
+        pareto = res.pareto if res else pareto_front(all_evals, self.run.ladder.top)
+        result = {
+            "model": self.run.model,
+            "dataset": self.run.dataset,
+            "budget_bytes": self.run.budget_bytes,
+            "best": _best_entry(best),
+            "baselines": {name: _eval_entry(e) for name, e in baselines.items()},
+            "evaluations": [_eval_entry(e) for e in all_evals],
+            "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
+                       for e in pareto],
+            "progress": res.to_dict()["progress"] if res else [],
+            "priors": priors.to_dict(),
+            "settings": self.run.rc.model_dump(mode="json"),
+            "seed": self.run.seed,
+            "code_version": self.run.code,
+        }
+        write_json(self.out / "result.json", result)
+        if best:
+            write_json(self.out / "best_config.json", best.config.to_dict())
+        plots = self._plots(result)
+        tracking.log_artifacts(self.mlflow_run, [self.out / "result.json", *plots], uri=self.uri)
+        if best:
+            tracking.log_progress(self.mlflow_run, len(all_evals),
+                                  {"best_eval_loss": best.eval_loss, "best_memory_bytes": best.memory_bytes,
+                                   **({"best_accuracy": best.accuracy} if best.accuracy is not None else {})},
+                                  uri=self.uri)
+        tracking.end_run(self.mlflow_run, uri=self.uri)
+        self._prefect_artifacts(result, plots)
+        return result
+
+    def _plots(self, result: dict) -> list[Path]:
+        paths = []
+        if result["best"]:
+            paths.append(plot_allocation(result["best"], self.out / "allocation.png",
+                                         title=f"Best configuration (eval loss {result['best']['eval_loss']:.4f})"))
+        if result["progress"]:
+            paths.append(plot_progress([{"evaluations": p["evaluations"], "best_loss": p["best_loss"],
+                                         "stage": p["stage"]} for p in result["progress"]], self.out / "progress.png"))
+        paths.append(plot_pareto(result["evaluations"], result["pareto"], self.out / "pareto.png",
+                                 baselines=result["baselines"], budget_bytes=self.run.budget_bytes))
+        return paths
+
+    def _prefect_artifacts(self, result: dict, plots: list[Path]) -> None:
+        rows = []
+        named = [("best", result["best"])] + list(result["baselines"].items())
+        for name, e in named:
+            if e:
+                rows.append({"name": name, "eval_loss": _fmt(e.get("eval_loss")), "accuracy": _fmt(e.get("accuracy")),
+                             "memory": format_bytes(e["memory_bytes"]),
+                             "bits/rank": " ".join(f"{l['bits']}/{l['rank']}" for l in e["config"]["layers"])})
+        create_table_artifact(rows, key=f"autoqra-{self.kind}-table", description="Best configuration vs baselines")
+        images = "\n\n".join(
+            f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})" for p in plots
+        )
+        best = result["best"]
+        summary = (f"# AutoQRA {self.kind}\n\nmodel `{result['model']}`, dataset `{result['dataset']}`, budget "
+                   f"{format_bytes(result['budget_bytes'])}, {len(result['evaluations'])} evaluations.\n\n"
+                   + (f"Best: eval loss **{best['eval_loss']:.4f}** at {format_bytes(best['memory_bytes'])}.\n\n"
+                      if best else "No feasible configuration succeeded.\n\n")
+                   + images)
+        create_markdown_artifact(summary, key=f"autoqra-{self.kind}-summary", description=f"Output in {self.out}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def _best_entry(e: Evaluation | None) -> dict | None:
+    if e is None:
+        return None
+    return {"config": e.config.to_dict(), "memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss,
+            "accuracy": e.accuracy, "fidelity": e.fidelity}

@@ -1,0 +1,148 @@
+"""What the flows share: a resolved run (paths, fingerprints, space, budget, cost) and batch evaluation
+through the cached Prefect task, fanned out with ``.map`` on whatever task runner the flow has."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import unmapped
+from prefect.logging import get_run_logger
+
+from autoqra_core.errors import AutoQRAError
+from autoqra_core.fidelity import Evaluation, Ladder
+from autoqra_core.importance import Priors
+from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
+from autoqra_core.space import Config, SearchSpace
+from infra.settings import embedded_dataset_path, embedded_model_path
+from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
+from tasks.evaluate import evaluate
+from tasks.priors import priors as priors_task
+
+from .config import RunConfig
+
+
+def resolve(name: str, kind: str) -> str:
+    """'embedded' -> the shipped model/dataset; a path -> its absolute form; anything else -> a hub id."""
+    if name == "embedded":
+        return str(embedded_model_path() if kind == "model" else embedded_dataset_path())
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+@dataclass
+class Run:
+    model: str
+    dataset: str
+    rc: RunConfig
+    seed: int
+    wb: Workbench
+    space: SearchSpace
+    mem: MemorySettings
+    budget_bytes: int
+    model_id: str
+    dataset_id: str
+    code: str
+
+    @classmethod
+    def prepare(cls, model: str, dataset: str, budget: str | int | None, rc: RunConfig, seed: int) -> "Run":
+        m, d = resolve(model, "model"), resolve(dataset, "dataset")
+        wb = workbench(m, d, rc.space.granularity, tuple(rc.space.layers or ()))
+        space = SearchSpace(wb.lmap.names, tuple(rc.space.bits), tuple(rc.space.ranks))
+        from autoqra_core.quantize import check_backend
+
+        check_backend(rc.quant.backend, space.bits)
+        top = rc.ladder()[rc.ladder().top]
+        mem = memory_settings(top.batch_size, top.seq_len, rc.quant.backend, rc.train.grad_checkpointing,
+                              rc.quant.device)
+        mem = MemorySettings(**{**mem.__dict__, "group_size": rc.quant.group_size})
+        budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
+        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d), code_version())
+
+    @property
+    def ladder(self) -> Ladder:
+        return self.rc.ladder()
+
+    def cost(self, config: Config) -> int:
+        return total_bytes(config, self.wb.shape, self.mem)
+
+    def params(self, budget: str | int | None) -> dict:
+        """What makes two runs the same search (checked on resume)."""
+        return {"model": self.model_id, "dataset": self.dataset_id, "budget_bytes": self.budget_bytes,
+                "seed": self.seed, "config": self.rc.model_dump(mode="json"), "code_version": self.code}
+
+    def priors(self) -> Priors:
+        return Priors.from_dict(priors_task(
+            self.model, self.dataset, self.model_id, self.dataset_id, self.rc.space.granularity,
+            list(self.rc.space.layers or []), [b for b in self.space.bits if b < 16], self.rc.quant.group_size,
+            self.seed, self.code,
+        ))
+
+    def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None) -> list[Evaluation]:
+        """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one."""
+        if not pairs:
+            return []
+        quant = {"backend": self.rc.quant.backend, "group_size": self.rc.quant.group_size,
+                 "device": self.rc.quant.device}
+        train = self.rc.train_settings(self.seed).__dict__
+        futures = evaluate.map(
+            unmapped(self.model), unmapped(self.dataset), unmapped(self.model_id), unmapped(self.dataset_id),
+            [c.to_dict() for c, _ in pairs], [c.key() for c, _ in pairs], [r for _, r in pairs],
+            [self.ladder[r].__dict__ for _, r in pairs], [self.cost(c) for c, _ in pairs],
+            unmapped(quant), unmapped(train), unmapped(self.rc.space.granularity),
+            unmapped(list(self.rc.space.layers or [])), unmapped(self.code),
+        )
+        out = []
+        for (config, rung), fut in zip(pairs, futures):
+            try:
+                ev = Evaluation.from_dict(fut.result())
+            except AutoQRAError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any crash of one candidate is recorded, the search goes on
+                ev = Evaluation(config, rung, math.inf, self.cost(config), status="failed",
+                                reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+            out.append(ev)
+            if progress:
+                progress.done(ev)
+        return out
+
+
+class Progress:
+    """Stage, generation, rung and evaluations done/planned with an ETA, on the flow's log."""
+
+    def __init__(self, run: Run, planned: int, label: str = "search"):
+        self.run, self.planned, self.label = run, max(1, planned), label
+        self.count, self.steps, self.start = 0, 0, time.time()
+        self.best = math.inf
+        self.where = ""
+
+    def at(self, where: str) -> None:
+        self.where = where
+
+    def done(self, ev: Evaluation) -> None:
+        self.count += 1
+        self.steps += self.run.ladder[ev.fidelity].steps
+        if ev.ok and ev.fidelity == self.run.ladder.top:
+            self.best = min(self.best, ev.eval_loss)
+        elapsed = time.time() - self.start
+        rate = elapsed / self.count
+        eta = max(0.0, (self.planned - self.count) * rate)
+        best = f"{self.best:.4f}" if math.isfinite(self.best) else "-"
+        status = "ok" if ev.ok else f"FAILED ({ev.reason})"
+        get_run_logger().info(
+            f"[{self.label} {self.where}] {self.count}/{self.planned} evaluations | rung {ev.fidelity} "
+            f"{ev.config.short()} -> {ev.eval_loss:.4f} {status} | best top-rung {best} | "
+            f"{elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
+        )
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic write: a killed process leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

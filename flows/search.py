@@ -1,0 +1,138 @@
+"""The flows: search (priors -> generations -> rungs -> TuRBO -> baselines -> report), baselines alone,
+and one configuration's evaluation. Checkpointed after every generation / TuRBO iteration."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from prefect import flow
+from prefect.logging import get_run_logger
+
+from autoqra_core.baselines import equal_budget, run_baselines
+from autoqra_core.errors import AutoQRAError
+from autoqra_core.search import SearchState, result as search_result, run_search
+from autoqra_core.space import Config
+
+from .config import load_run_config
+from .report import Report
+from .run import Progress, Run, write_json
+
+CHECKPOINT = "checkpoint.json"
+
+
+class ResumeMismatch(AutoQRAError):
+    pass
+
+
+def _load_checkpoint(out: Path, params: dict) -> SearchState | None:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["params"] != params:
+        diff = sorted(k for k in params if saved["params"].get(k) != params[k])
+        raise ResumeMismatch(
+            f"{out} holds a search with other parameters (differs in: {', '.join(diff)}); "
+            f"resume it with the same parameters, or use another --out (or delete {path}) to start afresh"
+        )
+    return SearchState.from_dict(saved["state"])
+
+
+def _planned(run: Run, baselines: bool) -> int:
+    """Rough count of evaluations the search will make (for the ETA)."""
+    s = run.rc.search_settings(run.seed)
+    n = s.evolution.population_size + (s.generations - 1) * s.evolution.offspring
+    total, rung_n = 0, n
+    for _ in run.ladder.rungs:
+        total += rung_n
+        rung_n = math.ceil(rung_n * run.ladder.promote_fraction)
+    total += s.turbo.iterations * s.turbo.batch_size
+    return total + (8 if baselines else 0)
+
+
+@flow(name="autoqra-search", log_prints=True)
+def search_flow(
+    model: str = "embedded",
+    dataset: str = "embedded",
+    budget: str = "uniform-4bit-r16",
+    out: str = "runs/search",
+    seed: int = 0,
+    config_file: str | None = None,
+    baselines: bool = True,
+) -> dict:
+    """Search per-layer bits and LoRA ranks under ``budget``; write ``out``/result.json and plots."""
+    log = get_run_logger()
+    rc = load_run_config(config_file)
+    run = Run.prepare(model, dataset, budget, rc, seed)
+    out_dir = Path(out).resolve()
+    params = run.params(budget)
+    state = _load_checkpoint(out_dir, params)
+    report = Report.start(run, out_dir, kind="search")
+    log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes; "
+             f"{'resuming from ' + state.stage if state else 'new search'}")
+    pri = run.priors()
+    settings = rc.search_settings(seed)
+    progress = Progress(run, _planned(run, baselines))
+
+    def checkpoint(st: SearchState) -> None:
+        write_json(out_dir / CHECKPOINT, {"params": params, "state": st.to_dict()})
+        where = (f"evolution gen {st.evolution.generation}/{settings.generations}" if st.stage == "evolution"
+                 else f"turbo it {st.turbo.iteration}/{settings.turbo.iterations}" if st.turbo else st.stage)
+        progress.at(where)
+        report.checkpoint(search_result(st, run.ladder))
+
+    progress.at("evolution gen 0")
+    res = run_search(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
+                     settings, state, checkpoint)
+    base = {}
+    if baselines:
+        progress.at("baselines")
+        n_random = rc.baselines.n_random or equal_budget(res.history, run.ladder)
+        base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
+                             run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
+                             rank=rc.baselines.rank, history=res.history)
+    return report.finish(res, base, pri)
+
+
+@flow(name="autoqra-baselines", log_prints=True)
+def baselines_flow(
+    model: str = "embedded",
+    dataset: str = "embedded",
+    budget: str = "uniform-4bit-r16",
+    out: str = "runs/baselines",
+    seed: int = 0,
+    config_file: str | None = None,
+    n_random: int = 4,
+) -> dict:
+    """The baselines alone (uniform b-bit r16, sequential, random, fp-lora) at the top rung."""
+    rc = load_run_config(config_file)
+    run = Run.prepare(model, dataset, budget, rc, seed)
+    report = Report.start(run, Path(out).resolve(), kind="baselines")
+    pri = run.priors()
+    progress = Progress(run, 6 + n_random, "baselines")
+    base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
+                         run.ladder.top, n_random=rc.baselines.n_random or n_random, seed=seed,
+                         uniform_bits=rc.baselines.uniform_bits, rank=rc.baselines.rank)
+    return report.finish(None, base, pri)
+
+
+@flow(name="autoqra-evaluate", log_prints=True)
+def evaluate_flow(
+    config: dict,
+    model: str = "embedded",
+    dataset: str = "embedded",
+    fidelity: int = -1,
+    seed: int = 0,
+    config_file: str | None = None,
+) -> dict:
+    """One configuration at rung ``fidelity`` (-1: the top rung)."""
+    rc = load_run_config(config_file)
+    run = Run.prepare(model, dataset, None, rc, seed)
+    cfg = Config.from_dict(config)
+    run.space.validate(cfg)
+    rung = run.ladder.top if fidelity < 0 else fidelity
+    if not 0 <= rung <= run.ladder.top:
+        raise AutoQRAError(f"--fidelity {fidelity} is not a rung: choose 0..{run.ladder.top} (or -1 for the top)")
+    return run.evaluate_many([(cfg, rung)])[0].to_dict()

@@ -1,0 +1,33 @@
+"""Prefect task: importance priors from a few calibration batches (cached like evaluations)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from autoqra_core.data import batches, train_blocks
+from autoqra_core.importance import compute_priors
+
+from .common import workbench
+
+
+@task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1)
+def priors(
+    model: str,
+    dataset: str,
+    model_id: str,
+    dataset_id: str,
+    granularity: str,
+    layers: list[str],
+    bits: list[int],
+    group_size: int,
+    seed: int,
+    code_version: str,
+    n_batches: int = 4,
+    seq_len: int = 64,
+    batch_size: int = 8,
+) -> dict:
+    """Priors.to_dict(): Fisher sensitivity and quantization error per layer."""
+    wb = workbench(model, dataset, granularity, tuple(layers))
+    calib = batches(train_blocks(wb.task, wb.tokenizer, seq_len, 0.05), n_batches, batch_size, seed)
+    return compute_priors(wb.base, wb.lmap, calib, tuple(bits), group_size).to_dict()
