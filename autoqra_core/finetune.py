@@ -118,12 +118,15 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = 64) -> tuple[float, f
     model.eval()
     nll_sum = torch.zeros(len(ev.input_ids))
     n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
-    for i in range(0, len(ev.input_ids), batch_size):
-        ids = ev.input_ids[i : i + batch_size]
-        mask = ev.target_mask[i : i + batch_size, 1:]
+    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
+    order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        width = int(lengths[rows].max())
+        ids = ev.input_ids[rows, :width]
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        nll_sum[i : i + batch_size] = (nll * mask).sum(1)
+        nll_sum[rows] = (nll * ev.target_mask[rows, 1:width]).sum(1)
     if not torch.isfinite(nll_sum).all():
         raise CandidateFailed("diverged: non-finite held-out loss")
     correct = ev.correct

@@ -78,9 +78,9 @@ class RungSection(_Strict):
 
 def _default_rungs() -> list[RungSection]:
     return [
-        RungSection(steps=15, data_fraction=0.1, eval_examples=150),
-        RungSection(steps=45, data_fraction=0.3, eval_examples=300),
-        RungSection(steps=90, data_fraction=1.0, eval_examples=600),
+        RungSection(steps=15, data_fraction=0.1, eval_examples=100),
+        RungSection(steps=40, data_fraction=0.3, eval_examples=200),
+        RungSection(steps=80, data_fraction=1.0, eval_examples=400),
     ]
 
 
@@ -95,7 +95,7 @@ class SearchSection(_Strict):
 class BaselineSection(_Strict):
     uniform_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8])
     rank: int = Field(16, ge=0)
-    n_random: int | None = Field(None, ge=1)  # None: as many top-rung fine-tunes as the search's cost
+    n_random: int | None = Field(None, ge=1)  # None: as many as the search's top-rung evaluations
 
 
 class ExecutionSection(_Strict):

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from autoqra_core.baselines import equal_budget, run_baselines
+from autoqra_core.baselines import run_baselines
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.search import SearchState, result as search_result, run_search
 from autoqra_core.space import Config
@@ -89,7 +89,7 @@ def search_flow(
     base = {}
     if baselines:
         progress.at("baselines")
-        n_random = rc.baselines.n_random or equal_budget(res.history, run.ladder)
+        n_random = rc.baselines.n_random or sum(e.fidelity == run.ladder.top for e in res.history)
         base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
                              run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
                              rank=rc.baselines.rank, history=res.history)
