@@ -50,6 +50,21 @@ def _with_runner(flow, config_file: Optional[Path]):
     return flow.with_options(task_runner=runner)
 
 
+def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional[Path], seed: int,
+               out: Optional[Path] = None) -> None:
+    """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2."""
+    from flows.config import load_run_config
+    from flows.run import Run
+    from infra.tracking import check_tracking
+
+    run = Run.prepare(model, dataset, budget, load_run_config(config), seed)
+    if out is not None:
+        from flows.search import load_checkpoint
+
+        load_checkpoint(out.resolve(), run.params(budget))
+    check_tracking()
+
+
 def _run(fn):
     """Bad input -> message on stderr and exit 2; the flow's own failures keep their traceback."""
     try:
@@ -94,6 +109,7 @@ def search(
     def go():
         from flows.search import search_flow
 
+        _preflight(model, dataset, budget, config, seed, out)
         return _with_runner(search_flow, config)(model=model, dataset=dataset, budget=budget, out=str(out),
                                                  seed=seed, config_file=str(config) if config else None,
                                                  baselines=baselines)
@@ -119,6 +135,7 @@ def baselines(
     def go():
         from flows.search import baselines_flow
 
+        _preflight(model, dataset, budget, config, seed)
         return _with_runner(baselines_flow, config)(model=model, dataset=dataset, budget=budget, out=str(out),
                                                     seed=seed, config_file=str(config) if config else None)
 
@@ -149,6 +166,13 @@ def evaluate(
             cfg = json.loads(config_json.read_text())
         except json.JSONDecodeError as e:
             raise AutoQRAError(f"{config_json} is not valid JSON: {e}") from None
+        _preflight(model, dataset, None, search_config, seed)
+        from autoqra_core.space import Config
+        from flows.config import load_run_config
+        from flows.run import Run
+
+        Run.prepare(model, dataset, None, load_run_config(search_config), seed).space.validate(
+            Config.from_dict(cfg.get("config", cfg)))
         return evaluate_flow(config=cfg.get("config", cfg), model=model, dataset=dataset, fidelity=fidelity,
                              seed=seed, config_file=str(search_config) if search_config else None)
 
@@ -177,3 +201,7 @@ def stack_down(home: Optional[Path] = typer.Option(None)):
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

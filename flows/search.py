@@ -26,7 +26,7 @@ class ResumeMismatch(AutoQRAError):
     pass
 
 
-def _load_checkpoint(out: Path, params: dict) -> SearchState | None:
+def load_checkpoint(out: Path, params: dict) -> SearchState | None:
     path = out / CHECKPOINT
     if not path.is_file():
         return None
@@ -68,7 +68,7 @@ def search_flow(
     run = Run.prepare(model, dataset, budget, rc, seed)
     out_dir = Path(out).resolve()
     params = run.params(budget)
-    state = _load_checkpoint(out_dir, params)
+    state = load_checkpoint(out_dir, params)
     report = Report.start(run, out_dir, kind="search")
     log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes; "
              f"{'resuming from ' + state.stage if state else 'new search'}")

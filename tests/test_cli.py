@@ -1,0 +1,82 @@
+"""Bad input through the command line: exit code 2 and a message naming the problem, before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT
+
+AUTOQRA = [sys.executable, "-m", "flows.cli"]
+
+
+def autoqra(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AUTOQRA_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([*AUTOQRA, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli-home")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["search", "--model", "/nonexistent/model"], "model '/nonexistent/model' not found"),
+        (["search", "--dataset", "/nonexistent/data.jsonl"], "dataset '/nonexistent/data.jsonl' not found"),
+        (["search", "--budget", "1MB"], "below the smallest feasible configuration"),
+        (["search", "--budget", "lots"], "cannot read the budget 'lots'"),
+    ],
+)
+def test_bad_search_input_exits_2(home, tmp_path, args, message):
+    r = autoqra(*args, "--out", str(tmp_path / "out"), home=home)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in " ".join(r.stderr.split())
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_malformed_settings_file_names_the_field(home, tmp_path):
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text("space:\n  bits: [2, 5]\nsearch:\n  generatons: 3\n")
+    r = autoqra("search", "--config", str(cfg), "--out", str(tmp_path / "o"), home=home)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "space.bits" in err and "search.generatons" in err
+
+
+def test_evaluate_config_outside_the_space(home, tmp_path):
+    layers = [{"name": f"model.layers.{i}", "bits": 4, "rank": 16} for i in range(6)]
+    layers[2]["rank"] = 7
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"layers": layers}))
+    r = autoqra("evaluate", "--config", str(path), home=home)
+    assert r.returncode == 2
+    assert "layer 'model.layers.2': rank 7 is outside the space" in " ".join(r.stderr.split())
+
+
+def test_resume_with_other_parameters_is_refused(home, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.json").write_text(json.dumps({"params": {"seed": 99}, "state": {}}))
+    r = autoqra("search", "--out", str(out), home=home)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "holds a search with other parameters" in err and "seed" in err
+    assert json.loads((out / "checkpoint.json").read_text())["params"] == {"seed": 99}  # nothing lost
+
+
+def test_unreachable_tracking_server_fails_fast(home, tmp_path):
+    env_home = home
+    r = subprocess.run([*AUTOQRA, "search", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "AUTOQRA_HOME": str(env_home),
+                                         "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "http://127.0.0.1:9" in err and "MLFLOW_TRACKING_URI" in err
