@@ -162,6 +162,9 @@ def evaluate_config(
                        fidelity.steps, fidelity.batch_size, seed=t.seed)
         losses = train(model, data, t, progress)
         loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, max_len=fidelity.seq_len))
+    except torch.OutOfMemoryError as e:
+        return Evaluation(config, rung, math.inf, memory_bytes, status="failed",
+                          reason=f"out of memory: {str(e).splitlines()[0]}", seconds=time.perf_counter() - start)
     except CandidateFailed as e:
         return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=e.reason,
                           seconds=time.perf_counter() - start)
