@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,9 @@ def lora_config(config: Config, lmap: LayerMap, t: TrainSettings = TrainSettings
         task_type="CAUSAL_LM",
     )
 
+
+# peft asks transformers a deprecated question on every get_peft_model; it is not ours to answer.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 _SEEDED = threading.Lock()  # LoRA init draws from torch's global RNG: one seeded build at a time per process
 

@@ -80,7 +80,7 @@ def _default_rungs() -> list[RungSection]:
     return [
         RungSection(steps=15, data_fraction=0.1, eval_examples=100),
         RungSection(steps=40, data_fraction=0.3, eval_examples=200),
-        RungSection(steps=80, data_fraction=1.0, eval_examples=400),
+        RungSection(steps=60, data_fraction=1.0, eval_examples=300),
     ]
 
 
