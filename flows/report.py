@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
 
 from autoqra_core.fidelity import Evaluation
 from autoqra_core.importance import Priors
@@ -58,16 +59,22 @@ class Report:
         self.logged = len(history)
 
     def checkpoint(self, res: SearchResult) -> None:
-        """After each generation / TuRBO iteration: new child runs and the progress metrics."""
-        self.log_new(res.history)
-        best = res.best.eval_loss if res.best else None
-        tracking.log_progress(self.mlflow_run, len(res.history),
-                              {"best_eval_loss": best, "evaluations": len(res.history)}, uri=self.uri)
+        """After each generation / TuRBO iteration: new child runs and the progress metrics.
+
+        Tracking is a view of results that are already safe (cached task results, the checkpoint):
+        if the server goes away mid-search, warn and go on; the next checkpoint catches up.
+        """
+        try:
+            self.log_new(res.history)
+            best = res.best.eval_loss if res.best else None
+            tracking.log_progress(self.mlflow_run, len(res.history),
+                                  {"best_eval_loss": best, "evaluations": len(res.history)}, uri=self.uri)
+        except Exception as e:  # noqa: BLE001 - any tracking failure; results are kept elsewhere
+            get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
+                                     f"results are cached and checkpointed, the search goes on")
 
     def finish(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors) -> dict:
         history = list(res.history) if res else []
-        if res:
-            self.log_new(history)
         extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
                                                        for h in history)]
         all_evals = history + extra
@@ -93,14 +100,19 @@ class Report:
         if best:
             write_json(self.out / "best_config.json", best.config.to_dict())
         plots = self._plots(result)
-        tracking.log_artifacts(self.mlflow_run, [self.out / "result.json", *plots], uri=self.uri)
-        if best:
-            tracking.log_progress(self.mlflow_run, len(all_evals),
-                                  {"best_eval_loss": best.eval_loss, "best_memory_bytes": best.memory_bytes,
-                                   **({"best_accuracy": best.accuracy} if best.accuracy is not None else {})},
-                                  uri=self.uri)
-        tracking.end_run(self.mlflow_run, uri=self.uri)
         self._prefect_artifacts(result, plots)
+        try:
+            self.log_new(all_evals)
+            tracking.log_artifacts(self.mlflow_run, [self.out / "result.json", *plots], uri=self.uri)
+            if best:
+                tracking.log_progress(self.mlflow_run, len(all_evals),
+                                      {"best_eval_loss": best.eval_loss, "best_memory_bytes": best.memory_bytes,
+                                       **({"best_accuracy": best.accuracy} if best.accuracy is not None else {})},
+                                      uri=self.uri)
+            tracking.end_run(self.mlflow_run, uri=self.uri)
+        except Exception as e:  # noqa: BLE001 - result.json is written; tracking can be redone by re-running
+            get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
+                                     f"{self.out / 'result.json'} holds every result")
         return result
 
     def _plots(self, result: dict) -> list[Path]:
