@@ -1,0 +1,143 @@
+"""Baselines, scored by the same ``evaluate`` as the search so the comparison is like for like.
+
+* ``uniform-{b}bit-r{r}``: the same bits and rank everywhere (QLoRA-style), taken
+  as they are (not repaired): they are reference points, their memory is reported;
+* ``sequential``: the two-step recipe the method argues against: bits first, by
+  quantization error per byte under the budget (with a uniform rank reserved), then
+  one uniform rank raised as far as the rest allows;
+* ``random``: random configurations, repaired like the search's; the best is reported;
+* ``fp-lora``: unquantized weights (16 bits) with rank-16 LoRA, the quality ceiling.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from .evolution import EvaluateMany, evaluate_new
+from .fidelity import Evaluation, Ladder
+from .importance import Priors
+from .repair import Cost, repair
+from .space import UNQUANTIZED, Config, SearchSpace
+
+
+def uniform_name(bits: int, rank: int) -> str:
+    return f"uniform-{bits}bit-r{rank}"
+
+
+def uniform_configs(space: SearchSpace, bits: Sequence[int] = (2, 3, 4, 8), rank: int = 16) -> dict[str, Config]:
+    return {uniform_name(b, rank): space.uniform(b, rank) for b in bits}
+
+
+def fp_lora(space: SearchSpace, rank: int = 16) -> Config:
+    return space.uniform(UNQUANTIZED, rank)
+
+
+def sequential(space: SearchSpace, priors: Priors, cost: Cost, budget: int, rank: int = 16) -> Config:
+    """Bits by quantization error under the budget (rank ``rank`` reserved), then one uniform rank filling the rest.
+
+    The rank is the largest level <= ``rank`` that fits at the fewest bits. Bits: greedy one-level
+    upgrades, the largest drop in ``priors.damage`` per byte first, while they fit. Rank: raised
+    one level at a time on every layer while the whole config fits.
+    """
+    ranks = [r for r in space.ranks if r <= rank] or [space.ranks[0]]
+    r = next((r for r in reversed(ranks) if cost(space.uniform(space.bits[0], r)) <= budget), None)
+    if r is None:
+        # Nothing fits even at the smallest rank: repair raises the BudgetError that says so.
+        return repair(space.uniform(space.bits[0], space.ranks[0]), space, priors, cost, budget)
+    config = space.uniform(space.bits[0], r)
+    current = cost(config)
+    while True:
+        best = None
+        for l, b in enumerate(config.bits):
+            i = space.bits.index(b)
+            if i + 1 == len(space.bits):
+                continue
+            up = config.replace(l, bits=space.bits[i + 1])
+            c = cost(up)
+            if c > budget:
+                continue
+            gain = priors.damage(l, b) - priors.damage(l, space.bits[i + 1])
+            ratio = gain / max(c - current, 1)
+            if best is None or ratio > best[0]:
+                best = (ratio, up, c)
+        if best is None:
+            break
+        _, config, current = best
+    for higher in space.ranks[space.ranks.index(r) + 1 :]:
+        up = space.config(config.bits, [higher] * len(space))
+        if cost(up) > budget:
+            break
+        config = up
+    return config
+
+
+def random_search(
+    space: SearchSpace, priors: Priors, cost: Cost, budget: int, n: int, rng: random.Random
+) -> list[Config]:
+    """``n`` distinct feasible random configurations (repaired like the search's candidates)."""
+    out: list[Config] = []
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        c = repair(space.random(rng), space, priors, cost, budget)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def equal_budget(history: Sequence[Evaluation], ladder: Ladder) -> int:
+    """How many top-rung fine-tunes cost as many optimizer steps as ``history`` did (random search's n)."""
+    steps = sum(ladder[e.fidelity].steps for e in history)
+    return max(1, round(steps / ladder[ladder.top].steps))
+
+
+def baseline_configs(
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    *,
+    n_random: int = 8,
+    seed: int = 0,
+    uniform_bits: Sequence[int] = (2, 3, 4, 8),
+    rank: int = 16,
+) -> dict[str, list[Config]]:
+    """Every baseline's configurations by name (one each, ``n_random`` for "random")."""
+    out = {name: [c] for name, c in uniform_configs(space, uniform_bits, rank).items()}
+    out["sequential"] = [sequential(space, priors, cost, budget, rank)]
+    out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(seed))
+    out["fp-lora"] = [fp_lora(space, rank)]
+    return out
+
+
+def run_baselines(
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    evaluate_many: EvaluateMany,
+    rung: int,
+    *,
+    n_random: int = 8,
+    seed: int = 0,
+    uniform_bits: Sequence[int] = (2, 3, 4, 8),
+    rank: int = 16,
+    history: Sequence[Evaluation] = (),
+) -> dict[str, Evaluation]:
+    """Evaluate every baseline at ``rung`` in one batch; per name the evaluation (random: its best, else its first).
+
+    Pairs already in ``history`` (e.g. the search's) are reused, not re-run.
+    """
+    configs = baseline_configs(space, priors, cost, budget, n_random=n_random, seed=seed,
+                               uniform_bits=uniform_bits, rank=rank)
+    pairs = [(c, rung) for cs in configs.values() for c in cs]
+    known = list(history)
+    known += evaluate_new(pairs, known, evaluate_many)
+    by_key = {e.config.key(): e for e in known if e.fidelity == rung}
+    out = {}
+    for name, cs in configs.items():
+        evals = [by_key[c.key()] for c in cs]
+        ok = [e for e in evals if e.ok]
+        out[name] = min(ok, key=lambda e: e.eval_loss) if ok else evals[0]
+    return out

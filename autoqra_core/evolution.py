@@ -1,0 +1,436 @@
+"""Stage 1: global multi-fidelity evolutionary search (DEAP).
+
+One generation (``step``):
+1. variation: tournament-selected parents, layer-wise uniform crossover (a layer's
+   (bits, rank) pair travels together), then a one-step mutation of one layer,
+   the layer drawn with probability biased by the priors; repair after each child;
+2. screening: ``offspring_multiplier`` times more children than will be evaluated
+   are generated; the surrogate keeps those with the lowest LCB;
+3. multi-fidelity: new children are evaluated at rung 0; then, rung by rung, the
+   best ``promote_fraction`` of everything seen at that rung is promoted one rung up
+   (asynchronous successive halving: the pool grows each generation, so a good
+   child of an early generation can still be promoted later);
+4. selection (mu + lambda): elites by score, then tournaments without replacement
+   over the rest, configs deduplicated by key. A config's score is its loss at the
+   highest rung it reached, shifted to the top rung by the surrogate's rung offsets.
+
+The first ``step`` builds the initial population instead of varying: prior-derived
+configs (memory split between bits and rank in several proportions, sensitive layers
+first) plus random ones, all repaired.
+
+No (config, rung) pair is evaluated twice. The state is plain data (JSON-able
+with ``to_dict``) and checkpointed after every generation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import zip_longest
+from typing import Callable, Iterator, Sequence
+
+from deap import base, creator, tools
+
+from .errors import CandidateFailed
+from .fidelity import Evaluation, Ladder
+from .importance import Priors
+from .repair import Cost, fill, minimal, repair
+from .space import Config, SearchSpace
+from .surrogate import Surrogate, corrected_losses, screen
+
+EvaluateMany = Callable[[list[tuple[Config, int]]], list[Evaluation]]
+Evaluate = Callable[[Config, int], Evaluation]
+
+
+# --- evaluation plumbing -------------------------------------------------------------------
+
+
+def batched(evaluate: Evaluate, cost: Cost | None = None) -> EvaluateMany:
+    """Adapt a one-at-a-time ``evaluate(config, rung)`` to the batch interface, in order.
+
+    A ``CandidateFailed`` raised by ``evaluate`` becomes a failed Evaluation, so the search goes on.
+    """
+
+    def evaluate_many(pairs: list[tuple[Config, int]]) -> list[Evaluation]:
+        out = []
+        for config, rung in pairs:
+            try:
+                out.append(evaluate(config, rung))
+            except CandidateFailed as e:
+                mem = cost(config) if cost else 0
+                out.append(Evaluation(config, rung, math.inf, mem, status="failed", reason=e.reason))
+        return out
+
+    return evaluate_many
+
+
+def evaluate_new(
+    pairs: Sequence[tuple[Config, int]], history: Sequence[Evaluation], evaluate_many: EvaluateMany
+) -> list[Evaluation]:
+    """Evaluate, as one batch, the pairs not already in ``history`` (nor repeated in ``pairs``)."""
+    seen = {(e.config.key(), e.fidelity) for e in history}
+    todo = []
+    for config, rung in pairs:
+        if (config.key(), rung) not in seen:
+            seen.add((config.key(), rung))
+            todo.append((config, rung))
+    if not todo:
+        return []
+    results = list(evaluate_many(todo))
+    if len(results) != len(todo) or any(
+        (r.config.key(), r.fidelity) != (c.key(), k) for r, (c, k) in zip(results, todo)
+    ):
+        raise ValueError("evaluate_many must return one Evaluation per (config, rung), in the order given")
+    return results
+
+
+def best_evaluation(history: Sequence[Evaluation], rung: int) -> Evaluation | None:
+    """Lowest-loss ok evaluation at ``rung`` (first one on ties), or None."""
+    ok = [e for e in history if e.ok and e.fidelity == rung]
+    return min(ok, key=lambda e: e.eval_loss) if ok else None
+
+
+# --- settings and state --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    population_size: int = 12
+    offspring: int = 8  # children evaluated (at rung 0) per generation
+    offspring_multiplier: int = 4  # children generated per evaluated one; the surrogate keeps the best
+    crossover_prob: float = 0.7
+    transfer_prob: float = 0.5  # share of mutations that also take a level from another (layer, kind)
+    tournament_size: int = 3
+    elite: int = 2
+    prior_fraction: float = 0.5  # share of the initial population derived from the priors
+    kappa: float = 1.0  # LCB = mean - kappa * std when screening
+    surrogate_min_points: int = 5
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng(state: list) -> random.Random:
+    rng = random.Random()
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+    return rng
+
+
+@dataclass
+class EvolutionState:
+    """Everything needed to continue stage 1 exactly where it stopped."""
+
+    population: list[Config]
+    history: list[Evaluation]
+    generation: int
+    rng: list  # random.Random state as JSON-able data
+    seed: int
+
+    @classmethod
+    def new(cls, seed: int) -> "EvolutionState":
+        return cls([], [], 0, _rng_state(random.Random(seed)), seed)
+
+    def to_dict(self) -> dict:
+        return {
+            "population": [c.to_dict() for c in self.population],
+            "history": [e.to_dict() for e in self.history],
+            "generation": self.generation,
+            "rng": self.rng,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvolutionState":
+        return cls(
+            [Config.from_dict(c) for c in d["population"]],
+            [Evaluation.from_dict(e) for e in d["history"]],
+            int(d["generation"]),
+            d["rng"],
+            int(d["seed"]),
+        )
+
+
+# --- DEAP plumbing -------------------------------------------------------------------------
+
+
+def _classes() -> type:
+    """DEAP's creator is global: create our classes once, under names no one else uses."""
+    if not hasattr(creator, "AutoQRAFitness"):
+        creator.create("AutoQRAFitness", base.Fitness, weights=(-1.0,))
+    if not hasattr(creator, "AutoQRAIndividual"):
+        creator.create("AutoQRAIndividual", list, fitness=creator.AutoQRAFitness, touched=None)
+    return creator.AutoQRAIndividual
+
+
+def individual(config: Config, score: float | None = None):
+    """A DEAP individual: one (bits, rank) pair per layer, so crossover keeps pairs together."""
+    ind = _classes()(zip(config.bits, config.ranks))
+    if score is not None:
+        ind.fitness.values = (score,)
+    return ind
+
+
+@contextmanager
+def using_rng(rng: random.Random) -> Iterator[None]:
+    """DEAP's tools draw from the module-level ``random``: run them on our generator's state
+    (so a generation is reproducible and checkpointable) and leave the global state as it was.
+    Evaluations never run inside this block."""
+    saved = random.getstate()
+    random.setstate(rng.getstate())
+    try:
+        yield
+    finally:
+        rng.setstate(random.getstate())
+        random.setstate(saved)
+
+
+def _move(ind, space: SearchSpace, layer: int, kind: str, direction: int) -> bool:
+    """Move one layer's bits or rank one level; False (and no change) at the end of the ladder."""
+    bits, rank = ind[layer]
+    levels, value = (space.bits, bits) if kind == "bits" else (space.ranks, rank)
+    j = levels.index(value) + direction
+    if not 0 <= j < len(levels):
+        return False
+    ind[layer] = (levels[j], rank) if kind == "bits" else (bits, levels[j])
+    return True
+
+
+def mutate(ind, space: SearchSpace, layer_weights: Sequence[float], transfer_prob: float = 0.5):
+    """One level of bits or rank up or down on one layer (drawn by ``layer_weights``); with
+    ``transfer_prob``, also the opposite step on another (layer, kind) drawn the same way.
+
+    The transfer is the basic move under a budget: memory changes hands between two layers,
+    or between bits and rank of one layer (low bits rescued by a higher rank). Repair then
+    balances what is left without undoing the touched layers (``ind.touched``).
+    """
+    kinds = [k for k, levels in (("bits", space.bits), ("rank", space.ranks)) if len(levels) > 1]
+    layer, kind, direction = random.choices(range(len(ind)), weights=layer_weights)[0], random.choice(kinds), random.choice((-1, 1))
+    if not _move(ind, space, layer, kind, direction):
+        direction = -direction
+        _move(ind, space, layer, kind, direction)
+    touched = [layer]
+    if random.random() < transfer_prob:
+        other, other_kind = random.choices(range(len(ind)), weights=layer_weights)[0], random.choice(kinds)
+        if (other, other_kind) == (layer, kind) and len(kinds) > 1:
+            other_kind = kinds[1 - kinds.index(kind)]
+        if (other, other_kind) != (layer, kind) and _move(ind, space, other, other_kind, -direction):
+            touched.append(other)
+    ind.touched = tuple(touched)
+    del ind.fitness.values
+    return (ind,)
+
+
+def make_toolbox(space: SearchSpace, priors: Priors, settings: EvolutionSettings) -> base.Toolbox:
+    _classes()
+    n = len(space)
+    # Half uniform, half importance: sensitive layers move more often, none is frozen.
+    weights = [0.5 / n + 0.5 * w for w in priors.importance()]
+    toolbox = base.Toolbox()
+    toolbox.register("mate", tools.cxUniform, indpb=0.5)
+    toolbox.register("mutate", mutate, space=space, layer_weights=weights, transfer_prob=settings.transfer_prob)
+    toolbox.register("select", tools.selTournament, tournsize=settings.tournament_size)
+    return toolbox
+
+
+# --- the pieces of a generation -----------------------------------------------------------
+
+
+def prior_configs(
+    space: SearchSpace, priors: Priors, cost: Cost, budget: int, splits: Sequence[float] = (0.5, 1.0, 0.0, 0.75, 0.25)
+) -> list[Config]:
+    """Configs built from the priors alone: several splits of the memory between bits and rank.
+
+    Two families, interleaved (balanced ones first, then the extremes):
+    * fraction f: from the fewest bits and smallest non-zero rank, bits take the most valuable
+      upgrades (sensitive layers first) up to a share f of the spare memory, ranks the rest
+      (per layer, by the priors); f=1 is "all memory to bits", f=0 "all to rank";
+    * uniform rank r: one rank everywhere (each level), bits by the priors in what is left,
+      i.e. the "sequential" recipe at several ranks.
+    Any remainder is then given back by ``fill``. Duplicates are dropped.
+    """
+    positive = [r for r in space.ranks if r > 0] or [space.ranks[0]]
+    by_fraction, by_rank = [], []
+    start = space.uniform(space.bits[0], positive[0])
+    if cost(start) <= budget:
+        low = cost(start)
+        for f in splits:
+            c = fill(start, space, priors, cost, int(low + f * (budget - low)), kinds=("bits",))
+            by_fraction.append(fill(c, space, priors, cost, budget, kinds=("rank",)))
+    mid = len(positive) // 2
+    for r in positive[mid:] + positive[:mid][::-1]:  # middle rank first, then outwards
+        uniform_rank = space.uniform(space.bits[0], r)
+        if cost(uniform_rank) <= budget:
+            by_rank.append(fill(uniform_rank, space, priors, cost, budget, kinds=("bits",)))
+    out: list[Config] = []
+    for pair in zip_longest(by_fraction, by_rank):
+        for c in pair:
+            if c is not None:
+                c = fill(c, space, priors, cost, budget)
+                if c not in out:
+                    out.append(c)
+    return out or [repair(minimal(space), space, priors, cost, budget)]
+
+
+def initial_population(
+    space: SearchSpace, priors: Priors, cost: Cost, budget: int, settings: EvolutionSettings, rng: random.Random
+) -> list[Config]:
+    """Prior-derived configs (up to ``prior_fraction`` of the population) plus repaired random ones."""
+    size = settings.population_size
+    out = prior_configs(space, priors, cost, budget)[: max(1, round(size * settings.prior_fraction))]
+    for _ in range(50 * size):
+        if len(out) >= size:
+            break
+        c = repair(space.random(rng), space, priors, cost, budget)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def vary(
+    parents: list,
+    toolbox: base.Toolbox,
+    n: int,
+    fix: Callable[[object], Config],
+    seen: set[str],
+    crossover_prob: float,
+) -> list[Config]:
+    """Up to ``n`` new repaired children (keys not in ``seen``). Call inside ``using_rng``."""
+    out: list[Config] = []
+    for _ in range(20 * n):
+        if len(out) >= n:
+            break
+        a, b = (toolbox.clone(p) for p in toolbox.select(parents, 2))
+        if random.random() < crossover_prob:
+            toolbox.mate(a, b)
+        for child in (a, b):
+            toolbox.mutate(child)
+            config = fix(child)
+            if config.key() not in seen:
+                seen.add(config.key())
+                out.append(config)
+    return out[:n]
+
+
+def select_population(
+    pool: Sequence[Config], scores: dict[str, float], size: int, elite: int, toolbox: base.Toolbox
+) -> list[Config]:
+    """Elites by score, then tournaments without replacement; unique configs. Call inside ``using_rng``."""
+    unique = list({c.key(): c for c in pool}.values())
+    inds = [individual(c, scores.get(c.key(), math.inf)) for c in unique]
+    chosen = tools.selBest(inds, min(elite, size))
+    rest = [i for i in inds if all(i is not c for c in chosen)]
+    while len(chosen) < size and rest:
+        winner = toolbox.select(rest, 1)[0]
+        chosen.append(winner)
+        rest = [i for i in rest if i is not winner]
+    by_id = {id(i): c for i, c in zip(inds, unique)}
+    return [by_id[id(i)] for i in chosen]
+
+
+def promotions(history: Sequence[Evaluation], rung: int, fraction: float) -> list[Config]:
+    """Configs in the best ``fraction`` of everything ok at ``rung`` that have not been run at ``rung + 1``."""
+    done = {e.config.key() for e in history if e.fidelity == rung + 1}
+    ranked = sorted((e for e in history if e.fidelity == rung and e.ok), key=lambda e: (e.eval_loss, e.config.key()))
+    n = max(1, int(len(ranked) * fraction)) if ranked else 0
+    return [e.config for e in ranked[:n] if e.config.key() not in done]
+
+
+def climb(history: list[Evaluation], ladder: Ladder, evaluate_many: EvaluateMany) -> list[Evaluation]:
+    """Successive halving: promote rung by rung (one batch per rung); returns the new evaluations."""
+    new: list[Evaluation] = []
+    for rung in range(ladder.top):
+        batch = [(c, rung + 1) for c in promotions(history + new, rung, ladder.promote_fraction)]
+        new += evaluate_new(batch, history + new, evaluate_many)
+    return new
+
+
+def step(
+    state: EvolutionState,
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    evaluate_many: EvaluateMany,
+    ladder: Ladder,
+    settings: EvolutionSettings = EvolutionSettings(),
+) -> EvolutionState:
+    """One generation (the first one builds the initial population). Returns a new state."""
+    rng = _rng(state.rng)
+    history = list(state.history)
+    toolbox = make_toolbox(space, priors, settings)
+    scores = corrected_losses(history, ladder.top)
+
+    if not state.population:
+        children = initial_population(space, priors, cost, budget, settings, rng)
+    else:
+        parents = [individual(c, scores.get(c.key(), math.inf)) for c in state.population]
+        seen = {e.config.key() for e in history} | {c.key() for c in state.population}
+
+        def fix(child) -> Config:
+            config = space.config([b for b, _ in child], [r for _, r in child])
+            return repair(config, space, priors, cost, budget, pinned=child.touched)
+
+        want = settings.offspring * settings.offspring_multiplier
+        with using_rng(rng):
+            children = vary(parents, toolbox, want, fix, seen, settings.crossover_prob)
+        for _ in range(50 * want):  # a converged population may yield few new children: top up at random
+            if len(children) >= want:
+                break
+            c = repair(space.random(rng), space, priors, cost, budget)
+            if c.key() not in seen:
+                seen.add(c.key())
+                children.append(c)
+        surrogate = Surrogate.fit(space, history, ladder.top, seed=state.seed + state.generation,
+                                  min_points=settings.surrogate_min_points)
+        children = screen(surrogate, children, settings.offspring, settings.kappa)
+
+    history += evaluate_new([(c, 0) for c in children], history, evaluate_many)
+    history += climb(history, ladder, evaluate_many)
+
+    scores = corrected_losses(history, ladder.top)
+    with using_rng(rng):
+        population = select_population(
+            list(state.population) + children, scores, settings.population_size, settings.elite, toolbox
+        )
+    return EvolutionState(population, history, state.generation + 1, _rng_state(rng), state.seed)
+
+
+def finish(
+    state: EvolutionState, ladder: Ladder, evaluate_many: EvaluateMany, batch: int = 2
+) -> EvolutionState:
+    """Make sure stage 1 ends with an ok top-rung evaluation (TuRBO needs a centre):
+    if none, run the best-scored configs at the top rung, ``batch`` at a time, until one is ok."""
+    history = list(state.history)
+    scores = corrected_losses(history, ladder.top)
+    at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
+    candidates = sorted({e.config for e in history if e.config.key() not in at_top}, key=lambda c: (scores[c.key()], c.key()))
+    while best_evaluation(history, ladder.top) is None and candidates:
+        todo, candidates = candidates[:batch], candidates[batch:]
+        history += evaluate_new([(c, ladder.top) for c in todo], history, evaluate_many)
+    return EvolutionState(list(state.population), history, state.generation, state.rng, state.seed)
+
+
+def run_stage1(
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    evaluate_many: EvaluateMany,
+    ladder: Ladder,
+    generations: int,
+    settings: EvolutionSettings = EvolutionSettings(),
+    state: EvolutionState | None = None,
+    seed: int = 0,
+    on_generation: Callable[[EvolutionState], None] | None = None,
+) -> EvolutionState:
+    """Run generations until ``state.generation == generations`` (the initial population counts as one)."""
+    state = state or EvolutionState.new(seed)
+    while state.generation < generations:
+        state = step(state, space, priors, cost, budget, evaluate_many, ladder, settings)
+        if on_generation:
+            on_generation(state)
+    return state

@@ -1,0 +1,186 @@
+"""The whole search: stage 1 (evolution, multi-fidelity) then stage 2 (TuRBO at the top rung).
+
+``run_search`` is a loop over two pure steps. After every generation and every
+TuRBO iteration it hands the complete ``SearchState`` to ``on_checkpoint``; that
+state is plain data (``to_dict`` -> JSON -> ``from_dict``), and every random draw
+comes from seeds and generator states stored in it, so a search restored from a
+checkpoint ends with the same result as an uninterrupted one with the same seed
+(given an evaluate that returns the same results for the same (config, rung), e.g.
+because finished evaluations are cached).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+from . import evolution, turbo
+from .evolution import EvaluateMany, EvolutionSettings, EvolutionState, best_evaluation
+from .fidelity import Evaluation, Fidelity, Ladder
+from .importance import Priors
+from .repair import Cost, check_budget
+from .space import SearchSpace
+from .turbo import TurboRun, TurboSettings
+
+
+def default_ladder() -> Ladder:
+    """Three rungs, each 3x the steps of the one below (successive halving with promote_fraction 1/3)."""
+    return Ladder((Fidelity(steps=20, data_fraction=0.25), Fidelity(60, 0.5), Fidelity(180, 1.0)), 1 / 3)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    seed: int = 0
+    generations: int = 6  # stage-1 generations, the initial population included
+    ladder: Ladder = field(default_factory=default_ladder)
+    evolution: EvolutionSettings = EvolutionSettings()  # population size, offspring multiplier, ...
+    turbo: TurboSettings = TurboSettings()  # iterations, batch size, trust region
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "generations": self.generations,
+            "ladder": self.ladder.to_dict(),
+            "evolution": asdict(self.evolution),
+            "turbo": asdict(self.turbo),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSettings":
+        return cls(
+            seed=int(d.get("seed", 0)),
+            generations=int(d.get("generations", 6)),
+            ladder=Ladder.from_dict(d["ladder"]) if "ladder" in d else default_ladder(),
+            evolution=EvolutionSettings(**d.get("evolution", {})),
+            turbo=TurboSettings(**d.get("turbo", {})),
+        )
+
+
+@dataclass
+class SearchState:
+    stage: str  # "evolution" -> "turbo" -> "done"
+    evolution: EvolutionState
+    turbo: TurboRun | None = None
+
+    @classmethod
+    def new(cls, seed: int) -> "SearchState":
+        return cls("evolution", EvolutionState.new(seed))
+
+    @property
+    def history(self) -> list[Evaluation]:
+        """Every evaluation, in the order it was made."""
+        return self.evolution.history + (self.turbo.history if self.turbo else [])
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "evolution": self.evolution.to_dict(),
+            "turbo": self.turbo.to_dict() if self.turbo else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchState":
+        t = d.get("turbo")
+        return cls(d["stage"], EvolutionState.from_dict(d["evolution"]), TurboRun.from_dict(t) if t else None)
+
+
+@dataclass(frozen=True)
+class ProgressPoint:
+    """Best top-rung loss after ``evaluations`` fine-tunes (``steps`` optimizer steps in all)."""
+
+    evaluations: int
+    steps: int
+    stage: str
+    best_loss: float | None
+
+
+@dataclass
+class SearchResult:
+    best: Evaluation | None  # best ok evaluation at the top rung
+    history: list[Evaluation]
+    pareto: list[Evaluation]  # top rung only: memory_bytes vs eval_loss, non-dominated
+    progress: list[ProgressPoint]
+    state: SearchState
+
+    def to_dict(self) -> dict:
+        return {
+            "best": self.best.to_dict() if self.best else None,
+            "evaluations": [e.to_dict() for e in self.history],
+            "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
+                       for e in self.pareto],
+            "progress": [asdict(p) for p in self.progress],
+        }
+
+
+def pareto_front(history: Sequence[Evaluation], rung: int) -> list[Evaluation]:
+    """Ok evaluations at ``rung`` no other one beats on both memory and loss, by increasing memory.
+
+    Top rung only: lower rungs' losses are biased (short fine-tunes) and not comparable.
+    """
+    front: list[Evaluation] = []
+    for e in sorted((e for e in history if e.ok and e.fidelity == rung), key=lambda e: (e.memory_bytes, e.eval_loss)):
+        if not front or e.eval_loss < front[-1].eval_loss:
+            front.append(e)
+    return front
+
+
+def progress(state: SearchState, ladder: Ladder) -> list[ProgressPoint]:
+    """Best-so-far curve over all evaluations, each labelled with the stage that made it."""
+    out, best, steps = [], math.inf, 0
+    labelled = [("evolution", e) for e in state.evolution.history]
+    labelled += [("turbo", e) for e in (state.turbo.history if state.turbo else [])]
+    for i, (stage, e) in enumerate(labelled, 1):
+        steps += ladder[e.fidelity].steps
+        if e.ok and e.fidelity == ladder.top:
+            best = min(best, e.eval_loss)
+        out.append(ProgressPoint(i, steps, stage, best if math.isfinite(best) else None))
+    return out
+
+
+def result(state: SearchState, ladder: Ladder) -> SearchResult:
+    history = state.history
+    return SearchResult(best_evaluation(history, ladder.top), history, pareto_front(history, ladder.top),
+                        progress(state, ladder), state)
+
+
+def run_search(
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    evaluate_many: EvaluateMany,
+    settings: SearchSettings = SearchSettings(),
+    state: SearchState | None = None,
+    on_checkpoint: Callable[[SearchState], None] | None = None,
+) -> SearchResult:
+    """Run (or continue, from ``state``) stage 1 then stage 2; BudgetError at once if nothing fits."""
+    check_budget(space, cost, budget)
+    checkpoint = on_checkpoint or (lambda s: None)
+    state = state or SearchState.new(settings.seed)
+    ladder = settings.ladder
+
+    if state.stage == "evolution":
+        while state.evolution.generation < settings.generations:
+            ev = evolution.step(state.evolution, space, priors, cost, budget, evaluate_many, ladder, settings.evolution)
+            state = replace(state, evolution=ev)
+            checkpoint(state)
+        ev = evolution.finish(state.evolution, ladder, evaluate_many, settings.turbo.batch_size)
+        if settings.turbo.iterations > 0 and best_evaluation(ev.history, ladder.top) is not None:
+            run = turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed)
+            state = SearchState("turbo", ev, run)
+        else:
+            state = SearchState("done", ev, None)
+        checkpoint(state)
+
+    if state.stage == "turbo":
+        run = state.turbo
+        while not run.done and run.iteration < settings.turbo.iterations:
+            run = turbo.step(run, space, priors, cost, budget, state.evolution.history, evaluate_many, ladder.top,
+                             settings.turbo)
+            state = replace(state, turbo=run)
+            checkpoint(state)
+        state = replace(state, stage="done")
+        checkpoint(state)
+
+    return result(state, ladder)

@@ -1,0 +1,319 @@
+"""Stage 2: trust-region Bayesian optimization (TuRBO-1) around the best stage-1 configuration.
+
+Follows BoTorch's TuRBO-1 tutorial (Eriksson et al., 2019), adapted to a discrete,
+budget-constrained space:
+* continuous relaxation: per layer two coordinates in [0, 1], the bit level index
+  and the rank level index scaled (``surrogate.encode``);
+* a ``SingleTaskGP`` (BoTorch's defaults: standardized outcome, dimension-scaled
+  lengthscale prior) on every ok top-rung evaluation, stage 1's included (warm start);
+* a trust region centred at the best point of the current run, its side lengths
+  scaled by the GP's lengthscales; Sobol candidates that perturb a few coordinates
+  of the centre are *rounded to the allowed levels and repaired first*, deduplicated
+  against history, and Thompson sampling picks the batch among those (so the batch is
+  made of distinct, feasible, never-evaluated configurations);
+* evaluation at the top rung; the region doubles after ``success_tolerance``
+  consecutive improvements, halves after ``failure_tolerance`` consecutive misses;
+  below ``length_min`` a restart re-centres on the best top-rung configuration not
+  yet used as a centre, up to ``max_restarts`` times, after which the stage stops.
+
+``length_min`` is larger than the tutorial's 0.5**7: once the region is smaller than
+about one level step, rounding maps every candidate back onto the centre.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from botorch.exceptions.errors import ModelFittingError
+from botorch.fit import fit_gpytorch_mll
+from botorch.generation import MaxPosteriorSampling
+from botorch.models import SingleTaskGP
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from torch.quasirandom import SobolEngine
+
+from .evolution import EvaluateMany, best_evaluation, evaluate_new
+from .fidelity import Evaluation
+from .importance import Priors
+from .repair import Cost, repair
+from .space import Config, SearchSpace
+from .surrogate import encode
+
+
+@dataclass(frozen=True)
+class TurboSettings:
+    iterations: int = 10  # batches evaluated in stage 2
+    batch_size: int = 2
+    n_candidates: int = 256  # continuous candidates per batch, before rounding and repair
+    length_init: float = 0.8
+    length_min: float = 0.5**3
+    length_max: float = 1.6
+    success_tolerance: int = 3
+    failure_tolerance: int | None = None  # None: the tutorial's ceil(max(4, dim) / batch_size)
+    max_restarts: int = 1
+    perturb_dims: float = 20.0  # expected coordinates of the centre a candidate changes (tutorial: 20)
+
+
+@dataclass(frozen=True)
+class TurboState:
+    """The trust region's size and its success/failure bookkeeping (losses: lower is better)."""
+
+    dim: int
+    batch_size: int
+    length: float = 0.8
+    length_min: float = 0.5**3
+    length_max: float = 1.6
+    failure_counter: int = 0
+    failure_tolerance: int = 0
+    success_counter: int = 0
+    success_tolerance: int = 3
+    best_value: float = math.inf
+    restart_triggered: bool = False
+
+    @classmethod
+    def new(cls, dim: int, settings: TurboSettings, best_value: float) -> "TurboState":
+        tol = settings.failure_tolerance or math.ceil(max(4.0 / settings.batch_size, dim / settings.batch_size))
+        return cls(dim, settings.batch_size, settings.length_init, settings.length_min, settings.length_max,
+                   failure_tolerance=tol, success_tolerance=settings.success_tolerance, best_value=best_value)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["best_value"] = self.best_value if math.isfinite(self.best_value) else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TurboState":
+        return cls(**{**d, "best_value": math.inf if d["best_value"] is None else d["best_value"]})
+
+
+def update_state(state: TurboState, losses: Sequence[float]) -> TurboState:
+    """TuRBO's rule: count a batch as a success if it beats the best by a relative 1e-3."""
+    best_new = min(losses, default=math.inf)
+    threshold = state.best_value - 1e-3 * abs(state.best_value) if math.isfinite(state.best_value) else math.inf
+    if best_new < threshold:
+        success, failure = state.success_counter + 1, 0
+    else:
+        success, failure = 0, state.failure_counter + 1
+    length = state.length
+    if success == state.success_tolerance:
+        length, success = min(2.0 * length, state.length_max), 0
+    elif failure == state.failure_tolerance:
+        length, failure = length / 2.0, 0
+    return replace(
+        state,
+        length=length,
+        success_counter=success,
+        failure_counter=failure,
+        best_value=min(state.best_value, best_new),
+        restart_triggered=length < state.length_min,
+    )
+
+
+def decode(space: SearchSpace, x: np.ndarray) -> Config:
+    """Round a point of the unit cube to the nearest allowed levels (inverse of ``encode`` on the grid)."""
+    nb, nr = len(space.bits) - 1, len(space.ranks) - 1
+    bit_idx = np.floor(np.clip(x[0::2], 0, 1) * nb + 0.5).astype(int)
+    rank_idx = np.floor(np.clip(x[1::2], 0, 1) * nr + 0.5).astype(int)
+    return space.from_indices(bit_idx.tolist(), rank_idx.tolist())
+
+
+@dataclass
+class TurboRun:
+    """Stage-2 state: the trust region, its centre, and stage 2's own evaluations."""
+
+    state: TurboState
+    center: Config
+    history: list[Evaluation] = field(default_factory=list)
+    iteration: int = 0
+    restarts: int = 0
+    used_centers: list[str] = field(default_factory=list)
+    seed: int = 0
+    done: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "state": self.state.to_dict(),
+            "center": self.center.to_dict(),
+            "history": [e.to_dict() for e in self.history],
+            "iteration": self.iteration,
+            "restarts": self.restarts,
+            "used_centers": list(self.used_centers),
+            "seed": self.seed,
+            "done": self.done,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TurboRun":
+        return cls(
+            TurboState.from_dict(d["state"]),
+            Config.from_dict(d["center"]),
+            [Evaluation.from_dict(e) for e in d["history"]],
+            int(d["iteration"]),
+            int(d["restarts"]),
+            list(d["used_centers"]),
+            int(d["seed"]),
+            bool(d["done"]),
+        )
+
+
+def start(space: SearchSpace, warm: Sequence[Evaluation], top: int, settings: TurboSettings, seed: int = 0) -> TurboRun:
+    """A run centred at the best ok top-rung evaluation of ``warm`` (stage 1's history)."""
+    best = best_evaluation(warm, top)
+    if best is None:
+        raise ValueError("TuRBO needs at least one ok top-rung evaluation to centre on")
+    state = TurboState.new(2 * len(space), settings, best.eval_loss)
+    return TurboRun(state, best.config, used_centers=[best.config.key()], seed=seed)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The GP has tens of points: thread hand-offs cost far more than the math (seconds vs
+    milliseconds per fit on a busy CPU), so run it on one thread and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_gp(X: torch.Tensor, Y: torch.Tensor) -> SingleTaskGP | None:
+    if len(X) < 2:
+        return None
+    model = SingleTaskGP(X, Y)
+    try:
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    except ModelFittingError:
+        return None  # propose without the GP (Sobol order) rather than stop the search
+    return model
+
+
+def propose(
+    run: TurboRun,
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    data: Sequence[Evaluation],
+    settings: TurboSettings,
+) -> list[Config]:
+    """Up to ``batch_size`` new feasible configs from the trust region (``data``: top-rung evaluations)."""
+    ok = [e for e in data if e.ok]
+    seen = {e.config.key() for e in data}
+    dim = 2 * len(space)
+    with torch.random.fork_rng(), _one_thread():
+        torch.manual_seed(run.seed * 100_003 + run.iteration)
+        X = torch.tensor(np.stack([encode(space, e.config) for e in ok]), dtype=torch.double)
+        Y = -torch.tensor([[e.eval_loss] for e in ok], dtype=torch.double)  # BoTorch maximizes
+        model = _fit_gp(X, Y)
+
+        x_center = torch.tensor(encode(space, run.center), dtype=torch.double)
+        weights = torch.ones(dim, dtype=torch.double)
+        if model is not None:
+            kernel = getattr(model.covar_module, "base_kernel", model.covar_module)
+            ls = kernel.lengthscale.squeeze().detach()
+            weights = ls / ls.mean()
+            weights = weights / torch.prod(weights.pow(1.0 / len(weights)))
+        tr_lb = torch.clamp(x_center - weights * run.state.length / 2.0, 0.0, 1.0)
+        tr_ub = torch.clamp(x_center + weights * run.state.length / 2.0, 0.0, 1.0)
+
+        n = settings.n_candidates
+        sobol = SobolEngine(dim, scramble=True, seed=run.seed * 100_003 + run.iteration)
+        pert = tr_lb + (tr_ub - tr_lb) * sobol.draw(n).to(torch.double)
+        # Perturb only a few coordinates of the centre (TuRBO's trick for higher dimensions).
+        mask = torch.rand(n, dim) <= min(settings.perturb_dims / dim, 1.0)
+        empty = torch.where(mask.sum(dim=1) == 0)[0]
+        mask[empty, torch.randint(0, dim, size=(len(empty),))] = True
+        X_cand = x_center.expand(n, dim).clone()
+        X_cand[mask] = pert[mask]
+
+        # Round and repair before choosing, so Thompson sampling picks among real, new candidates.
+        repaired: dict[Config, Config] = {}
+        candidates: dict[str, Config] = {}
+        for x in X_cand.numpy():
+            rounded = decode(space, x)
+            if rounded not in repaired:
+                repaired[rounded] = repair(rounded, space, priors, cost, budget)
+            c = repaired[rounded]
+            if c.key() not in seen and c.key() not in candidates:
+                candidates[c.key()] = c
+        pool = list(candidates.values())
+        k = min(settings.batch_size, len(pool))
+        if model is None or k == 0:
+            return pool[:k]
+        X_pool = torch.tensor(np.stack([encode(space, c) for c in pool]), dtype=torch.double)
+        with torch.no_grad():
+            X_next = MaxPosteriorSampling(model=model, replacement=False)(X_pool, num_samples=k)
+    index = {tuple(row): i for i, row in enumerate(X_pool.tolist())}
+    return [pool[index[tuple(row)]] for row in X_next.tolist()]
+
+
+def _restart(run: TurboRun, data: Sequence[Evaluation], settings: TurboSettings) -> TurboRun:
+    """Re-centre on the best top-rung config not used as a centre yet, or stop."""
+    fresh = sorted((e for e in data if e.ok and e.config.key() not in run.used_centers), key=lambda e: e.eval_loss)
+    if run.restarts >= settings.max_restarts or not fresh:
+        return replace(run, done=True)
+    best = fresh[0]
+    state = TurboState.new(run.state.dim, settings, best.eval_loss)
+    return replace(run, state=state, center=best.config, restarts=run.restarts + 1,
+                   used_centers=run.used_centers + [best.config.key()])
+
+
+def step(
+    run: TurboRun,
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    warm: Sequence[Evaluation],
+    evaluate_many: EvaluateMany,
+    top: int,
+    settings: TurboSettings = TurboSettings(),
+) -> TurboRun:
+    """One TuRBO iteration: propose a batch, evaluate it at the top rung, update the region."""
+    if run.done:
+        return run
+    data = [e for e in list(warm) + run.history if e.fidelity == top]
+    if run.state.restart_triggered:
+        run = _restart(run, data, settings)
+        if run.done:
+            return run
+    batch = propose(run, space, priors, cost, budget, data, settings)
+    new = evaluate_new([(c, top) for c in batch], list(warm) + run.history, evaluate_many)
+    losses = [e.eval_loss for e in new if e.ok]
+    center = run.center
+    if losses and min(losses) < run.state.best_value:
+        center = min((e for e in new if e.ok), key=lambda e: e.eval_loss).config
+    return replace(
+        run,
+        state=update_state(run.state, losses),
+        center=center,
+        history=run.history + new,
+        iteration=run.iteration + 1,
+    )
+
+
+def run_stage2(
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    warm: Sequence[Evaluation],
+    evaluate_many: EvaluateMany,
+    top: int,
+    settings: TurboSettings = TurboSettings(),
+    run: TurboRun | None = None,
+    seed: int = 0,
+    on_iteration=None,
+) -> TurboRun:
+    """Iterate until ``settings.iterations`` batches are done or the restarts are used up."""
+    run = run or start(space, warm, top, settings, seed)
+    while not run.done and run.iteration < settings.iterations:
+        run = step(run, space, priors, cost, budget, warm, evaluate_many, top, settings)
+        if on_iteration:
+            on_iteration(run)
+    return run

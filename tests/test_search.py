@@ -1,0 +1,337 @@
+"""The search as a library, on a cheap synthetic objective with a known optimum (no model).
+
+Objective: loss = 1 + sum_l f_l(bits_l, rank_l), with
+  f_l(b, r) = w_l * q(b) * (1 - 0.8 * rho(r) * s_k) + t_l * 0.3 * (1 - rho(r)),  rho(r) = log2(1 + r) / log2(65)
+so a low-bit layer is rescued by a high rank (compensation), and adapters matter most where
+the task needs them (t_l), which the priors (noisy w_l) do not know. Lower rungs are biased
+(higher loss, rank under-used: s_k < 1) and noisier. Memory is linear per layer, so the
+optimum under the budget is a multiple-choice knapsack, solved exactly by DP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from autoqra_core import baselines, evolution, turbo
+from autoqra_core.errors import BudgetError, CandidateFailed
+from autoqra_core.fidelity import Evaluation, Fidelity, Ladder
+from autoqra_core.importance import Priors
+from autoqra_core.repair import fill, minimal, repair
+from autoqra_core.search import SearchSettings, SearchState, pareto_front, run_search
+from autoqra_core.space import Config, SearchSpace
+from autoqra_core.surrogate import Surrogate, encode, rung_offsets
+
+# --- synthetic problem ------------------------------------------------------------------------
+
+W = (0.28, 0.04, 0.18, 0.02, 0.14, 0.06, 0.20, 0.08)  # true sensitivity to quantization
+T = (0.04, 0.22, 0.06, 0.20, 0.04, 0.18, 0.06, 0.20)  # where adapters help the task: unknown to the priors
+PARAMS = (2**24, 2**24, 2**25, 2**25, 2**24, 2**24, 2**25, 2**25)  # 4096 x 4096 and 4096 x 8192 weights
+LORA_DIMS = (8192, 8192, 12288, 12288, 8192, 8192, 12288, 12288)  # in + out features
+Q = {2: 1.0, 3: 0.45, 4: 0.2, 8: 0.03, 16: 0.0}
+BASE_BYTES = 100 * 2**20
+LADDER = Ladder((Fidelity(10, 0.25), Fidelity(30, 0.5), Fidelity(90, 1.0)), promote_fraction=1 / 3)
+BIAS, NOISE, RANK_USE = (0.25, 0.08, 0.0), (0.01, 0.004, 0.001), (0.6, 0.85, 1.0)
+
+SPACE = SearchSpace(tuple(f"model.layers.{i}" for i in range(len(W))))
+
+
+def cost(config: Config) -> int:
+    weights = sum(n * b // 8 for n, b in zip(PARAMS, config.bits))
+    lora = sum(r * d * 16 for r, d in zip(config.ranks, LORA_DIMS))  # weights + grads + 2 AdamW moments, fp32
+    return BASE_BYTES + weights + lora
+
+
+BUDGET = cost(SPACE.uniform(4, 16))
+
+
+def rho(r: int) -> float:
+    return math.log2(1 + r) / math.log2(65)
+
+
+def true_loss(config: Config, rung: int = LADDER.top) -> float:
+    return 1.0 + sum(layer_loss(l, b, r, RANK_USE[rung]) for l, (b, r) in enumerate(zip(config.bits, config.ranks)))
+
+
+def layer_loss(l: int, b: int, r: int, s: float = 1.0) -> float:
+    return W[l] * Q[b] * (1 - 0.8 * rho(r) * s) + T[l] * 0.3 * (1 - rho(r))
+
+
+def noise(config: Config, rung: int) -> float:
+    seed = int(hashlib.sha256(f"{config.key()}/{rung}".encode()).hexdigest()[:8], 16)
+    return NOISE[rung] * random.Random(seed).gauss(0, 1)
+
+
+def evaluate(config: Config, rung: int) -> Evaluation:
+    loss = true_loss(config, rung) + BIAS[rung] + noise(config, rung)
+    return Evaluation(config, rung, loss, cost(config))
+
+
+def priors() -> Priors:
+    # Imperfect priors: sensitivity is the true importance, distorted by up to +-30%.
+    rng = random.Random(7)
+    sens = [w * (1 + rng.uniform(-0.3, 0.3)) for w in W]
+    sens = [s / sum(sens) for s in sens]
+    return Priors(SPACE.layers, tuple(sens), {b: tuple(Q[b] * rng.uniform(0.9, 1.1) for _ in W) for b in SPACE.bits})
+
+
+PRIORS = priors()
+
+
+def optimum() -> float:
+    """Exact best top-rung true loss under BUDGET (knapsack over layers, costs in KiB)."""
+    unit, cap = 1024, (BUDGET - BASE_BYTES) // 1024
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    for l, w in enumerate(W):
+        new = np.full(cap + 1, np.inf)
+        for b in SPACE.bits:
+            for r in SPACE.ranks:
+                c = (PARAMS[l] * b // 8 + r * LORA_DIMS[l] * 16) // unit
+                v = layer_loss(l, b, r)
+                if c <= cap:
+                    new[c:] = np.minimum(new[c:], best[: cap + 1 - c] + v)
+        best = new
+    return 1.0 + float(best.min())
+
+
+class Recorder:
+    """evaluate_many that records every (config, rung) asked for."""
+
+    def __init__(self, fn=evaluate):
+        self.calls: list[tuple[str, int]] = []
+        self.batches = 0
+        self.fn = evolution.batched(fn, cost)
+
+    def __call__(self, pairs):
+        self.batches += 1
+        self.calls += [(c.key(), r) for c, r in pairs]
+        return self.fn(pairs)
+
+
+SETTINGS = SearchSettings.from_dict({
+    "seed": 3,
+    "generations": 5,
+    "ladder": LADDER.to_dict(),
+    "evolution": {"population_size": 10, "offspring": 6, "offspring_multiplier": 4},
+    "turbo": {"iterations": 4, "batch_size": 2, "n_candidates": 128},
+})
+
+
+@pytest.fixture(scope="module")
+def full_run():
+    recorder = Recorder()
+    checkpoints: list[str] = []
+    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SETTINGS,
+                        on_checkpoint=lambda s: checkpoints.append(json.dumps(s.to_dict())))
+    return result, recorder, checkpoints
+
+
+def fingerprint(result) -> str:
+    return json.dumps(result.to_dict(), sort_keys=True)
+
+
+# --- repair ------------------------------------------------------------------------------------
+
+
+def test_repair_always_feasible_and_uses_the_memory():
+    rng = random.Random(0)
+    configs = [SPACE.random(rng) for _ in range(40)] + [SPACE.uniform(8, 64), minimal(SPACE)]
+    for c in configs:
+        fixed = repair(c, SPACE, PRIORS, cost, BUDGET)
+        SPACE.validate(fixed)
+        assert cost(fixed) <= BUDGET
+        assert repair(c, SPACE, PRIORS, cost, BUDGET) == fixed  # deterministic
+        # Spare memory was given back: no single step up still fits.
+        bit_idx, rank_idx = SPACE.to_indices(fixed)
+        for l in range(len(SPACE)):
+            if bit_idx[l] + 1 < len(SPACE.bits):
+                assert cost(fixed.replace(l, bits=SPACE.bits[bit_idx[l] + 1])) > BUDGET
+            if rank_idx[l] + 1 < len(SPACE.ranks):
+                assert cost(fixed.replace(l, rank=SPACE.ranks[rank_idx[l] + 1])) > BUDGET
+
+
+def test_repair_cuts_the_least_important_layers_first():
+    fixed = repair(SPACE.uniform(8, 16), SPACE, PRIORS, cost, BUDGET, give_back=False)
+    importance = PRIORS.importance()
+    most, least = max(range(len(W)), key=importance.__getitem__), min(range(len(W)), key=importance.__getitem__)
+    assert cost(fixed) <= BUDGET
+    assert fixed.bits[most] > fixed.bits[least]
+    # Pinned layers keep an operator's move unless nothing else can give.
+    moved = SPACE.uniform(4, 16).replace(least, bits=8)
+    kept = repair(moved, SPACE, PRIORS, cost, BUDGET, pinned=(least,))
+    assert kept.bits[least] == 8 and cost(kept) <= BUDGET
+
+
+def test_repair_raises_when_nothing_fits():
+    smallest = cost(minimal(SPACE))
+    with pytest.raises(BudgetError, match=str(smallest)):
+        repair(SPACE.uniform(4, 16), SPACE, PRIORS, cost, smallest - 1)
+    assert cost(repair(SPACE.uniform(4, 16), SPACE, PRIORS, cost, smallest)) == smallest
+
+
+# --- surrogate -----------------------------------------------------------------------------------
+
+
+def test_surrogate_falls_back_then_learns():
+    rng = random.Random(1)
+    configs = [repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET) for _ in range(60)]
+    few = Surrogate.fit(SPACE, [evaluate(c, 0) for c in configs[:3]], LADDER.top)
+    assert not few.fitted and len(set(few.lcb(configs).tolist())) == 1
+    history = [evaluate(c, k) for k, n in ((0, 40), (1, 12), (2, 4)) for c in configs[:n]]
+    model = Surrogate.fit(SPACE, history, LADDER.top, seed=0)
+    mean, std = model.predict(configs[40:])
+    assert model.fitted and (std >= 0).all()
+    truth = [true_loss(c) for c in configs[40:]]
+    assert np.corrcoef(np.argsort(np.argsort(mean)), np.argsort(np.argsort(truth)))[0, 1] > 0.5
+    offsets = rung_offsets(history, LADDER.top)
+    assert offsets[0] < offsets[1] < 0 == offsets[2]  # lower rungs read higher: shift down
+    assert encode(SPACE, SPACE.uniform(8, 64)).tolist() == [1.0] * 2 * len(SPACE)
+
+
+# --- stage 1 -----------------------------------------------------------------------------------
+
+
+def test_prior_individuals_are_feasible_and_split_memory():
+    configs = evolution.prior_configs(SPACE, PRIORS, cost, BUDGET)
+    assert len(configs) >= 3 and all(cost(c) <= BUDGET for c in configs)
+    all_bits, all_rank = configs[0], configs[-1]
+    assert sum(all_bits.bits) > sum(all_rank.bits) and sum(all_bits.ranks) < sum(all_rank.ranks)
+
+
+def test_ga_improves_over_its_initial_population():
+    recorder = Recorder()
+    states = []
+    final = evolution.run_stage1(SPACE, PRIORS, cost, BUDGET, recorder, LADDER, generations=6,
+                                 settings=SETTINGS.evolution, seed=1, on_generation=states.append)
+    initial = min(true_loss(e.config) for e in states[0].history if e.fidelity == 0)
+    best = evolution.best_evaluation(final.history, LADDER.top)
+    assert true_loss(best.config) < initial
+    assert len(final.population) == SETTINGS.evolution.population_size
+    assert len({c.key() for c in final.population}) == len(final.population)
+    assert all(cost(e.config) <= BUDGET for e in final.history)
+    assert len(recorder.calls) == len(set(recorder.calls)) == len(final.history)
+    # successive halving: fewer evaluations at each rung up
+    per_rung = Counter(e.fidelity for e in final.history)
+    assert per_rung[0] > per_rung[1] > per_rung[2] > 0
+
+
+def test_step_leaves_global_random_alone():
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    evolution.step(evolution.EvolutionState.new(0), SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER, SETTINGS.evolution)
+    assert random.random() == expected
+
+
+# --- stage 2 -----------------------------------------------------------------------------------
+
+
+def test_turbo_improves_over_its_start():
+    rng = random.Random(5)
+    warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
+    start = min(e.eval_loss for e in warm)
+    recorder = Recorder()
+    settings = turbo.TurboSettings(iterations=6, batch_size=2, n_candidates=128)
+    run = turbo.run_stage2(SPACE, PRIORS, cost, BUDGET, warm, recorder, LADDER.top, settings, seed=0)
+    assert run.iteration == 6 and len(run.history) >= 6
+    assert min(e.eval_loss for e in run.history) < start
+    assert all(e.fidelity == LADDER.top and cost(e.config) <= BUDGET for e in run.history)
+    seen = {e.config.key() for e in warm}
+    assert not seen & {k for k, _ in recorder.calls} and len(set(recorder.calls)) == len(recorder.calls)
+    restored = turbo.TurboRun.from_dict(json.loads(json.dumps(run.to_dict())))
+    assert restored == run
+
+
+def test_turbo_state_grows_and_shrinks():
+    s = turbo.TurboState(dim=4, batch_size=1, failure_tolerance=2, success_tolerance=2, best_value=1.0)
+    s = turbo.update_state(turbo.update_state(s, [0.9]), [0.8])
+    assert s.length == pytest.approx(1.6) and s.best_value == 0.8
+    for _ in range(2 * 5):
+        s = turbo.update_state(s, [0.8])
+    assert s.length == pytest.approx(0.05) and s.restart_triggered
+    assert turbo.TurboState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+# --- the whole search ----------------------------------------------------------------------------
+
+
+def test_search_beats_baselines_and_approaches_the_optimum(full_run):
+    result, recorder, _ = full_run
+    best = true_loss(result.best.config)
+    uniform = true_loss(SPACE.uniform(4, 16))
+    n = baselines.equal_budget(result.history, LADDER)
+    rand = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER.top, n_random=n, seed=11)
+    assert best < uniform
+    assert best < true_loss(rand["random"].config)
+    assert best < true_loss(rand["sequential"].config)
+    opt = optimum()
+    assert opt <= best + 1e-9
+    assert best - opt < 0.25 * (uniform - opt)  # closes most of the gap from the QLoRA default
+    assert cost(result.best.config) <= BUDGET
+
+
+def test_search_result_is_consistent(full_run):
+    result, recorder, checkpoints = full_run
+    assert len(recorder.calls) == len(set(recorder.calls)) == len(result.history)  # nothing evaluated twice
+    assert {e.fidelity for e in result.history} == {0, 1, 2}
+    assert {p.stage for p in result.progress} == {"evolution", "turbo"}
+    curve = [p.best_loss for p in result.progress if p.best_loss is not None]
+    assert curve == sorted(curve, reverse=True) and curve[-1] == result.best.eval_loss
+    front = result.pareto
+    assert front and all(a.memory_bytes <= b.memory_bytes and a.eval_loss > b.eval_loss for a, b in zip(front, front[1:]))
+    assert result.best in front and front == pareto_front(result.history, LADDER.top)
+    assert json.loads(checkpoints[-1])["stage"] == "done"
+
+
+def test_same_seed_same_result(full_run):
+    again = run_search(SPACE, PRIORS, cost, BUDGET, Recorder(), SETTINGS)
+    assert fingerprint(again) == fingerprint(full_run[0])
+
+
+@pytest.mark.parametrize("stage", ["evolution", "turbo"])
+def test_checkpoint_resume_gives_the_same_result(full_run, stage):
+    result, _, checkpoints = full_run
+    middle = [c for c in checkpoints if json.loads(c)["stage"] == stage]
+    state = SearchState.from_dict(json.loads(middle[len(middle) // 2]))
+    recorder = Recorder()
+    resumed = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SETTINGS, state=state)
+    assert fingerprint(resumed) == fingerprint(result)
+    done = {(e.config.key(), e.fidelity) for e in state.history}
+    assert not done & set(recorder.calls)  # a resumed search redoes no finished evaluation
+
+
+def test_failed_candidates_do_not_stop_the_search():
+    def flaky(config: Config, rung: int) -> Evaluation:
+        if config.ranks[0] >= 32:  # say: out of memory on the device
+            raise CandidateFailed("CUDA out of memory")
+        return evaluate(config, rung)
+
+    settings = SearchSettings.from_dict({**SETTINGS.to_dict(), "generations": 3, "turbo": {"iterations": 2}})
+    result = run_search(SPACE, PRIORS, cost, BUDGET, Recorder(flaky), settings)
+    failed = [e for e in result.history if not e.ok]
+    assert result.best is not None and result.best.ok and result.best.config.ranks[0] < 32
+    assert all(e.reason == "CUDA out of memory" and math.isinf(e.eval_loss) for e in failed)
+
+
+def test_baselines():
+    configs = baselines.baseline_configs(SPACE, PRIORS, cost, BUDGET, n_random=5, seed=0)
+    assert set(configs) == {"uniform-2bit-r16", "uniform-3bit-r16", "uniform-4bit-r16", "uniform-8bit-r16",
+                            "sequential", "random", "fp-lora"}
+    seq = configs["sequential"][0]
+    assert cost(seq) <= BUDGET and len(set(seq.ranks)) == 1 and seq.ranks[0] >= 16
+    assert len(configs["random"]) == 5 and all(cost(c) <= BUDGET for c in configs["random"])
+    assert configs["fp-lora"][0].bits == (16,) * len(SPACE)
+    history = [evaluate(SPACE.uniform(4, 16), LADDER.top)]
+    recorder = Recorder()
+    out = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, LADDER.top, n_random=5, history=history)
+    assert out["uniform-4bit-r16"] == history[0] and (SPACE.uniform(4, 16).key(), 2) not in recorder.calls
+    assert recorder.batches == 1
+    with pytest.raises(BudgetError):
+        baselines.sequential(SPACE, PRIORS, cost, cost(minimal(SPACE)) - 1)
