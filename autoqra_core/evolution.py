@@ -2,8 +2,9 @@
 
 One generation (``step``):
 1. variation: tournament-selected parents, layer-wise uniform crossover (a layer's
-   (bits, rank) pair travels together), then a one-step mutation of one layer,
-   the layer drawn with probability biased by the priors; repair after each child;
+   (bits, rank) pair travels together), then a one-level mutation of bits or rank on
+   one layer drawn with probability biased by the priors (half the time paired with the
+   opposite step elsewhere: a memory transfer); repair after each child;
 2. screening: ``offspring_multiplier`` times more children than will be evaluated
    are generated; the surrogate keeps those with the lowest LCB;
 3. multi-fidelity: new children are evaluated at rung 0; then, rung by rung, the
@@ -104,7 +105,7 @@ class EvolutionSettings:
     transfer_prob: float = 0.5  # share of mutations that also take a level from another (layer, kind)
     tournament_size: int = 3
     elite: int = 2
-    prior_fraction: float = 0.5  # share of the initial population derived from the priors
+    prior_fraction: float = 0.5  # share of the initial population derived from the priors (at least one)
     kappa: float = 1.0  # LCB = mean - kappa * std when screening
     surrogate_min_points: int = 5
 
@@ -162,7 +163,7 @@ def _classes() -> type:
     if not hasattr(creator, "AutoQRAFitness"):
         creator.create("AutoQRAFitness", base.Fitness, weights=(-1.0,))
     if not hasattr(creator, "AutoQRAIndividual"):
-        creator.create("AutoQRAIndividual", list, fitness=creator.AutoQRAFitness, touched=None)
+        creator.create("AutoQRAIndividual", list, fitness=creator.AutoQRAFitness, touched=())
     return creator.AutoQRAIndividual
 
 
@@ -208,7 +209,10 @@ def mutate(ind, space: SearchSpace, layer_weights: Sequence[float], transfer_pro
     balances what is left without undoing the touched layers (``ind.touched``).
     """
     kinds = [k for k, levels in (("bits", space.bits), ("rank", space.ranks)) if len(levels) > 1]
-    layer, kind, direction = random.choices(range(len(ind)), weights=layer_weights)[0], random.choice(kinds), random.choice((-1, 1))
+    if not kinds:  # a single level of each: nothing can move
+        return (ind,)
+    layer = random.choices(range(len(ind)), weights=layer_weights)[0]
+    kind, direction = random.choice(kinds), random.choice((-1, 1))
     if not _move(ind, space, layer, kind, direction):
         direction = -direction
         _move(ind, space, layer, kind, direction)
@@ -407,7 +411,8 @@ def finish(
     history = list(state.history)
     scores = corrected_losses(history, ladder.top)
     at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
-    candidates = sorted({e.config for e in history if e.config.key() not in at_top}, key=lambda c: (scores[c.key()], c.key()))
+    unfinished = {e.config for e in history if e.config.key() not in at_top}
+    candidates = sorted(unfinished, key=lambda c: (scores[c.key()], c.key()))
     while best_evaluation(history, ladder.top) is None and candidates:
         todo, candidates = candidates[:batch], candidates[batch:]
         history += evaluate_new([(c, ladder.top) for c in todo], history, evaluate_many)

@@ -98,7 +98,9 @@ class _Mover:
             self._delta[key] = self.cost(_apply(self.space, config, step)) - base
         return self._delta[key]
 
-    def steps(self, config: Config, direction: int, layers: Iterable[int], kinds: Collection[str]) -> list[tuple[Step, float]]:
+    def steps(
+        self, config: Config, direction: int, layers: Iterable[int], kinds: Collection[str]
+    ) -> list[tuple[Step, float]]:
         """One-level steps up (+1) or down (-1) on ``layers``, each with its change in prior harm."""
         bit_idx, rank_idx = _levels(self.space, config)
         out = []

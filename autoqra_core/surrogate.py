@@ -101,7 +101,9 @@ class Surrogate:
         X = np.stack([encode(space, e.config) for e in history])
         y = np.array([e.eval_loss + offsets.get(e.fidelity, 0.0) if e.ok else worst for e in history])
         w = np.array([2.0**e.fidelity for e in history])  # higher rungs: longer fine-tunes, less noise
-        model = RandomForestRegressor(n_estimators=64, min_samples_leaf=2, max_features=0.5, random_state=seed, n_jobs=1)
+        model = RandomForestRegressor(
+            n_estimators=64, min_samples_leaf=2, max_features=0.5, random_state=seed, n_jobs=1
+        )
         model.fit(X, y, sample_weight=w)
         return cls(space, model, float(np.mean(y)), float(np.std(y)) or 1.0)
 
