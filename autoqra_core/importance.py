@@ -75,10 +75,12 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
         mods[m].register_forward_hook(lambda mod, args, out, m=m: inputs[m].append(args[0].detach().flatten(0, -2)))
         for m in members
     ]
-    weights = [mods[m].weight for m in members]
-    was = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
+    # Only the layers' weights need gradients; restore every flag and drop every grad afterwards.
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    wanted = {id(mods[m].weight) for m in members}
+    for p in params:
+        p.requires_grad_(id(p) in wanted)
     fisher = {m: 0.0 for m in members}
     model.eval()
     try:
@@ -91,9 +93,9 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     finally:
         for h in hooks:
             h.remove()
-        for w, r in zip(weights, was):
-            w.requires_grad_(r)
-            w.grad = None
+        for p, r in zip(params, was):
+            p.requires_grad_(r)
+            p.grad = None
     sens = [sum(fisher[m] for m in ms) for _, ms in lmap.layers]
     total = sum(sens) or 1.0
 
