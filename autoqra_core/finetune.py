@@ -145,6 +145,33 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = 64) -> tuple[float, f
     return loss, hit.float().sum().item() / n_ex
 
 
+def fit(
+    base: nn.Module,
+    tokenizer,
+    task: Task,
+    lmap: LayerMap,
+    config: Config,
+    fidelity: Fidelity,
+    q: QuantSettings = QuantSettings(),
+    t: TrainSettings = TrainSettings(),
+    progress=None,
+) -> tuple[nn.Module, list[float], float, float | None]:
+    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on held-out data.
+
+    Returns (trained model, training losses, held-out loss, accuracy). Raises CandidateFailed
+    (divergence, out of memory): the search records those, an export reports them.
+    """
+    try:
+        model = build(base, config, lmap, q, t)
+        data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
+                       fidelity.steps, fidelity.batch_size, seed=t.seed)
+        losses = train(model, data, t, progress)
+        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, max_len=fidelity.seq_len))
+    except torch.OutOfMemoryError as e:
+        raise CandidateFailed(f"out of memory: {str(e).splitlines()[0]}") from None
+    return model, losses, loss, acc
+
+
 def evaluate_config(
     base: nn.Module,
     tokenizer,
@@ -158,17 +185,10 @@ def evaluate_config(
     t: TrainSettings = TrainSettings(),
     progress=None,
 ) -> Evaluation:
-    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on held-out data. Failures become failed Evaluations."""
+    """``fit`` as the search sees it: an Evaluation, failures included (they are results too)."""
     start = time.perf_counter()
     try:
-        model = build(base, config, lmap, q, t)
-        data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
-                       fidelity.steps, fidelity.batch_size, seed=t.seed)
-        losses = train(model, data, t, progress)
-        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, max_len=fidelity.seq_len))
-    except torch.OutOfMemoryError as e:
-        return Evaluation(config, rung, math.inf, memory_bytes, status="failed",
-                          reason=f"out of memory: {str(e).splitlines()[0]}", seconds=time.perf_counter() - start)
+        _, losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress)
     except CandidateFailed as e:
         return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=e.reason,
                           seconds=time.perf_counter() - start)

@@ -19,6 +19,7 @@ app.add_typer(stack_app, name="stack")
 MODEL = typer.Option("embedded", "--model", help="Local checkpoint directory, hub id, or 'embedded'.")
 DATASET = typer.Option("embedded", "--dataset", help="Directory with train/test.jsonl, a .jsonl/.txt file, or 'embedded'.")
 CONFIG = typer.Option(None, "--config", help="Search settings (YAML): space, quant, train, search, baselines.")
+STORE = typer.Option(None, "--store", help="Object store URL for the export (default: the AUTOQRA_STORE setting).")
 SETTINGS = typer.Option(None, "--settings", help="Settings file (YAML) overriding MLFLOW_TRACKING_URI, AUTOQRA_STORE...")
 
 
@@ -51,7 +52,7 @@ def _with_runner(flow, config_file: Optional[Path]):
 
 
 def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional[Path], seed: int,
-               out: Optional[Path] = None) -> None:
+               out: Optional[Path] = None, store: Optional[str] = None, export: bool = False) -> None:
     """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2."""
     from flows.config import load_run_config
     from flows.run import Run
@@ -63,6 +64,10 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
 
         load_checkpoint(out.resolve(), run.params(budget))
     check_tracking()
+    if export:
+        from infra.storage import open_store
+
+        open_store(store, check=True)
 
 
 def _run(fn):
@@ -101,6 +106,8 @@ def search(
     seed: int = 0,
     config: Optional[Path] = CONFIG,
     baselines: bool = typer.Option(False, "--baselines/--no-baselines", help="Also run the baselines."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Fine-tune, store and register the winner."),
+    store: Optional[str] = STORE,
     settings: Optional[Path] = SETTINGS,
 ):
     """Search per-layer bits and LoRA ranks under a memory budget. Re-run with the same arguments to resume."""
@@ -109,14 +116,44 @@ def search(
     def go():
         from flows.search import search_flow
 
-        _preflight(model, dataset, budget, config, seed, out)
+        _preflight(model, dataset, budget, config, seed, out, store, export)
         return _with_runner(search_flow, config)(model=model, dataset=dataset, budget=budget, out=str(out),
                                                  seed=seed, config_file=str(config) if config else None,
-                                                 baselines=baselines)
+                                                 baselines=baselines, export=export, store=store)
 
     result = _run(go)
     _summary(result)
     typer.echo(f"wrote {out / 'result.json'}")
+    if result.get("export"):
+        _exported(result["export"])
+
+
+def _exported(ex: dict) -> None:
+    typer.echo(f"exported {ex['config_key'][:8]} (eval loss {ex['eval_loss']:.4f}) to {ex['store_url']}; "
+               f"registered {ex['registered_model']} v{ex['version']} @{ex['alias']}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Option(..., "--run", help="The --out folder of a finished search (holds result.json)."),
+    store: Optional[str] = STORE,
+    name: Optional[str] = typer.Option(None, help="Registered model name (default autoqra-<model>)."),
+    settings: Optional[Path] = SETTINGS,
+):
+    """Final fine-tune of a search's best configuration; upload it and register it in MLflow as 'champion'."""
+    _setup(settings)
+
+    def go():
+        from flows.export import export_flow, read_result
+        from infra.storage import open_store
+        from infra.tracking import check_tracking
+
+        read_result(run.resolve())
+        check_tracking()
+        open_store(store, check=True)
+        return export_flow(run=str(run), store=store, name=name)
+
+    _exported(_run(go))
 
 
 @app.command()

@@ -95,6 +95,7 @@ class Report:
             "settings": self.run.rc.model_dump(mode="json"),
             "seed": self.run.seed,
             "code_version": self.run.code,
+            "mlflow_run_id": self.mlflow_run,
         }
         write_json(self.out / "result.json", result)
         if best:

@@ -16,6 +16,7 @@ from autoqra_core.search import SearchState, result as search_result, run_search
 from autoqra_core.space import Config
 
 from .config import load_run_config
+from .export import export_flow
 from .report import Report
 from .run import Progress, Run, write_json
 
@@ -61,8 +62,11 @@ def search_flow(
     seed: int = 0,
     config_file: str | None = None,
     baselines: bool = True,
+    export: bool = True,
+    store: str | None = None,
 ) -> dict:
-    """Search per-layer bits and LoRA ranks under ``budget``; write ``out``/result.json and plots."""
+    """Search per-layer bits and LoRA ranks under ``budget``; write ``out``/result.json and plots; then
+    (``export``) fine-tune the winner, upload it to ``store`` (default AUTOQRA_STORE) and register it."""
     log = get_run_logger()
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, budget, rc, seed)
@@ -93,7 +97,11 @@ def search_flow(
         base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
                              run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
                              rank=rc.baselines.rank, history=res.history)
-    return report.finish(res, base, pri)
+    result = report.finish(res, base, pri)
+    if export and result["best"]:
+        progress.at("export")
+        result["export"] = export_flow(str(out_dir), store)
+    return result
 
 
 @flow(name="autoqra-baselines", log_prints=True)
