@@ -131,6 +131,19 @@ def start_search_run(
     return run.info.run_id
 
 
+def run_exists(run_id: str | None, uri: str | None = None) -> bool:
+    """Whether this tracking server knows ``run_id`` (a run dir may come from another server)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        client(uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
     client(uri).set_terminated(run_id, status=status)

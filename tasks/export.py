@@ -58,7 +58,7 @@ def publish(adapter_dir: str, store_url: str | None, prefix: str, name: str, mlf
     store = open_store(store_url)
     keys = store.put_dir(adapter_dir, prefix)
     uri = tracking.tracking_uri()
-    run_id = mlflow_run_id or tracking.start_search_run(
+    run_id = mlflow_run_id if tracking.run_exists(mlflow_run_id, uri) else tracking.start_search_run(
         tracking.ensure_experiment("autoqra", uri=uri), f"export-{name}", tags={"autoqra.kind": "export"}, uri=uri)
     tracking.log_artifacts(run_id, [adapter_dir], artifact_path="model", uri=uri)
     version = tracking.register_model(run_id, f"model/{Path(adapter_dir).name}", name, alias="champion",
