@@ -21,11 +21,21 @@ from .common import workbench
 COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation actually run (tests)
 
 
+def _count(task, task_run, state) -> None:
+    """Completion hook: runs after the result is persisted, so a counted evaluation is one a re-run reuses."""
+    import os
+
+    if (path := os.environ.get(COUNTER_ENV)) and state.name != "Cached":
+        with open(path, "a") as f:
+            f.write(task_run.name + "\n")
+
+
 @task(
     cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset",
     persist_result=True,
     retries=1,
     task_run_name="eval r{rung} {config_key}",
+    on_completion=[_count],
 )
 def evaluate(
     model: str,
@@ -46,14 +56,9 @@ def evaluate(
     """Evaluation.to_dict() of ``config`` at ``rung``. ``model``/``dataset`` are paths (not in the cache key:
     ``model_id``/``dataset_id`` are their content fingerprints); ``memory_bytes`` is the memory model's cost,
     computed by the caller for the reporting fidelity's training shape."""
-    import os
-
     wb = workbench(model, dataset, granularity, tuple(layers))
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
     result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,
                              QuantSettings(**quant), TrainSettings(**train))
-    if path := os.environ.get(COUNTER_ENV):
-        with open(path, "a") as f:
-            f.write(f"{config_key} {rung}\n")
     return result.to_dict()

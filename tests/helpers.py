@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,28 @@ def tiny_checkpoint(tmp: Path, arch: str) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# A search small enough for the suite: 2 generations of 4 + 3 candidates on a 2-rung ladder, 1 TuRBO batch.
+TINY_SEARCH = """
+search:
+  generations: 2
+  rungs:
+    - {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 20}
+    - {steps: 6, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 40}
+  evolution: {population_size: 4, offspring: 3}
+  turbo: {iterations: 1, batch_size: 2}
+baselines: {n_random: 2}
+"""
+
+AUTOQRA = [sys.executable, "-m", "flows.cli"]
+SERVER_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AUTOQRA_STORE", "AWS_ENDPOINT_URL",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AUTOQRA_SETTINGS")
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment of an ``autoqra`` subprocess confined to ``home``: its own caches, MLflow file, store and
+    Prefect home (so ephemeral servers of concurrent runs do not share a database); ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
+    env.update(AUTOQRA_HOME=str(home), PREFECT_HOME=str(home / "prefect-home"), PYTHONWARNINGS="ignore", **extra)
+    return env

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT
-
-AUTOQRA = [sys.executable, "-m", "flows.cli"]
+from .helpers import AUTOQRA, ROOT, cli_env
 
 
-def autoqra(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AUTOQRA_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([*AUTOQRA, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def autoqra(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*AUTOQRA, *args], cwd=ROOT, env=cli_env(home, **env), capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +68,22 @@ def test_resume_with_other_parameters_is_refused(home, tmp_path):
 
 
 def test_unreachable_tracking_server_fails_fast(home, tmp_path):
-    env_home = home
-    r = subprocess.run([*AUTOQRA, "search", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "AUTOQRA_HOME": str(env_home),
-                                         "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    r = autoqra("search", "--out", str(tmp_path / "o"), home=home, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert r.returncode == 2
     err = " ".join(r.stderr.split())
     assert "http://127.0.0.1:9" in err and "MLFLOW_TRACKING_URI" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_object_store_fails_fast(home, tmp_path):
+    r = autoqra("search", "--out", str(tmp_path / "o"), "--store", "s3://bucket/x", home=home,
+                AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="A" * 20, AWS_SECRET_ACCESS_KEY="s" * 40)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "http://127.0.0.1:9" in err and "AWS_ENDPOINT_URL" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_of_a_folder_without_a_search(home, tmp_path):
+    r = autoqra("export", "--run", str(tmp_path), home=home)
+    assert r.returncode == 2 and "result.json not found" in r.stderr

@@ -8,18 +8,8 @@ from collections import Counter
 
 import pytest
 
-from .helpers import ROOT
+from .helpers import TINY_SEARCH as TINY
 
-TINY = """
-search:
-  generations: 2
-  rungs:
-    - {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 20}
-    - {steps: 6, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 40}
-  evolution: {population_size: 4, offspring: 3}
-  turbo: {iterations: 1, batch_size: 2}
-baselines: {n_random: 2}
-"""
 
 
 @pytest.fixture(scope="module")
