@@ -42,7 +42,7 @@ def read_result(run_dir: Path) -> dict:
     return result
 
 
-@flow(name="autoqra-export", log_prints=True)
+@flow(name="autoqra-export", log_prints=True, persist_result=True)
 def export_flow(run: str, store: str | None = None, name: str | None = None) -> dict:
     """Final fine-tune of ``run``/result.json's best configuration, then publish it; writes ``run``/export.json."""
     log = get_run_logger()

@@ -126,7 +126,7 @@ def baselines_flow(
     return report.finish(None, base, pri)
 
 
-@flow(name="autoqra-evaluate", log_prints=True)
+@flow(name="autoqra-evaluate", log_prints=True, persist_result=True)
 def evaluate_flow(
     config: dict,
     model: str = "embedded",
