@@ -8,7 +8,10 @@ artifacts in the S3 server of ``s3_server``.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,35 @@ def mlflow_server(s3_server: local_stack.Stack, stack_home: Path) -> local_stack
 def prefect_server(stack_home: Path) -> local_stack.Stack:
     """Prefect server on 127.0.0.1 with its own PREFECT_HOME (~15-25 s on 2 cores)."""
     return local_stack.up(stack_home, services=("prefect",), timeout=150)
+
+
+@pytest.fixture(scope="session")
+def full_stack(stack_home: Path) -> local_stack.Stack:
+    """S3, MLflow and Prefect servers together, as ``autoqra stack up`` starts them."""
+    return local_stack.up(stack_home, services=("s3", "mlflow", "prefect"), timeout=180)
+
+
+@dataclass
+class ServedSearch:
+    out: Path
+    result: dict
+    evaluations_run: list[str]  # task-run names of the evaluations it actually ran (not cache hits)
+    env: dict[str, str]  # the environment it ran in (server URLs, credentials)
+
+
+@pytest.fixture(scope="session")
+def served_search(full_stack: local_stack.Stack, tmp_path_factory: pytest.TempPathFactory) -> ServedSearch:
+    """A tiny search (seed 5) with export, run by ``autoqra search`` against all three servers."""
+    from tasks.evaluate import COUNTER_ENV
+
+    from .helpers import AUTOQRA, ROOT, TINY_SEARCH, cli_env
+
+    home = tmp_path_factory.mktemp("served-home")
+    (home / "tiny.yaml").write_text(TINY_SEARCH)
+    env = cli_env(home, **full_stack.env(), **{COUNTER_ENV: str(home / "count.txt")})
+    out = home / "out"
+    r = subprocess.run([*AUTOQRA, "search", "--config", str(home / "tiny.yaml"), "--out", str(out), "--seed", "5"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    return ServedSearch(out, result, (home / "count.txt").read_text().splitlines(), env)

@@ -1,5 +1,8 @@
 """Orchestration as a user meets it, through the ``autoqra`` command in subprocesses:
 
+* a search against real servers on 127.0.0.1 (S3, MLflow, Prefect) leaves its exported files in
+  the S3 server (byte-identical), its runs and champion in MLflow, its flow and task runs in Prefect;
+
 * a search killed with SIGKILL mid-way and started again finishes like an uninterrupted run and
   re-runs none of the finished evaluations (counted by a completion hook, i.e. after persistence);
 * the Dask task runner (a local cluster of 2 worker processes) gives the same result;
@@ -45,13 +48,9 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny) -> tuple[Path, list[str]]:
-    """An uninterrupted search: its output folder and the evaluations it ran."""
-    home = tmp_path_factory.mktemp("ref-home")
-    counter = home / "count.txt"
-    subprocess.run(search_cmd(home / "out", tiny), cwd=ROOT, env=cli_env(home, **{COUNTER_ENV: str(counter)}),
-                   check=True, capture_output=True, timeout=900)
-    return home / "out", counted(counter)
+def reference(served_search) -> tuple[Path, list[str]]:
+    """An uninterrupted search (the same seed and settings): its output folder and the evaluations it ran."""
+    return served_search.out, served_search.evaluations_run
 
 
 @pytest.mark.slow
@@ -136,3 +135,53 @@ with get_client(sync_client=True) as c:
     assert got["state"] == "COMPLETED", got
     assert got["result"]["status"] == "ok" and got["result"]["fidelity"] == 0
     assert 0 < got["result"]["eval_loss"] < 20
+
+
+@pytest.mark.slow
+def test_search_against_real_servers(served_search, tmp_path):
+    from infra import tracking
+    from infra.settings import Settings
+    from infra.storage import open_store
+
+    res, env = served_search.result, served_search.env
+    ex = json.loads((served_search.out / "export.json").read_text())
+    local = served_search.out / "export" / ex["registered_model"]
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert {"adapter_model.safetensors", "adapter_config.json", "autoqra_quantization.json"} <= set(files)
+    assert ex["config"] == res["best"]["config"] and ex["eval_loss"] == pytest.approx(res["best"]["eval_loss"])
+
+    # S3: the exported folder went through boto3 to the server and comes back byte-identical.
+    assert ex["store_url"].startswith("s3://")
+    store = open_store(ex["store_url"].rsplit("/", 1)[0], settings=Settings.load(environ=env))
+    prefix = ex["store_url"].rsplit("/", 1)[1]
+    got = store.get_dir(prefix, tmp_path / "s3")
+    assert sorted(p.relative_to(tmp_path / "s3").as_posix() for p in got) == files
+    for f in files:
+        assert (tmp_path / "s3" / f).read_bytes() == (local / f).read_bytes()
+
+    # MLflow server: the parent run, one child per evaluation, the registered version behind "champion".
+    uri = env["MLFLOW_TRACKING_URI"]
+    assert uri.startswith("http://127.0.0.1:")
+    children = tracking.child_runs(res["mlflow_run_id"], uri)
+    assert len(children) == len(res["evaluations"])
+    assert {c.data.params["rung"] for c in children} == {"0", "1"}
+    assert all("bits" in c.data.params and "eval_loss" in c.data.metrics for c in children if c.info.status == "FINISHED")
+    version = tracking.resolve_alias(ex["registered_model"], "champion", uri)
+    assert version.run_id == res["mlflow_run_id"] and str(version.version) == ex["version"]
+    dl = tracking.download_model(ex["registered_model"], tmp_path / "registry", uri=uri)
+    assert (dl / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+
+    # Prefect server: the search's flow run, its export subflow, a task run per evaluation.
+    got = json.loads(_prefect(env, """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+with get_client(sync_client=True) as c:
+    runs = c.read_flow_runs()
+    flows = {f.id: f.name for f in c.read_flows()}
+    search = [r for r in runs if flows[r.flow_id] == "autoqra-search"]
+    tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[search[0].id])))
+    print(json.dumps({"flows": sorted(flows[r.flow_id] + ":" + r.state.type.value for r in runs),
+                      "evals": sorted(t.name for t in tasks if t.name.startswith("eval "))}))"""))
+    assert "autoqra-search:COMPLETED" in got["flows"] and "autoqra-export:COMPLETED" in got["flows"]
+    assert got["evals"] == sorted(served_search.evaluations_run)
