@@ -292,10 +292,11 @@ def _start_prefect(home: Path, port: int, stack: Stack, _workers: int) -> Servic
     data = stack_dir(home) / "prefect"
     data.mkdir(parents=True, exist_ok=True)
     env = _base_env()
-    env.update(PREFECT_HOME=str(data), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    url = f"http://{HOST}:{port}/api"
+    # The UI's pages call the API at this address (Prefect's default is port 4200, not ours).
+    env.update(PREFECT_HOME=str(data), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url)
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
     pid = _spawn(home, "prefect", argv, env, data)
-    url = f"http://{HOST}:{port}/api"
     return Service("prefect", pid, port, url, url + "/health", str(stack_dir(home) / "logs" / "prefect.log"))
 
 

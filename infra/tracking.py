@@ -27,6 +27,9 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nested-run tag (the UI nests o
 _SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class TrackingError(AutoQRAError):
     """An MLflow tracking URI that cannot be reached or used."""
 
@@ -109,7 +112,9 @@ def ensure_experiment(name: str, artifact_location: str | None = None, uri: str 
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=artifact_location or default_artifact_location(uri))
+        # The UI opens a "model training" experiment on its runs, not on the GenAI trace overview.
+        return c.create_experiment(name, artifact_location=artifact_location or default_artifact_location(uri),
+                                   tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except MlflowException as exc:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
