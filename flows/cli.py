@@ -126,6 +126,9 @@ def search(
     typer.echo(f"wrote {out / 'result.json'}")
     if result.get("export"):
         _exported(result["export"])
+    if result.get("export_error"):
+        typer.secho(f"export failed: {result['export_error']}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
 
 
 def _exported(ex: dict) -> None:

@@ -100,7 +100,12 @@ def search_flow(
     result = report.finish(res, base, pri)
     if export and result["best"]:
         progress.at("export")
-        result["export"] = export_flow(str(out_dir), store)
+        try:
+            result["export"] = export_flow(str(out_dir), store)
+        except Exception as e:  # noqa: BLE001 - the search's results are written; only the export is redone
+            result["export_error"] = (f"{type(e).__name__}: {e}; every result is in {out_dir / 'result.json'}: "
+                                      f"publish it with `autoqra export --run {out}`")
+            log.error(f"export failed: {result['export_error']}")
     return result
 
 
