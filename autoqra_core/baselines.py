@@ -106,7 +106,8 @@ def baseline_configs(
     """Every baseline's configurations by name (one each, ``n_random`` for "random")."""
     out = {name: [c] for name, c in uniform_configs(space, uniform_bits, rank).items()}
     out["sequential"] = [sequential(space, priors, cost, budget, rank)]
-    out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(seed))
+    # Its own stream: with random.Random(seed) it would redraw the search's random initial individuals.
+    out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(f"random-baseline-{seed}"))
     out["fp-lora"] = [fp_lora(space, rank)]
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,6 +83,38 @@ def main() -> None:
         top = max(e["fidelity"] for e in res["evaluations"])
         n_top = sum(e["fidelity"] == top for e in res["evaluations"])
         lines.append(f"| {seed} | {len(res['evaluations'])} | {n_top} | {secs / 60:.1f} |")
+    lines += ["", "## Evaluations and fine-tuning time of each method (mean over seeds)", "",
+              "Time = sum of the evaluations' fine-tune + scoring seconds (orchestration excluded). Random search",
+              "gets as many top-rung evaluations as the search made; its time is that count x the mean top-rung time.",
+              "", "| method | evaluations | fine-tune time (s) |", "|---|---|---|"]
+    for name in NAMES:
+        evals, secs = [], []
+        for _, res, _ in results:
+            top = max(e["fidelity"] for e in res["evaluations"])
+            top_secs = [e["seconds"] for e in res["evaluations"] if e["fidelity"] == top and e.get("seconds")]
+            if name == "AutoQRA":
+                hist = res["evaluations"][: res["search_evaluations"]]
+                evals.append(len(hist))
+                secs.append(sum(e.get("seconds") or 0 for e in hist))
+            elif name == "random":
+                n = sum(e["fidelity"] == top for e in res["evaluations"][: res["search_evaluations"]])
+                evals.append(n)
+                secs.append(n * statistics.mean(top_secs))
+            elif name in res["baselines"]:
+                evals.append(1)
+                secs.append(res["baselines"][name].get("seconds") or 0)
+        if evals:
+            lines.append(f"| {name} | {statistics.mean(evals):.1f} | {statistics.mean(secs):.0f} |")
+    plots = Path(args.out).parent / "search"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines += ["", "## Plots (seed by seed)", ""]
+    for seed, _, _ in results:
+        for kind in ("allocation", "progress", "pareto"):
+            src = work / f"seed{seed}" / f"{kind}.png"
+            if src.exists():
+                shutil.copy(src, plots / f"seed{seed}-{kind}.png")
+        lines.append(f"- seed {seed}: [allocation](search/seed{seed}-allocation.png), "
+                     f"[progress](search/seed{seed}-progress.png), [Pareto front](search/seed{seed}-pareto.png)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -88,6 +88,7 @@ class Report:
             "best": _best_entry(best),
             "baselines": {name: _eval_entry(e) for name, e in baselines.items()},
             "evaluations": [_eval_entry(e) for e in all_evals],
+            "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines
             "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
                        for e in pareto],
             "progress": res.to_dict()["progress"] if res else [],
