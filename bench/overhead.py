@@ -31,6 +31,7 @@ def main() -> None:
                       PREFECT_TASKS_REFRESH_CACHE="true")  # recompute (and persist) even if cached
 
     from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
 
     from autoqra_core.finetune import evaluate_config
     from autoqra_core.space import Config
@@ -46,7 +47,7 @@ def main() -> None:
                                               "rank": rng.choice((4, 8, 16, 32))} for name in run.space.layers]})
                 for _ in range(n)]
 
-    @flow(name="overhead-bench")
+    @flow(name="overhead-bench", task_runner=ThreadPoolTaskRunner(max_workers=1))  # as `autoqra search`
     def through_prefect(pairs: list) -> float:
         start = time.perf_counter()
         evs = run.evaluate_many(pairs)
@@ -78,7 +79,7 @@ def main() -> None:
         "results persisted to a local folder.",
         "",
         "Direct = `autoqra_core.finetune.evaluate_config` in a loop. Prefect = the same configurations through",
-        "`Run.evaluate_many` (cached `evaluate` task runs fanned out with `.map`, cache refreshed so every one",
+        "`Run.evaluate_many` (cached `evaluate` task runs, one at a time in the flow thread as with one worker; cache refreshed so every one",
         "is recomputed, result persisted, completion hook). Overhead = difference of wall time per evaluation.",
         "",
         "| rung | steps | direct s/eval | Prefect s/eval | overhead s/eval | overhead % |",

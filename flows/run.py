@@ -1,5 +1,6 @@
 """What the flows share: a resolved run (paths, fingerprints, space, budget, cost) and batch evaluation
-through the cached Prefect task, fanned out with ``.map`` on whatever task runner the flow has."""
+through the cached Prefect task: fanned out with ``.map`` on a parallel task runner, called in turn in
+the flow's thread with a single worker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from prefect import unmapped
@@ -88,18 +90,24 @@ class Run:
             return []
         quant = {"backend": self.rc.quant.backend, "group_size": self.rc.quant.group_size,
                  "device": self.rc.quant.device}
-        train = self.rc.train_settings(self.seed).__dict__
-        futures = evaluate.map(
-            unmapped(self.model), unmapped(self.dataset), unmapped(self.model_id), unmapped(self.dataset_id),
-            [c.to_dict() for c, _ in pairs], [c.key() for c, _ in pairs], [r for _, r in pairs],
-            [self.ladder[r].__dict__ for _, r in pairs], [self.cost(c) for c, _ in pairs],
-            unmapped(quant), unmapped(train), unmapped(self.rc.space.granularity),
-            unmapped(list(self.rc.space.layers or [])), unmapped(self.code),
-        )
+        common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
+                      quant=quant, train=self.rc.train_settings(self.seed).__dict__,
+                      granularity=self.rc.space.granularity, layers=list(self.rc.space.layers or []),
+                      code_version=self.code)
+        per = dict(config=[c.to_dict() for c, _ in pairs], config_key=[c.key() for c, _ in pairs],
+                   rung=[r for _, r in pairs], fidelity=[self.ladder[r].__dict__ for _, r in pairs],
+                   memory_bytes=[self.cost(c) for c, _ in pairs])
+        ex = self.rc.execution
+        if ex.task_runner == "thread" and ex.workers == 1:
+            # One at a time in the flow's own thread: on a CPU, torch's OpenMP pool runs ~15% slower when
+            # called from a worker thread (bench/results/overhead.md). Still task runs: cached, retried, tracked.
+            calls = [partial(evaluate, **common, **{k: v[i] for k, v in per.items()}) for i in range(len(pairs))]
+        else:
+            calls = [f.result for f in evaluate.map(**{k: unmapped(v) for k, v in common.items()}, **per)]
         out = []
-        for (config, rung), fut in zip(pairs, futures):
+        for (config, rung), call in zip(pairs, calls):
             try:
-                ev = Evaluation.from_dict(fut.result())
+                ev = Evaluation.from_dict(call())
             except AutoQRAError:
                 raise
             except Exception as e:  # noqa: BLE001 - any crash of one candidate is recorded, the search goes on

@@ -8,6 +8,8 @@ so a re-run with the same parameters reuses every finished evaluation.
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -23,8 +25,6 @@ COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evalu
 
 def _count(task, task_run, state) -> None:
     """Completion hook: runs after the result is persisted, so a counted evaluation is one a re-run reuses."""
-    import os
-
     if (path := os.environ.get(COUNTER_ENV)) and state.name != "Cached":
         with open(path, "a") as f:
             f.write(task_run.name + "\n")
@@ -35,7 +35,7 @@ def _count(task, task_run, state) -> None:
     persist_result=True,
     retries=1,
     task_run_name="eval r{rung} {config_key}",
-    on_completion=[_count],
+    on_completion=[_count] if os.environ.get(COUNTER_ENV) else [],  # Prefect logs every hook run: only when asked
 )
 def evaluate(
     model: str,
