@@ -52,8 +52,9 @@ def _with_runner(flow, config_file: Optional[Path]):
 
 
 def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional[Path], seed: int,
-               out: Optional[Path] = None, store: Optional[str] = None, export: bool = False) -> None:
-    """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2."""
+               out: Optional[Path] = None, store: Optional[str] = None, export: bool = False):
+    """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2.
+    Returns the resolved Run (its space validates configurations)."""
     from flows.config import load_run_config
     from flows.run import Run
     from infra.tracking import check_tracking
@@ -68,6 +69,7 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
         from infra.storage import open_store
 
         open_store(store, check=True)
+    return run
 
 
 def _run(fn):
@@ -206,13 +208,9 @@ def evaluate(
             cfg = json.loads(config_json.read_text())
         except json.JSONDecodeError as e:
             raise AutoQRAError(f"{config_json} is not valid JSON: {e}") from None
-        _preflight(model, dataset, None, search_config, seed)
         from autoqra_core.space import Config
-        from flows.config import load_run_config
-        from flows.run import Run
 
-        Run.prepare(model, dataset, None, load_run_config(search_config), seed).space.validate(
-            Config.from_dict(cfg.get("config", cfg)))
+        _preflight(model, dataset, None, search_config, seed).space.validate(Config.from_dict(cfg.get("config", cfg)))
         return evaluate_flow(config=cfg.get("config", cfg), model=model, dataset=dataset, fidelity=fidelity,
                              seed=seed, config_file=str(search_config) if search_config else None)
 

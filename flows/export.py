@@ -57,7 +57,7 @@ def export_flow(run: str, store: str | None = None, name: str | None = None) -> 
     log.info(f"final fine-tune of {config.short()} at rung {r.ladder.top} -> {adapter_dir}")
     metrics = final_finetune(
         r.model, r.dataset, config.to_dict(), config.key(), r.ladder[r.ladder.top].__dict__,
-        {"backend": rc.quant.backend, "group_size": rc.quant.group_size, "device": rc.quant.device},
+        rc.quant.model_dump(),
         rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(adapter_dir),
     )
     tags = {"eval_loss": metrics["eval_loss"], "accuracy": metrics["accuracy"], "memory_bytes": r.cost(config),

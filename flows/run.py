@@ -88,10 +88,8 @@ class Run:
         """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one."""
         if not pairs:
             return []
-        quant = {"backend": self.rc.quant.backend, "group_size": self.rc.quant.group_size,
-                 "device": self.rc.quant.device}
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
-                      quant=quant, train=self.rc.train_settings(self.seed).__dict__,
+                      quant=self.rc.quant.model_dump(), train=self.rc.train_settings(self.seed).__dict__,
                       granularity=self.rc.space.granularity, layers=list(self.rc.space.layers or []),
                       code_version=self.code)
         per = dict(config=[c.to_dict() for c, _ in pairs], config_key=[c.key() for c, _ in pairs],

@@ -87,8 +87,25 @@ def _files_under(local_dir: Path) -> list[Path]:
     return sorted(p for p in local_dir.rglob("*") if p.is_file())
 
 
+class _Folders:
+    """Folder transfer in terms of each store's own put_file / get_file / list."""
+
+    def put_dir(self, local_dir: str | Path, prefix: str) -> list[str]:
+        local_dir = Path(local_dir)
+        keys = []
+        for path in _files_under(local_dir):
+            key = _join(_clean_prefix(prefix), path.relative_to(local_dir).as_posix())
+            self.put_file(path, key)
+            keys.append(key)
+        return keys
+
+    def get_dir(self, prefix: str, local_dir: str | Path) -> list[Path]:
+        prefix = _clean_prefix(prefix)
+        return [self.get_file(k, Path(local_dir) / k[len(prefix) :].lstrip("/")) for k in self.list(prefix)]
+
+
 @dataclass
-class LocalStore:
+class LocalStore(_Folders):
     """A folder on a local (or shared network) file system."""
 
     root: Path
@@ -116,15 +133,6 @@ class LocalStore:
         os.replace(tmp, dest)  # readers never see a half-written object
         return self.url_for(key)
 
-    def put_dir(self, local_dir: str | Path, prefix: str) -> list[str]:
-        local_dir = Path(local_dir)
-        keys = []
-        for path in _files_under(local_dir):
-            key = _join(_clean_prefix(prefix), path.relative_to(local_dir).as_posix())
-            self.put_file(path, key)
-            keys.append(key)
-        return keys
-
     def get_file(self, key: str, local: str | Path) -> Path:
         src = self._path(key)
         if not src.is_file():
@@ -133,10 +141,6 @@ class LocalStore:
         local.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, local)
         return local
-
-    def get_dir(self, prefix: str, local_dir: str | Path) -> list[Path]:
-        prefix = _clean_prefix(prefix)
-        return [self.get_file(k, Path(local_dir) / k[len(prefix) :].lstrip("/")) for k in self.list(prefix)]
 
     def list(self, prefix: str = "") -> list[str]:
         prefix = _clean_prefix(prefix)
@@ -157,7 +161,7 @@ class LocalStore:
 
 
 @dataclass
-class S3Store:
+class S3Store(_Folders):
     """A bucket (and key prefix) on AWS S3 or any S3-compatible server, through boto3."""
 
     bucket: str
@@ -242,15 +246,6 @@ class S3Store:
         self.client.upload_file(str(local), self.bucket, self._key(key))
         return self.url_for(key)
 
-    def put_dir(self, local_dir: str | Path, prefix: str) -> list[str]:
-        local_dir = Path(local_dir)
-        keys = []
-        for path in _files_under(local_dir):
-            key = _join(_clean_prefix(prefix), path.relative_to(local_dir).as_posix())
-            self.put_file(path, key)
-            keys.append(key)
-        return keys
-
     def get_file(self, key: str, local: str | Path) -> Path:
         from botocore.exceptions import ClientError
 
@@ -261,10 +256,6 @@ class S3Store:
         except ClientError as exc:
             raise StoreError(f"Cannot download {key!r} from {self.url}: {exc}") from exc
         return local
-
-    def get_dir(self, prefix: str, local_dir: str | Path) -> list[Path]:
-        prefix = _clean_prefix(prefix)
-        return [self.get_file(k, Path(local_dir) / k[len(prefix) :].lstrip("/")) for k in self.list(prefix)]
 
     def list(self, prefix: str = "") -> list[str]:
         full = _join(self.prefix, _clean_prefix(prefix))
