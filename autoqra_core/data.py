@@ -7,9 +7,12 @@ Two row kinds, one format (JSON lines):
   its mean token log-likelihood (accuracy) and reports the loss of the correct
   continuation (eval_loss).
 
-A dataset is a directory with ``train.jsonl`` and ``test.jsonl`` (or
-``validation.jsonl``), a single ``.jsonl``/``.txt`` file split 90/10 by a hash of
-each row (so the split never changes), or a hub name loaded with ``datasets``.
+Three splits, because selecting and reporting on the same rows biases the winner:
+``train`` (fine-tuning), ``validation`` (every search decision) and ``test`` (only the
+final report). A dataset is a directory with ``train.jsonl`` and ``test.jsonl`` and,
+optionally, ``validation.jsonl`` (carved from train by a hash of each row when
+missing), a single ``.jsonl``/``.txt`` file split 80/10/10 by row hash (so the splits
+never change), or a hub name loaded with ``datasets``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -26,17 +30,25 @@ from .errors import DatasetError
 
 MIN_TRAIN_ROWS = 16
 MIN_TEST_ROWS = 4
+SPLITS = ("validation", "test")  # the held-out splits a model can be scored on
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a loaded task is one object, memoised per process
 class Task:
     name: str
     train: tuple[dict, ...]
+    validation: tuple[dict, ...]
     test: tuple[dict, ...]
 
     @property
     def labelled(self) -> bool:
         return "choices" in self.test[0]
+
+    def held_out(self, split: str) -> tuple[dict, ...]:
+        """The rows of a held-out split: ``validation`` for search decisions, ``test`` for the final report."""
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}: choose one of {SPLITS}")
+        return getattr(self, split)
 
 
 def _check_row(row: object, where: str) -> dict:
@@ -73,41 +85,52 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _hash_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    def is_test(row: dict) -> bool:
-        return int(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()[:8], 16) % 10 == 0
+def _bucket(row: dict) -> int:
+    """0-9 from a hash of the row: a row's split never depends on order or on the other rows."""
+    return int(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()[:8], 16) % 10
 
-    return [r for r in rows if not is_test(r)], [r for r in rows if is_test(r)]
+
+def _carve(rows: list[dict], bucket: int) -> tuple[list[dict], list[dict]]:
+    """(rows outside ``bucket``, rows in it): a stable 10% held out of ``rows``."""
+    return [r for r in rows if _bucket(r) != bucket], [r for r in rows if _bucket(r) == bucket]
 
 
 def load_task(source: str | Path) -> Task:
     """Load a dataset from a directory, a file, or a hub name; errors name the problem and the fix."""
     path = Path(source).expanduser()
     if path.is_dir():
-        test_file = next((path / n for n in ("test.jsonl", "validation.jsonl") if (path / n).is_file()), None)
-        if not (path / "train.jsonl").is_file() or test_file is None:
-            raise DatasetError(f"dataset directory {path} needs train.jsonl and test.jsonl (or validation.jsonl)")
-        train, test = _read_rows(path / "train.jsonl"), _read_rows(test_file)
+        files = {n: path / f"{n}.jsonl" for n in ("train", "validation", "test")}
+        if not files["train"].is_file() or not files["test"].is_file():
+            raise DatasetError(
+                f"dataset directory {path} needs train.jsonl and test.jsonl (validation.jsonl is optional: "
+                f"without it 10% of train is held out for validation)"
+            )
+        split = {n: _read_rows(f) if f.is_file() else None for n, f in files.items()}
     elif path.is_file():
         if path.suffix not in (".jsonl", ".txt"):
             raise DatasetError(f"dataset file {path} must be .jsonl (rows as JSON objects) or .txt (paragraphs)")
-        train, test = _hash_split(_read_rows(path))
+        rest, test = _carve(_read_rows(path), bucket=0)
+        split = {"train": rest, "validation": None, "test": test}
     elif str(source).startswith((".", "/", "~")) or path.suffix:
         raise DatasetError(f"dataset {source!r} not found: give a directory, a .jsonl/.txt file, or 'embedded'")
     else:
-        train, test = _from_hub(str(source))
-    if len(train) < MIN_TRAIN_ROWS or len(test) < MIN_TEST_ROWS:
+        split = _from_hub(str(source))
+    train, validation, test = split["train"], split["validation"], split["test"]
+    if validation is None:
+        train, validation = _carve(train, bucket=1)
+    sizes = f"{len(train)} train / {len(validation)} validation / {len(test)} test rows"
+    if len(train) < MIN_TRAIN_ROWS or min(len(validation), len(test)) < MIN_TEST_ROWS:
         raise DatasetError(
-            f"dataset {source!r} is too small: {len(train)} train / {len(test)} test rows; "
-            f"need at least {MIN_TRAIN_ROWS} / {MIN_TEST_ROWS}"
+            f"dataset {source!r} is too small: {sizes}; need at least {MIN_TRAIN_ROWS} train and "
+            f"{MIN_TEST_ROWS} validation and test rows"
         )
-    kinds = {("choices" in r) for r in train + test}
+    kinds = {("choices" in r) for r in train + validation + test}
     if len(kinds) > 1:
         raise DatasetError(f"dataset {source!r} mixes 'text' rows and multiple-choice rows; use one kind")
-    return Task(str(source), tuple(train), tuple(test))
+    return Task(str(source), tuple(train), tuple(validation), tuple(test))
 
 
-def _from_hub(name: str) -> tuple[list[dict], list[dict]]:
+def _from_hub(name: str) -> dict[str, list[dict] | None]:
     try:
         import datasets
     except ImportError:
@@ -119,11 +142,13 @@ def _from_hub(name: str) -> tuple[list[dict], list[dict]]:
         ds = datasets.load_dataset(name)
     except Exception as e:  # the hub raises many kinds; all mean "cannot get it"
         raise DatasetError(f"could not load dataset {name!r} from the hub: {str(e).splitlines()[0]}") from None
-    test_split = next((s for s in ("test", "validation") if s in ds), None)
-    if "train" not in ds or test_split is None:
+    if "train" not in ds or not ({"test", "validation"} & set(ds)):
         raise DatasetError(f"hub dataset {name!r} needs a 'train' and a 'test' or 'validation' split")
-    conv = [[_check_row(dict(r), f"{name}[{split}]") for r in ds[split]] for split in ("train", test_split)]
-    return conv[0], conv[1]
+    rows = {s: [_check_row(dict(r), f"{name}[{s}]") for r in ds[s]] if s in ds else None
+            for s in ("train", "validation", "test")}
+    if rows["test"] is None:  # only train + validation: the test split is carved from train
+        rows["train"], rows["test"] = _carve(rows["train"], bucket=0)
+    return rows
 
 
 # ---- tokens -------------------------------------------------------------------------------------
@@ -140,13 +165,26 @@ def row_ids(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     return _ids(tokenizer, row["prompt"]), _ids(tokenizer, row["choices"][row["label"]])
 
 
+@lru_cache(maxsize=4)
+def _train_stream(task: Task, tokenizer) -> tuple[list[int], list[int]]:
+    """(token stream of every training row with EOS after each, end offset of each row).
+
+    Tokenized once per (task, tokenizer) in a process: every evaluation takes a prefix of it.
+    """
+    stream: list[int] = []
+    ends: list[int] = []
+    for row in task.train:
+        ctx, tgt = row_ids(tokenizer, row)
+        stream += ctx + tgt + [tokenizer.eos_token_id]
+        ends.append(len(stream))
+    return stream, ends
+
+
 def train_blocks(task: Task, tokenizer, seq_len: int, fraction: float) -> torch.Tensor:
     """The first ``fraction`` of the training rows, concatenated (EOS between rows) into [n, seq_len] blocks."""
     n_rows = max(1, int(len(task.train) * fraction))
-    stream: list[int] = []
-    for row in task.train[:n_rows]:
-        ctx, tgt = row_ids(tokenizer, row)
-        stream += ctx + tgt + [tokenizer.eos_token_id]
+    all_ids, ends = _train_stream(task, tokenizer)
+    stream = all_ids[: ends[n_rows - 1]]
     n = len(stream) // seq_len
     if n == 0:
         raise DatasetError(f"{n_rows} training rows give fewer than {seq_len} tokens; use more data or a shorter seq_len")
@@ -180,16 +218,30 @@ class EvalSet:
     labelled: bool
 
 
-def eval_set(task: Task, tokenizer, n_examples: int, max_len: int) -> EvalSet:
-    """The first ``n_examples`` held-out rows, tokenized for scoring (truncated to ``max_len``)."""
+def fit_window(ctx: list[int], target: list[int], max_len: int) -> tuple[list[int], int]:
+    """(ids, number of context tokens kept) of ``ctx + target`` in at most ``max_len`` tokens.
+
+    The context is cut from the left, so the target (the choice being scored) is always
+    there, preceded by at least one context token that predicts its first token; a
+    target longer than ``max_len - 1`` keeps its beginning.
+    """
+    target = target[: max_len - 1]
+    keep = min(len(ctx), max_len - len(target))
+    return ctx[len(ctx) - keep :] + target, keep
+
+
+def eval_set(task: Task, tokenizer, n_examples: int, max_len: int, split: str = "validation") -> EvalSet:
+    """The first ``n_examples`` rows of a held-out split, tokenized for scoring (at most ``max_len`` tokens each)."""
+    if max_len < 2:
+        raise DatasetError(f"cannot score sequences of {max_len} token(s): seq_len must be at least 2")
     seqs, masks, example, correct = [], [], [], []
-    for i, row in enumerate(task.test[:n_examples]):
+    for i, row in enumerate(task.held_out(split)[:n_examples]):
         options = row["choices"] if "choices" in row else [row["text"]]
         ctx = [tokenizer.eos_token_id] + (_ids(tokenizer, row["prompt"]) if "choices" in row else [])
         for j, option in enumerate(options):
-            ids = (ctx + _ids(tokenizer, option))[:max_len]
+            ids, n_ctx = fit_window(ctx, _ids(tokenizer, option), max_len)
             seqs.append(ids)
-            masks.append([False] * len(ctx) + [True] * (len(ids) - len(ctx)))
+            masks.append([False] * n_ctx + [True] * (len(ids) - n_ctx))
             example.append(i)
             correct.append("choices" not in row or j == row["label"])
     width = max(map(len, seqs))

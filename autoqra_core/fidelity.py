@@ -22,6 +22,12 @@ class Fidelity:
     batch_size: int = 8
     eval_examples: int = 200  # held-out examples scored (loss, and accuracy for labelled tasks)
 
+    @property
+    def train_tokens(self) -> int:
+        """Fine-tuning compute of one evaluation at this fidelity (steps x batch x sequence length):
+        the unit in which methods are compared at equal compute."""
+        return self.steps * self.batch_size * self.seq_len
+
 
 @dataclass(frozen=True)
 class Ladder:

@@ -155,18 +155,20 @@ def fit(
     q: QuantSettings = QuantSettings(),
     t: TrainSettings = TrainSettings(),
     progress=None,
+    split: str = "validation",
 ) -> tuple[nn.Module, list[float], float, float | None]:
-    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on held-out data.
+    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on the held-out ``split``.
 
-    Returns (trained model, training losses, held-out loss, accuracy). Raises CandidateFailed
-    (divergence, out of memory): the search records those, an export reports them.
+    The search scores ``validation``; only the final report scores ``test``. Returns (trained
+    model, training losses, held-out loss, accuracy). Raises CandidateFailed (divergence, out of
+    memory): the search records those, an export reports them.
     """
     try:
         model = build(base, config, lmap, q, t)
         data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
                        fidelity.steps, fidelity.batch_size, seed=t.seed)
         losses = train(model, data, t, progress)
-        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, max_len=fidelity.seq_len))
+        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, fidelity.seq_len, split))
     except torch.OutOfMemoryError as e:
         raise CandidateFailed(f"out of memory: {str(e).splitlines()[0]}") from None
     return model, losses, loss, acc
@@ -184,11 +186,12 @@ def evaluate_config(
     q: QuantSettings = QuantSettings(),
     t: TrainSettings = TrainSettings(),
     progress=None,
+    split: str = "validation",
 ) -> Evaluation:
     """``fit`` as the search sees it: an Evaluation, failures included (they are results too)."""
     start = time.perf_counter()
     try:
-        _, losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress)
+        _, losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress, split)
     except CandidateFailed as e:
         return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=e.reason,
                           seconds=time.perf_counter() - start)

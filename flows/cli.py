@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, MLflow server and S3 server on 127.0.0.1.")
 app.add_typer(stack_app, name="stack")
 
-MODEL = typer.Option("embedded", "--model", help="Local checkpoint directory, hub id, or 'embedded'.")
+MODEL = typer.Option("embedded", "--model", help="Local checkpoint directory, hub id, 'embedded' or 'smollm2-135m'.")
 DATASET = typer.Option("embedded", "--dataset", help="Directory with train/test.jsonl, a .jsonl/.txt file, or 'embedded'.")
 CONFIG = typer.Option(None, "--config", help="Search settings (YAML): space, quant, train, search, baselines.")
 STORE = typer.Option(None, "--store", help="Object store URL for the export (default: the AUTOQRA_STORE setting).")

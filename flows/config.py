@@ -95,7 +95,15 @@ class SearchSection(_Strict):
 class BaselineSection(_Strict):
     uniform_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8])
     rank: int = Field(16, ge=0)
-    n_random: int | None = Field(None, ge=1)  # None: as many as the search's top-rung evaluations
+    n_random: int | None = Field(None, ge=1)  # None: as many top-rung fine-tunes as the search's compute pays for
+
+
+class ReportSection(_Strict):
+    """The final report: the winner and every baseline fine-tuned again at the top rung with ``seeds`` fresh
+    seeds and scored on the test split (never read by the search)."""
+
+    seeds: int = Field(3, ge=0)  # 0: no test report
+    test_examples: int | None = Field(None, gt=0)  # None: the whole test split
 
 
 class ExecutionSection(_Strict):
@@ -109,6 +117,7 @@ class RunConfig(_Strict):
     train: TrainSection = TrainSection()
     search: SearchSection = SearchSection()
     baselines: BaselineSection = BaselineSection()
+    report: ReportSection = ReportSection()
     execution: ExecutionSection = ExecutionSection()
 
     # ---- conversions to the core's dataclasses ----

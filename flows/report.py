@@ -14,9 +14,10 @@ from prefect.logging import get_run_logger
 from autoqra_core.fidelity import Evaluation
 from autoqra_core.importance import Priors
 from autoqra_core.memory import format_bytes
+from autoqra_core.protocol import SeedScores, compare, fmt_mean_sd
 from autoqra_core.search import SearchResult, pareto_front
 from infra import tracking
-from infra.plots import plot_allocation, plot_pareto, plot_progress
+from infra.plots import plot_allocation, plot_pareto, plot_progress, plot_test_comparison
 
 from .run import Run, write_json
 
@@ -73,7 +74,12 @@ class Report:
             get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
                                      f"results are cached and checkpointed, the search goes on")
 
-    def finish(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors) -> dict:
+    def finish(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors,
+               tests: dict[str, SeedScores] | None = None, compute: dict[str, int] | None = None) -> dict:
+        """Write result.json (validation numbers of every evaluation; test numbers of the winner and of every
+        baseline under ``test``; each method's fine-tuning tokens under ``train_tokens``), plots, artifacts."""
+        tests, compute = tests or {}, compute or {}
+        compared = compare(tests)
         history = list(res.history) if res else []
         extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
                                                        for h in history)]
@@ -85,13 +91,20 @@ class Report:
             "model": self.run.model,
             "dataset": self.run.dataset,
             "budget_bytes": self.run.budget_bytes,
-            "best": _best_entry(best),
-            "baselines": {name: _eval_entry(e) for name, e in baselines.items()},
+            "best": _with_protocol(_best_entry(best), compared.get("autoqra" if res else _name_of(best, baselines)),
+                                   compute.get("autoqra" if res else _name_of(best, baselines))),
+            "baselines": {name: _with_protocol(_eval_entry(e), compared.get(name), compute.get(name))
+                          for name, e in baselines.items()},
             "evaluations": [_eval_entry(e) for e in all_evals],
             "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines
             "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
                        for e in pareto],
             "progress": res.to_dict()["progress"] if res else [],
+            "protocol": {"selection_split": "validation", "report_split": "test",
+                         "report_seeds": next((t["seeds"] for t in compared.values()), []),
+                         "test_examples": self.run.rc.report.test_examples or len(self.run.wb.task.test),
+                         "validation_examples": self.run.ladder[self.run.ladder.top].eval_examples,
+                         "train_tokens": compute},
             "priors": priors.to_dict(),
             "settings": self.run.rc.model_dump(mode="json"),
             "seed": self.run.seed,
@@ -102,6 +115,9 @@ class Report:
         if best:
             write_json(self.out / "best_config.json", best.config.to_dict())
         plots = self._plots(result)
+        if compared:
+            plots.append(plot_test_comparison(_test_rows(result), self.out / "test.png",
+                                              budget_bytes=self.run.budget_bytes))
         self._prefect_artifacts(result, plots)
         try:
             self.log_new(all_evals)
@@ -111,6 +127,7 @@ class Report:
                                       {"best_eval_loss": best.eval_loss, "best_memory_bytes": best.memory_bytes,
                                        **({"best_accuracy": best.accuracy} if best.accuracy is not None else {})},
                                       uri=self.uri)
+            tracking.log_progress(self.mlflow_run, len(all_evals), _test_metrics(compared), uri=self.uri)
             tracking.end_run(self.mlflow_run, uri=self.uri)
         except Exception as e:  # noqa: BLE001 - result.json is written; tracking can be redone by re-running
             get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
@@ -134,7 +151,10 @@ class Report:
         named = [("best", result["best"])] + list(result["baselines"].items())
         for name, e in named:
             if e:
+                t = e.get("test") or {}
                 rows.append({"name": name, "eval_loss": _fmt(e.get("eval_loss")), "accuracy": _fmt(e.get("accuracy")),
+                             "test loss": fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")),
+                             "test accuracy": fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3),
                              "memory": format_bytes(e["memory_bytes"]),
                              "bits/rank": " ".join(f"{l['bits']}/{l['rank']}" for l in e["config"]["layers"])})
         create_table_artifact(rows, key=f"autoqra-{self.kind}-table", description="Best configuration vs baselines")
@@ -159,3 +179,33 @@ def _best_entry(e: Evaluation | None) -> dict | None:
         return None
     return {"config": e.config.to_dict(), "memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss,
             "accuracy": e.accuracy, "fidelity": e.fidelity}
+
+
+def _name_of(e: Evaluation | None, baselines: dict[str, Evaluation]) -> str | None:
+    return next((name for name, b in baselines.items() if e is not None and b is e), None)
+
+
+def _with_protocol(entry: dict | None, test: dict | None, tokens: int | None) -> dict | None:
+    """An entry of result.json with its test summary and its fine-tuning compute (None where not measured)."""
+    if entry is None:
+        return None
+    return entry | {"test": test, "train_tokens": tokens}
+
+
+def _test_rows(result: dict) -> list[dict]:
+    """(name, test summary, memory) of the winner and every baseline that has a test report."""
+    named = [("autoqra", result["best"])] if result.get("search_evaluations") else []
+    named += list(result["baselines"].items())
+    return [{"name": n, "memory_bytes": e["memory_bytes"], **e["test"]} for n, e in named if e and e.get("test")]
+
+
+def _test_metrics(compared: dict[str, dict]) -> dict[str, float | None]:
+    """Flat MLflow metrics: test loss/accuracy mean and sd per method, paired differences to the references."""
+    out: dict[str, float | None] = {}
+    for name, t in compared.items():
+        for k in ("loss_mean", "loss_sd", "accuracy_mean", "accuracy_sd"):
+            out[f"test_{k}.{name}"] = t[k]
+        for ref, d in t["vs"].items():
+            out[f"test_loss_diff_vs_{ref}.{name}"] = d["loss_diff_mean"]
+            out[f"test_accuracy_diff_vs_{ref}.{name}"] = d["accuracy_diff_mean"]
+    return out

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +19,10 @@ from autoqra_core.errors import AutoQRAError
 from autoqra_core.fidelity import Evaluation, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
+from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.space import Config, SearchSpace
-from infra.settings import embedded_dataset_path, embedded_model_path
+from infra.pretrained import NAMED_MODELS, named_model_path
+from infra.settings import Settings, embedded_dataset_path, embedded_model_path
 from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
 from tasks.evaluate import evaluate
 from tasks.priors import priors as priors_task
@@ -29,9 +31,12 @@ from .config import RunConfig
 
 
 def resolve(name: str, kind: str) -> str:
-    """'embedded' -> the shipped model/dataset; a path -> its absolute form; anything else -> a hub id."""
+    """'embedded' -> the shipped model/dataset; a named pretrained model ('smollm2-135m') -> its converted
+    checkpoint under AUTOQRA_HOME; a path -> its absolute form; anything else -> a hub id."""
     if name == "embedded":
         return str(embedded_model_path() if kind == "model" else embedded_dataset_path())
+    if kind == "model" and name in NAMED_MODELS:
+        return str(named_model_path(name, Settings.load().home))
     p = Path(name).expanduser()
     return str(p.resolve()) if p.exists() else name
 
@@ -84,16 +89,24 @@ class Run:
             self.seed, self.code,
         ))
 
-    def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None) -> list[Evaluation]:
-        """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one."""
+    def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None, *,
+                      seed: int | None = None, split: str = "validation") -> list[Evaluation]:
+        """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one.
+
+        The search scores ``validation`` with the run's seed; the test report passes ``split="test"``, its own
+        ``seed``, and scores ``report.test_examples`` rows."""
         if not pairs:
             return []
+        fidelities = [self.ladder[r] for _, r in pairs]
+        if split == "test":
+            fidelities = [replace(f, eval_examples=self.rc.report.test_examples or len(self.wb.task.test)) for f in fidelities]
+        train = self.rc.train_settings(self.seed if seed is None else seed)
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
-                      quant=self.rc.quant.model_dump(), train=self.rc.train_settings(self.seed).__dict__,
+                      quant=self.rc.quant.model_dump(), train=train.__dict__,
                       granularity=self.rc.space.granularity, layers=list(self.rc.space.layers or []),
-                      code_version=self.code)
+                      code_version=self.code, split=split)
         per = dict(config=[c.to_dict() for c, _ in pairs], config_key=[c.key() for c, _ in pairs],
-                   rung=[r for _, r in pairs], fidelity=[self.ladder[r].__dict__ for _, r in pairs],
+                   rung=[r for _, r in pairs], fidelity=[f.__dict__ for f in fidelities],
                    memory_bytes=[self.cost(c) for c, _ in pairs])
         ex = self.rc.execution
         if ex.task_runner == "thread" and ex.workers == 1:
@@ -117,6 +130,19 @@ class Run:
         return out
 
 
+    def test_report(self, methods: dict[str, Config], progress: "Progress | None" = None) -> dict[str, SeedScores]:
+        """Each method's configuration fine-tuned at the top rung with ``report.seeds`` fresh seeds, scored on
+        test. The only place the test split is read; nothing is chosen from what it returns."""
+        seeds = report_seeds(self.seed, self.rc.report.seeds)
+        unique = list({c.key(): c for c in methods.values()}.values())
+        by_seed = {}
+        for s in seeds:
+            evals = self.evaluate_many([(c, self.ladder.top) for c in unique], progress, seed=s, split="test")
+            by_seed[s] = {c.key(): e for c, e in zip(unique, evals)}
+        return {name: SeedScores.from_evaluations(seeds, [by_seed[s][c.key()] for s in seeds])
+                for name, c in methods.items()}
+
+
 class Progress:
     """Stage, generation, rung and evaluations done/planned with an ETA, on the flow's log."""
 
@@ -132,7 +158,7 @@ class Progress:
     def done(self, ev: Evaluation) -> None:
         self.count += 1
         self.steps += self.run.ladder[ev.fidelity].steps
-        if ev.ok and ev.fidelity == self.run.ladder.top:
+        if ev.ok and ev.fidelity == self.run.ladder.top and not self.where.startswith("test"):
             self.best = min(self.best, ev.eval_loss)
         elapsed = time.time() - self.start
         rate = elapsed / self.count

@@ -1,5 +1,6 @@
-"""The flows: search (priors -> generations -> rungs -> TuRBO -> baselines -> report), baselines alone,
-and one configuration's evaluation. Checkpointed after every generation / TuRBO iteration."""
+"""The flows: search (priors -> generations -> rungs -> TuRBO -> baselines -> test report -> export),
+baselines alone, and one configuration's evaluation. Checkpointed after every generation / TuRBO iteration.
+Every search decision reads the validation split; only the test report reads test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from prefect.logging import get_run_logger
 
 from autoqra_core.baselines import run_baselines
 from autoqra_core.errors import AutoQRAError
+from autoqra_core.protocol import equal_compute_count, history_tokens
 from autoqra_core.search import SearchState, result as search_result, run_search
 from autoqra_core.space import Config
 
@@ -50,7 +52,7 @@ def _planned(run: Run, baselines: bool) -> int:
         total += rung_n
         rung_n = math.ceil(rung_n * run.ladder.promote_fraction)
     total += s.turbo.iterations * s.turbo.batch_size
-    return total + (8 if baselines else 0)
+    return total + (len(run.rc.baselines.uniform_bits) + 2 if baselines else 0)  # random's share added later
 
 
 @flow(name="autoqra-search", log_prints=True)
@@ -90,14 +92,18 @@ def search_flow(
     progress.at("evolution gen 0")
     res = run_search(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
                      settings, state, checkpoint)
-    base = {}
+    base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
     if baselines:
         progress.at("baselines")
-        n_random = rc.baselines.n_random or sum(e.fidelity == run.ladder.top for e in res.history)
+        # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
+        n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
+        progress.planned += n_random
         base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
                              run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
                              rank=rc.baselines.rank, history=res.history)
-    result = report.finish(res, base, pri)
+        compute |= baseline_compute(base, n_random, run)
+    tests = _test_report(run, {"autoqra": res.best.config} if res.best else {}, base, progress)
+    result = report.finish(res, base, pri, tests, compute)
     if export and result["best"]:
         progress.at("export")
         try:
@@ -124,11 +130,29 @@ def baselines_flow(
     run = Run.prepare(model, dataset, budget, rc, seed)
     report = Report.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
-    progress = Progress(run, 6 + n_random, "baselines")
+    n_random = rc.baselines.n_random or n_random
+    progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
     base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
-                         run.ladder.top, n_random=rc.baselines.n_random or n_random, seed=seed,
+                         run.ladder.top, n_random=n_random, seed=seed,
                          uniform_bits=rc.baselines.uniform_bits, rank=rc.baselines.rank)
-    return report.finish(None, base, pri)
+    tests = _test_report(run, {}, base, progress)
+    return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
+
+
+def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
+    """Fine-tuning tokens each baseline spent choosing its configuration: random search all its fine-tunes,
+    a fixed recipe none."""
+    return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
+
+
+def _test_report(run: Run, best: dict, base: dict, progress: Progress) -> dict:
+    """The winner and every baseline re-fine-tuned with fresh seeds and scored on test (``report.seeds``)."""
+    methods = best | {name: e.config for name, e in base.items()}
+    if not methods or run.rc.report.seeds == 0:
+        return {}
+    progress.at("test report")
+    progress.planned += run.rc.report.seeds * len({c.key() for c in methods.values()})
+    return run.test_report(methods, progress)
 
 
 @flow(name="autoqra-evaluate", log_prints=True, persist_result=True)

@@ -136,6 +136,42 @@ def plot_pareto(
     return _save(fig, path)
 
 
+def plot_test_comparison(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, budget_bytes: int | None = None, title: str | None = None
+) -> Path:
+    """Test loss and accuracy per method (mean ± sd over the report's seeds), one bar each.
+
+    ``rows``: ``{"name", "memory_bytes", "loss_mean", "loss_sd", "accuracy_mean", "accuracy_sd"}``. Methods over
+    ``budget_bytes`` (e.g. unquantized LoRA, the ceiling) are hatched: they are not admissible answers.
+    """
+    rows = [r for r in rows if _finite(r.get("loss_mean"))]
+    labelled = any(_finite(r.get("accuracy_mean")) for r in rows)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 6.5 if labelled else 3.8))
+    axes = fig.subplots(2 if labelled else 1, 1, squeeze=False)[:, 0]
+    x = list(range(len(rows)))
+    over = [bool(budget_bytes) and r["memory_bytes"] > budget_bytes for r in rows]
+    colors = ["tab:red" if r["name"] == "autoqra" else "tab:blue" for r in rows]
+    panels = [("loss", "test loss (lower is better)")] + ([("accuracy", "test accuracy")] if labelled else [])
+    for ax, (key, label) in zip(axes, panels):
+        means = [r.get(f"{key}_mean") if _finite(r.get(f"{key}_mean")) else 0.0 for r in rows]
+        sds = [r.get(f"{key}_sd") or 0.0 for r in rows]
+        bars = ax.bar(x, means, yerr=sds, color=colors, capsize=4, alpha=0.85)
+        for bar, hatch in zip(bars, over):
+            if hatch:
+                bar.set_hatch("//")
+        finite = [m for m in means if m]
+        if finite and key == "loss":
+            lo, hi = min(finite), max(finite)
+            ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3) - max(sds, default=0), hi + 0.2 * (hi - lo + 1e-3) + max(sds, default=0))
+        ax.set_ylabel(label)
+        ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    n_seeds = max((len(r.get("seeds") or []) for r in rows), default=0)
+    axes[0].set_title(title or f"Test split, mean ± sd over {n_seeds} seeds (hatched: over the memory budget)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _finite(value: Any) -> bool:
     try:
         return value is not None and math.isfinite(float(value))

@@ -34,7 +34,7 @@ def _count(task, task_run, state) -> None:
     cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset",
     persist_result=True,
     retries=1,
-    task_run_name="eval r{rung} {config_key}",
+    task_run_name="eval r{rung} {split} {config_key}",
     on_completion=[_count] if os.environ.get(COUNTER_ENV) else [],  # Prefect logs every hook run: only when asked
 )
 def evaluate(
@@ -52,13 +52,15 @@ def evaluate(
     granularity: str,
     layers: list[str],
     code_version: str,
+    split: str = "validation",
 ) -> dict:
     """Evaluation.to_dict() of ``config`` at ``rung``. ``model``/``dataset`` are paths (not in the cache key:
     ``model_id``/``dataset_id`` are their content fingerprints); ``memory_bytes`` is the memory model's cost,
-    computed by the caller for the reporting fidelity's training shape."""
+    computed by the caller for the reporting fidelity's training shape. ``split``: the held-out rows scored
+    (``validation`` for every search decision, ``test`` only for the final report)."""
     wb = workbench(model, dataset, granularity, tuple(layers))
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
     result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,
-                             QuantSettings(**quant), TrainSettings(**train))
+                             QuantSettings(**quant), TrainSettings(**train), split=split)
     return result.to_dict()

@@ -48,7 +48,8 @@ def tiny_checkpoint(tmp: Path, arch: str) -> Path:
     return out
 
 
-# A search small enough for the suite: 2 generations of 4 + 3 candidates on a 2-rung ladder, 1 TuRBO batch.
+# A search small enough for the suite: 2 generations of 4 + 3 candidates on a 2-rung ladder, 1 TuRBO batch,
+# a test report over 2 seeds on 40 test questions.
 TINY_SEARCH = """
 search:
   generations: 2
@@ -58,6 +59,7 @@ search:
   evolution: {population_size: 4, offspring: 3}
   turbo: {iterations: 1, batch_size: 2}
 baselines: {n_random: 2}
+report: {seeds: 2, test_examples: 40}
 """
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]

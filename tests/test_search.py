@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from autoqra_core import baselines, evolution, turbo
+from autoqra_core import baselines, evolution, protocol, turbo
 from autoqra_core.errors import BudgetError, CandidateFailed
 from autoqra_core.fidelity import Evaluation, Fidelity, Ladder
 from autoqra_core.importance import Priors
@@ -270,7 +270,7 @@ def test_search_beats_baselines_and_approaches_the_optimum(full_run):
     result, recorder, _ = full_run
     best = true_loss(result.best.config)
     uniform = true_loss(SPACE.uniform(4, 16))
-    n = baselines.equal_budget(result.history, LADDER)
+    n = protocol.equal_compute_count(protocol.history_tokens(result.history, LADDER), LADDER)
     rand = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER.top, n_random=n, seed=11)
     assert best < uniform
     assert best < true_loss(rand["random"].config)

@@ -8,14 +8,14 @@ model. Two *different* offline English texts are used:
 * fine-tuning task: WordNet 3.0 glosses (Debian package ``wordnet-base``,
   /usr/share/wordnet/data.*): "word: definition" lines, plus a 4-way multiple
   choice test ("which definition belongs to this word?") scored by log-likelihood.
-  Train and test are split by synset and by headword, so no test word is trained on.
+  Train, validation and test are split by headword, so no held-out word is trained on.
 
 Usage (build-time only; needs ``apt-get install python3.11-doc wordnet-base``)::
 
     .venv/bin/python infra/embedded/build.py --minutes 14
 
 Writes ``infra/embedded/model/`` (config, fp16 safetensors, tokenizer) and
-``infra/embedded/wordnet/{train,test}.jsonl``.
+``infra/embedded/wordnet/{train,validation,test}.jsonl`` (``--skip-model``: only these).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def docs_corpus() -> list[str]:
     return paragraphs
 
 
-def wordnet_rows(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows: {"prompt": "word:", "choices": [4 glosses], "label": i}."""
+def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) rows: {"prompt": "word:", "choices": [4 glosses], "label": i}."""
     entries: list[tuple[str, str, str]] = []  # (pos, word, definition)
     for pos in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET / f"data.{pos}").read_text(errors="ignore").splitlines():
@@ -69,14 +69,15 @@ def wordnet_rows(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], 
             definition = gloss.split(";")[0].strip().strip('"').strip()
             if 10 <= len(definition) <= 120 and word.isascii() and definition.isascii():
                 entries.append((pos, word, definition))
-    # Split by headword hash: a word is either in train or in test, never both.
+    # Split by headword hash: a word is in exactly one of train, validation and test.
     def bucket(word: str) -> float:
         return int(hashlib.sha1(word.lower().encode()).hexdigest()[:8], 16) / 16**8
 
     rng = random.Random(seed)
     rng.shuffle(entries)
     test_pool = [e for e in entries if bucket(e[1]) < 0.1]
-    train_pool = [e for e in entries if bucket(e[1]) >= 0.1]
+    validation_pool = [e for e in entries if 0.1 <= bucket(e[1]) < 0.2]
+    train_pool = [e for e in entries if bucket(e[1]) >= 0.2]
 
     def rows(pool: list[tuple[str, str, str]], n: int) -> list[dict]:
         by_pos: dict[str, list[str]] = {}
@@ -90,7 +91,7 @@ def wordnet_rows(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], 
             out.append({"prompt": f"{word}:", "choices": [" " + c for c in choices], "label": choices.index(d)})
         return out
 
-    return rows(train_pool, n_train), rows(test_pool, n_test)
+    return rows(train_pool, n_train), rows(validation_pool, n_validation), rows(test_pool, n_test)
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
@@ -168,14 +169,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
 
-    train_rows, test_rows = wordnet_rows(n_train=20000, n_test=600, seed=args.seed)
+    splits = dict(zip(("train", "validation", "test"),
+                      wordnet_rows(n_train=20000, n_validation=600, n_test=1000, seed=args.seed)))
     wn = HERE / "wordnet"
     wn.mkdir(exist_ok=True)
-    for name, rows in (("train", train_rows), ("test", test_rows)):
+    for name, rows in splits.items():
         with open(wn / f"{name}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print(f"wordnet: {len(train_rows)} train, {len(test_rows)} test rows")
+    print("wordnet: " + ", ".join(f"{len(rows)} {name}" for name, rows in splits.items()) + " rows")
     if args.skip_model:
         return
     corpus = docs_corpus()

@@ -1,0 +1,105 @@
+"""The reporting protocol: select on validation, report on test over seeds, compare at equal compute.
+
+A search that picks its winner by held-out loss and then reports that same number is
+biased in the winner's favour, and one fine-tune per method cannot tell a real gap from
+seed noise. So every search decision reads the ``validation`` split; afterwards the
+winner and each baseline are fine-tuned again at the top rung with fresh seeds (none used
+during the search) and scored once on ``test``. Methods are compared by the paired
+difference on the same seeds (the same data order and LoRA initialisation), and each
+method's fine-tuning compute (tokens) is recorded so that comparisons are at equal compute.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from .fidelity import Evaluation, Ladder
+
+REFERENCES = ("uniform-4bit-r16", "random")  # every method is compared, seed by seed, with these
+
+
+def report_seeds(search_seed: int, n: int) -> list[int]:
+    """Fresh training seeds for the test report: never the seed the search fine-tuned with."""
+    return [search_seed + 1 + k for k in range(n)]
+
+
+def history_tokens(history: Sequence[Evaluation], ladder: Ladder) -> int:
+    """Fine-tuning tokens spent on ``history`` (failed evaluations count: their compute was spent)."""
+    return sum(ladder[e.fidelity].train_tokens for e in history)
+
+
+def equal_compute_count(tokens: int, ladder: Ladder) -> int:
+    """How many top-rung fine-tunes cost ``tokens`` (at least one): random search's share at equal compute."""
+    return max(1, round(tokens / ladder[ladder.top].train_tokens))
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class SeedScores:
+    """One method's test-split numbers, one entry per seed (None where that fine-tune failed)."""
+
+    seeds: tuple[int, ...]
+    losses: tuple[float | None, ...]
+    accuracies: tuple[float | None, ...]
+
+    @classmethod
+    def from_evaluations(cls, seeds: Sequence[int], evals: Sequence[Evaluation]) -> "SeedScores":
+        return cls(tuple(seeds), tuple(e.eval_loss if e.ok else None for e in evals),
+                   tuple(e.accuracy if e.ok else None for e in evals))
+
+    def to_dict(self) -> dict:
+        losses = [v for v in self.losses if v is not None]
+        accs = [v for v in self.accuracies if v is not None]
+        loss_mean, loss_sd = _mean_sd(losses)
+        acc_mean, acc_sd = _mean_sd(accs)
+        return {"loss_mean": loss_mean, "loss_sd": loss_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
+                "seeds": list(self.seeds), "losses": list(self.losses), "accuracies": list(self.accuracies),
+                "failed": sum(v is None for v in self.losses)}
+
+
+def paired_difference(a: SeedScores, b: SeedScores) -> dict:
+    """``a`` minus ``b`` on the seeds both finished: mean and sd of the per-seed differences.
+
+    Negative loss / positive accuracy differences favour ``a``; ``loss_wins`` counts the seeds
+    where ``a``'s loss is lower.
+    """
+    b_by_seed = dict(zip(b.seeds, zip(b.losses, b.accuracies)))
+    dl, da, seeds = [], [], []
+    for seed, loss, acc in zip(a.seeds, a.losses, a.accuracies):
+        other = b_by_seed.get(seed)
+        if other is None or loss is None or other[0] is None:
+            continue
+        seeds.append(seed)
+        dl.append(loss - other[0])
+        if acc is not None and other[1] is not None:
+            da.append(acc - other[1])
+    loss_mean, loss_sd = _mean_sd(dl)
+    acc_mean, acc_sd = _mean_sd(da)
+    return {"seeds": seeds, "loss_diff_mean": loss_mean, "loss_diff_sd": loss_sd,
+            "accuracy_diff_mean": acc_mean, "accuracy_diff_sd": acc_sd,
+            "loss_wins": sum(d < 0 for d in dl), "n": len(dl)}
+
+
+def compare(results: dict[str, SeedScores], references: Sequence[str] = REFERENCES) -> dict[str, dict]:
+    """Per method: its test summary plus, under ``vs``, the paired difference to each reference present."""
+    out = {}
+    for name, r in results.items():
+        d = r.to_dict()
+        d["vs"] = {ref: paired_difference(r, results[ref]) for ref in references if ref in results and ref != name}
+        out[name] = d
+    return out
+
+
+def fmt_mean_sd(mean: float | None, sd: float | None, digits: int = 4) -> str:
+    """'3.5210 ± 0.0123', or '-' when nothing finished."""
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {sd or 0.0:.{digits}f}"
