@@ -58,6 +58,7 @@ search:
   evolution: {population_size: 4, offspring: 3}
   turbo: {iterations: 1, batch_size: 2}
 baselines: {n_random: 2}
+export: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, seeds: [0], eval_examples: 20}
 """
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]
