@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, ROOT
+from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, ROOT, embedded  # noqa: F401 - fixture
 
 TINY_EXPORT = {"steps": 4, "data_fraction": 0.02, "seq_len": 32, "batch_size": 4, "seeds": [0, 1],
                "eval_examples": 12, "merge": True, "merged_dtype": "float32"}
