@@ -136,6 +136,17 @@ def start_search_run(
     return run.info.run_id
 
 
+def find_or_start_run(experiment_id: str, run_name: str, key: str, tags: Mapping[str, Any] | None = None,
+                      uri: str | None = None) -> str:
+    """The run tagged ``autoqra.key=key`` in the experiment, else a new one with that tag: a publish
+    redone for the same thing logs into the same run (and so registers no duplicate version)."""
+    c = client(uri)
+    found = c.search_runs([experiment_id], filter_string=f"tags.`autoqra.key` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return start_search_run(experiment_id, run_name, tags={**(tags or {}), "autoqra.key": key}, uri=uri)
+
+
 def run_exists(run_id: str | None, uri: str | None = None) -> bool:
     """Whether this tracking server knows ``run_id`` (a run dir may come from another server)."""
     from mlflow.exceptions import MlflowException

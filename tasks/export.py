@@ -121,8 +121,9 @@ def publish(export_dir: str, store_url: str | None, prefix: str, name: str, mlfl
     store = open_store(store_url)
     keys = store.put_dir(export_dir, prefix)
     uri = tracking.tracking_uri()
-    run_id = mlflow_run_id if tracking.run_exists(mlflow_run_id, uri) else tracking.start_search_run(
-        tracking.ensure_experiment("autoqra", uri=uri), f"export-{name}", tags={"autoqra.kind": "export"}, uri=uri)
+    run_id = mlflow_run_id if tracking.run_exists(mlflow_run_id, uri) else tracking.find_or_start_run(
+        tracking.ensure_experiment("autoqra", uri=uri), f"export-{name}", key=f"export:{prefix}",
+        tags={"autoqra.kind": "export"}, uri=uri)
     curve = Path(export_dir) / CURVE_FILE
     if curve.is_file():
         tracking.log_artifacts(run_id, [curve], artifact_path="export", uri=uri)

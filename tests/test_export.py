@@ -179,11 +179,12 @@ def registered(tmp_path_factory):
         mp.setenv(k, v)
     base, _ = load_model(EMBEDDED_MODEL)
     cfg = _config(layer_map(base))
-    settings = RunConfig.model_validate({"export": {**TINY_EXPORT, "merge": False, "seeds": [0]}})
+    settings = RunConfig.model_validate({"export": {**TINY_EXPORT, "merge": False, "seeds": [0]},
+                                         "space": {"bits": [2, 3, 4, 8, 16]}})
     run = home / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({
-        "model": str(EMBEDDED_MODEL), "dataset": str(EMBEDDED_DATA), "budget_bytes": 5_000_000, "seed": 0,
+        "model": str(EMBEDDED_MODEL), "dataset": str(EMBEDDED_DATA), "budget_bytes": 50_000_000, "seed": 0,
         "settings": settings.model_dump(mode="json"), "best": {"config": cfg.to_dict(), "eval_loss": 3.0}}))
     from flows.export import export_flow
 
@@ -237,7 +238,9 @@ def test_mlflow_models_serve_answers_rest(registered, embedded):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{first['registered_model']}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # MLflow execs `uvicorn` from PATH: the venv's bin, as in an activated venv.
+        env={**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -259,6 +262,8 @@ def test_mlflow_models_serve_answers_rest(registered, embedded):
             got = json.loads(r.read())["predictions"][0]
         assert len(got["scores"]) == len(row["choices"]) and got["choice"] in range(len(row["choices"]))
     finally:
-        os.killpg(proc.pid, 15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server and its uvicorn worker
         proc.wait(timeout=30)
-    assert proc.returncode is not None
+    with pytest.raises(OSError):  # really stopped
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
