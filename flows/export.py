@@ -24,6 +24,7 @@ from .config import RunConfig
 from .run import Run, write_json
 
 EXPORT_FILE = "export.json"
+CONV1D_MODELS = ("gpt2",)  # transformers' Conv1D (weights transposed): model.conv1d_to_linear changes their layout
 
 
 def model_name(model: str) -> str:
@@ -73,6 +74,10 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"])
     config = Config.from_dict(result["best"]["config"])
     r.space.validate(config)
+    if getattr(r.wb.base.config, "model_type", "") in CONV1D_MODELS:
+        raise AutoQRAError(f"{result['model']} is a {r.wb.base.config.model_type} model: its Conv1D layers are searched "
+                           f"as nn.Linear, so model/ and merged/ would not load into its transformers class; the "
+                           f"configuration is in {run_dir / 'result.json'} (best.config), export it by hand")
     name = name or model_name(result["model"])
     export_dir = run_dir / "export" / name
     log.info(f"final fine-tune of {config.short()} ({rc.export.model_dump()}) -> {export_dir}")
