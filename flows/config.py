@@ -103,7 +103,7 @@ class ExportSection(_Strict):
     """The final fine-tune of the winner (autoqra_core.export.ExportSettings); more than the top rung."""
 
     steps: int | None = Field(None, gt=0)  # None: one epoch of data_fraction of the train split
-    data_fraction: float = Field(0.25, gt=0, le=1)
+    data_fraction: float = Field(0.2, gt=0, le=1)
     seq_len: int = Field(64, gt=1)
     batch_size: int = Field(8, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)

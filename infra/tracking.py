@@ -267,10 +267,10 @@ def register_model(
     Registering the same run's same artifact again updates that version (tags, description, alias)
     instead of adding a duplicate.
 
-    MLflow 3's ``mlflow.register_model("runs:/...")`` only accepts *logged models*
-    (an MLmodel); a plain adapter folder is registered with ``create_model_version`` on
-    the run's artifact URI instead, which keeps the files exactly as saved. The alias
-    then resolves with ``models:/NAME@champion``. Returns the ``ModelVersion``.
+    MLflow 3's ``mlflow.register_model("runs:/...")`` wants a *logged model* (fluent API, an
+    active run); the folder is registered with ``create_model_version`` on the run's artifact
+    URI instead, which keeps the files exactly as saved and loads with
+    ``mlflow.pyfunc.load_model("models:/NAME@champion")``. Returns the ``ModelVersion``.
     """
     from mlflow.exceptions import MlflowException
 
