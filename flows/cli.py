@@ -134,8 +134,17 @@ def search(
 
 
 def _exported(ex: dict) -> None:
-    typer.echo(f"exported {ex['config_key'][:8]} (eval loss {ex['eval_loss']:.4f}) to {ex['store_url']}; "
+    t = ex.get("test") or {}
+    if t.get("loss_mean") is not None:
+        sd = f" ± {t['loss_sd']:.4f}" if t.get("loss_sd") is not None else ""
+        loss = f"test loss {t['loss_mean']:.4f}{sd} over seeds {t.get('seeds')}"
+    else:
+        loss = f"eval loss {ex['eval_loss']:.4f}"
+    typer.echo(f"exported {ex['config_key'][:8]} ({loss}) to {ex['store_url']}; "
                f"registered {ex['registered_model']} v{ex['version']} @{ex['alias']}")
+    if ex.get("export_dir"):
+        typer.echo(f"export folder: {ex['export_dir']} (model/, adapter/{', merged/' if ex.get('merged') else ''}, "
+                   f"README.md); load it with mlflow.pyfunc.load_model('{ex.get('model_uri')}')")
 
 
 @app.command("export")
@@ -143,6 +152,9 @@ def export_cmd(
     run: Path = typer.Option(..., "--run", help="The --out folder of a finished search (holds result.json)."),
     store: Optional[str] = STORE,
     name: Optional[str] = typer.Option(None, help="Registered model name (default autoqra-<model>)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge",
+                                         help="Also write merged/ (adapter merged into the dequantized base, "
+                                              "bf16); default: the export.merge setting."),
     settings: Optional[Path] = SETTINGS,
 ):
     """Final fine-tune of a search's best configuration; upload it and register it in MLflow as 'champion'."""
@@ -156,7 +168,7 @@ def export_cmd(
         read_result(run.resolve())
         check_tracking()
         open_store(store, check=True)
-        return export_flow(run=str(run), store=store, name=name)
+        return export_flow(run=str(run), store=store, name=name, merge=merge)
 
     _exported(_run(go))
 

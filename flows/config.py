@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evolution import EvolutionSettings
+from autoqra_core.export import ExportSettings
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.quantize import QuantSettings
@@ -106,6 +107,19 @@ class ReportSection(_Strict):
     test_examples: int | None = Field(None, gt=0)  # None: the whole test split
 
 
+class ExportSection(_Strict):
+    """The final fine-tune of the winner (autoqra_core.export.ExportSettings); more than the top rung."""
+
+    steps: int | None = Field(None, gt=0)  # None: one epoch of data_fraction of the train split
+    data_fraction: float = Field(0.2, gt=0, le=1)
+    seq_len: int = Field(64, gt=1)
+    batch_size: int = Field(8, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    eval_examples: int | None = Field(None, gt=0)  # None: the whole test split
+    merge: bool = False  # also write merged/: the adapter merged into the dequantized base
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
 class ExecutionSection(_Strict):
     task_runner: Literal["thread", "dask"] = "thread"
     workers: int = Field(1, ge=1)
@@ -119,6 +133,7 @@ class RunConfig(_Strict):
     baselines: BaselineSection = BaselineSection()
     report: ReportSection = ReportSection()
     execution: ExecutionSection = ExecutionSection()
+    export: ExportSection = ExportSection()
 
     # ---- conversions to the core's dataclasses ----
     def ladder(self) -> Ladder:
@@ -135,6 +150,9 @@ class RunConfig(_Strict):
 
     def quant_settings(self) -> QuantSettings:
         return QuantSettings(backend=self.quant.backend, group_size=self.quant.group_size, device=self.quant.device)
+
+    def export_settings(self) -> ExportSettings:
+        return ExportSettings(**{**self.export.model_dump(), "seeds": tuple(self.export.seeds)})
 
     def train_settings(self, seed: int) -> TrainSettings:
         return TrainSettings(seed=seed, **self.train.model_dump())

@@ -1,5 +1,6 @@
-"""The export flow: a finished search's best configuration fine-tuned at the top rung, saved (adapter +
-quantization config), uploaded to the object store and registered in MLflow with alias "champion"."""
+"""The export flow: a finished search's best configuration fine-tuned with the ``export:`` settings, saved as
+an export folder standard tools load (``model/``, ``adapter/``, optional ``merged/``, a model card),
+uploaded to the object store and registered in MLflow as a pyfunc model with alias "champion"."""
 
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
+from autoqra_core.export import ADAPTER_DIR, CARD_FILE, Card, library_versions
+from autoqra_core.memory import memory as memory_breakdown
 from autoqra_core.space import Config
+from infra.plots import plot_allocation, plot_training_curve
 from infra.settings import embedded_model_path
-from tasks.export import final_finetune, publish
+from infra.tracking import compact_config
+from tasks.export import CURVE_FILE, final_finetune, publish
 
 from .config import RunConfig
 from .run import Run, write_json
 
 EXPORT_FILE = "export.json"
+CONV1D_MODELS = ("gpt2",)  # transformers' Conv1D (weights transposed): model.conv1d_to_linear changes their layout
 
 
 def model_name(model: str) -> str:
@@ -39,34 +45,72 @@ def read_result(run_dir: Path) -> dict:
     result = json.loads(path.read_text())
     if not result.get("best"):
         raise AutoQRAError(f"{path} has no successful configuration within the budget to export")
+    missing = [k for k in ("settings", "seed", "model", "dataset", "budget_bytes") if k not in result]
+    if missing:
+        raise AutoQRAError(f"{path} lacks {missing}: it was written by an older AutoQRA; re-run the search with "
+                           f"the same --out (finished evaluations are reused from the cache) and export again")
     return result
 
 
+def _flow_run_ids() -> tuple[str | None, str | None]:
+    """(this export's Prefect flow run id, the search flow run that called it, if any)."""
+    from prefect.runtime import flow_run
+
+    me, parent = flow_run.id, flow_run.parent_flow_run_id
+    return (str(me) if me else None), (str(parent) if parent else None)
+
+
 @flow(name="autoqra-export", log_prints=True, persist_result=True)
-def export_flow(run: str, store: str | None = None, name: str | None = None) -> dict:
-    """Final fine-tune of ``run``/result.json's best configuration, then publish it; writes ``run``/export.json."""
+def export_flow(run: str, store: str | None = None, name: str | None = None, merge: bool | None = None) -> dict:
+    """Final fine-tune of ``run``/result.json's best configuration (the ``export:`` settings), written as an
+    export folder with a model card, then published; writes ``run``/export.json. ``merge`` overrides
+    ``export.merge`` (also write ``merged/``)."""
     log = get_run_logger()
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
-    rc = RunConfig.model_validate(result["settings"])
+    rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
+    if merge is not None:
+        rc = rc.model_copy(update={"export": rc.export.model_copy(update={"merge": merge})})
     r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"])
     config = Config.from_dict(result["best"]["config"])
     r.space.validate(config)
+    if getattr(r.wb.base.config, "model_type", "") in CONV1D_MODELS:
+        raise AutoQRAError(f"{result['model']} is a {r.wb.base.config.model_type} model: its Conv1D layers are searched "
+                           f"as nn.Linear, so model/ and merged/ would not load into its transformers class; the "
+                           f"configuration is in {run_dir / 'result.json'} (best.config), export it by hand")
     name = name or model_name(result["model"])
-    adapter_dir = run_dir / "export" / name
-    log.info(f"final fine-tune of {config.short()} at rung {r.ladder.top} -> {adapter_dir}")
+    export_dir = run_dir / "export" / name
+    log.info(f"final fine-tune of {config.short()} ({rc.export.model_dump()}) -> {export_dir}")
     metrics = final_finetune(
-        r.model, r.dataset, config.to_dict(), config.key(), r.ladder[r.ladder.top].__dict__,
-        rc.quant.model_dump(),
-        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(adapter_dir),
+        r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
+        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
     )
-    tags = {"eval_loss": metrics["eval_loss"], "accuracy": metrics["accuracy"], "memory_bytes": r.cost(config),
-            "budget_bytes": r.budget_bytes, "config_key": config.key(), "model": result["model"],
-            "dataset": result["dataset"], "seed": r.seed}
-    published = publish(str(adapter_dir), store, f"{name}/{run_dir.name}-{config.key()[:8]}", name,
-                        result.get("mlflow_run_id"), tags)
-    out = {"config": config.to_dict(), "memory_bytes": r.cost(config), "adapter_dir": str(adapter_dir),
-           **metrics, **published}
+    flow_id, parent_id = _flow_run_ids()
+    search_flow = result.get("prefect_flow_run_id") or parent_id
+    memory = memory_breakdown(config, r.wb.shape, r.mem).to_dict()
+    plot_allocation(config.to_dict(), export_dir / "allocation.png", title=f"{name}: bits and LoRA rank per layer")
+    plot_training_curve(metrics["training_curves"], export_dir / CURVE_FILE)
+    test = metrics["test"]
+    card = Card(
+        name=name, base_model=result["model"], dataset=result["dataset"], config=config,
+        budget_bytes=r.budget_bytes, memory=memory, test=test,
+        fine_tune={k: v for k, v in metrics["fine_tune"].items()}, versions=library_versions(),
+        mlflow_run_id=result.get("mlflow_run_id"), prefect_flow_run_id=search_flow, merged=metrics["merged"],
+        extra={"Prefect flow run (export)": flow_id or "n/a", "config key": config.key(),
+               "search validation loss": result["best"].get("eval_loss")},
+    ).render()
+    (export_dir / CARD_FILE).write_text(card)
+    cc = compact_config(config.to_dict())
+    tags = {"test_loss": test["loss_mean"], "test_loss_sd": test["loss_sd"], "test_accuracy": test["accuracy_mean"],
+            "test_accuracy_sd": test["accuracy_sd"], "memory_bytes": r.cost(config), "budget_bytes": r.budget_bytes,
+            "mean_bits": cc.get("mean_bits"), "mean_rank": cc.get("mean_rank"), "config_key": config.key(),
+            "model": result["model"], "dataset": result["dataset"], "seed": r.seed,
+            "prefect_flow_run_id": search_flow or flow_id}
+    published = publish(str(export_dir), store, f"{name}/{run_dir.name}-{config.key()[:8]}", name,
+                        result.get("mlflow_run_id"), tags, card)
+    out = {"config": config.to_dict(), "memory_bytes": r.cost(config), "export_dir": str(export_dir),
+           "adapter_dir": str(export_dir / ADAPTER_DIR), "card": str(export_dir / CARD_FILE),
+           **{k: v for k, v in metrics.items() if k != "training_curves"}, **published}
     write_json(run_dir / EXPORT_FILE, out)
     log.info(f"registered {name} v{published['version']} (alias champion); files at {published['store_url']}")
     return out

@@ -177,3 +177,21 @@ def _finite(value: Any) -> bool:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def plot_training_curve(curves: Mapping[str, Sequence[float]], path: str | Path, title: str | None = None) -> Path:
+    """Training loss per step of the final fine-tune, one line per seed (raw, and a moving average)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for seed, losses in curves.items():
+        xs = list(range(1, len(losses) + 1))
+        line = ax.plot(xs, losses, alpha=0.25)[0]
+        w = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(xs, smooth, color=line.get_color(), label=f"seed {seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.set_title(title or "Final fine-tune: training loss")
+    return _save(fig, path)

@@ -136,6 +136,17 @@ def start_search_run(
     return run.info.run_id
 
 
+def find_or_start_run(experiment_id: str, run_name: str, key: str, tags: Mapping[str, Any] | None = None,
+                      uri: str | None = None) -> str:
+    """The run tagged ``autoqra.key=key`` in the experiment, else a new one with that tag: a publish
+    redone for the same thing logs into the same run (and so registers no duplicate version)."""
+    c = client(uri)
+    found = c.search_runs([experiment_id], filter_string=f"tags.`autoqra.key` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return start_search_run(experiment_id, run_name, tags={**(tags or {}), "autoqra.key": key}, uri=uri)
+
+
 def run_exists(run_id: str | None, uri: str | None = None) -> bool:
     """Whether this tracking server knows ``run_id`` (a run dir may come from another server)."""
     from mlflow.exceptions import MlflowException
@@ -251,12 +262,15 @@ def register_model(
     description: str | None = None,
     uri: str | None = None,
 ) -> Any:
-    """Register the run's artifact directory (adapter + quantization config) as a new version of ``name``.
+    """Register the run's artifact directory (a pyfunc model, see :func:`log_pyfunc`) as a version of ``name``.
 
-    MLflow 3's ``mlflow.register_model("runs:/...")`` only accepts *logged models*
-    (an MLmodel); a plain adapter folder is registered with ``create_model_version`` on
-    the run's artifact URI instead, which keeps the files exactly as saved. The alias
-    then resolves with ``models:/NAME@champion``. Returns the ``ModelVersion``.
+    Registering the same run's same artifact again updates that version (tags, description, alias)
+    instead of adding a duplicate.
+
+    MLflow 3's ``mlflow.register_model("runs:/...")`` wants a *logged model* (fluent API, an
+    active run); the folder is registered with ``create_model_version`` on the run's artifact
+    URI instead, which keeps the files exactly as saved and loads with
+    ``mlflow.pyfunc.load_model("models:/NAME@champion")``. Returns the ``ModelVersion``.
     """
     from mlflow.exceptions import MlflowException
 
@@ -270,12 +284,46 @@ def register_model(
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     source = c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
-    version = c.create_model_version(
-        name, source=source, run_id=run_id, tags=_strs(_safe(tags or {})), description=description
-    )
+    # The same run's artifact registered again is the same version (its files were re-logged in place).
+    same = [v for v in c.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
+    if same:
+        version = max(same, key=lambda v: int(v.version))
+        for k, v in _strs(_safe(tags or {})).items():
+            c.set_model_version_tag(name, version.version, k, v)
+        if description is not None:
+            c.update_model_version(name, version.version, description=description)
+    else:
+        version = c.create_model_version(
+            name, source=source, run_id=run_id, tags=_strs(_safe(tags or {})), description=description
+        )
     if alias:
         c.set_registered_model_alias(name, alias, version.version)
     return c.get_model_version(name, version.version)
+
+
+CHAMPION_CODE = Path(__file__).with_name("champion_model.py")
+
+
+def log_pyfunc(run_id: str, export_dir: str | Path, artifact_path: str = "champion", uri: str | None = None) -> str:
+    """Log ``export_dir`` as an MLflow pyfunc model (``champion_model.py``, export folder as its artifact
+    ``export``) under the run's ``artifact_path``; return that path, ready for :func:`register_model`.
+
+    Saved to a local folder and uploaded with the client (no fluent active run), so it works from any
+    thread; the requirements are pinned to the installed versions instead of being inferred (inference
+    would load the model).
+    """
+    import tempfile
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+
+    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "peft", "hqq", "pandas")]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(str(local), python_model=str(CHAMPION_CODE),
+                                 artifacts={"export": str(export_dir)}, pip_requirements=reqs)
+        client(uri).log_artifacts(run_id, str(local), artifact_path)
+    return artifact_path
 
 
 def resolve_alias(name: str, alias: str = "champion", uri: str | None = None) -> Any:

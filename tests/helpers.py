@@ -60,6 +60,7 @@ search:
   turbo: {iterations: 1, batch_size: 2}
 baselines: {n_random: 2}
 report: {seeds: 2, test_examples: 40}
+export: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, seeds: [0], eval_examples: 20}
 """
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]

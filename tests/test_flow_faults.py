@@ -82,5 +82,5 @@ def test_servers_dying_mid_search_lose_nothing(prefect_env, tmp_path, monkeypatc
     assert (out / "checkpoint.json").is_file()
     # The export's fine-tune is done and on disk; only the upload failed, and the error says how to redo it.
     assert "Cannot reach S3 endpoint" in result["export_error"] and "autoqra export --run" in result["export_error"]
-    assert (out / "export" / "autoqra-embedded" / "adapter_model.safetensors").is_file()
+    assert (out / "export" / "autoqra-embedded" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "export.json").exists()

@@ -230,6 +230,13 @@ def test_mlflow_sqlite_registry_without_server(tmp_path: Path) -> None:
     tracking.log_artifacts(parent, [_tree(tmp_path / "adapter")], uri=uri)
     version = tracking.register_model(parent, "adapter", "local-model", uri=uri)
     assert tracking.resolve_alias("local-model", uri=uri).version == version.version
+    # The same run's folder registered again: the same version, its tags/description updated.
+    again = tracking.register_model(parent, "adapter", "local-model", tags={"test_loss": 1.5}, description="card",
+                                    uri=uri)
+    assert again.version == version.version and again.tags["test_loss"] == "1.5" and again.description == "card"
+    assert len(tracking.client(uri).search_model_versions("name='local-model'")) == 1
+    first = tracking.find_or_start_run(exp_id, "export-x", key="export:x/run", uri=uri)
+    assert tracking.find_or_start_run(exp_id, "export-x", key="export:x/run", uri=uri) == first != parent
     assert len(tracking.child_runs(parent, uri=uri)) == 1
     with pytest.raises(TrackingError, match="no artifacts"):
         tracking.register_model(parent, "not-there", "local-model", uri=uri)

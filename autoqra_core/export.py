@@ -1,0 +1,232 @@
+"""The exported champion: a folder that standard tools load without AutoQRA.
+
+Layout (names in ``MODEL_DIR`` ...):
+* ``model/``: the base with per-layer bits as real packed HQQ weights, in hqq's own
+  pre-quantized format (``config.json`` + ``qmodel.pt``, written by
+  ``AutoHQQHFModel.save_quantized``): each ``HQQLinear`` state carries its own
+  ``nbits``/``group_size``, so per-layer bits survive. transformers 5.23 cannot do this
+  (its HQQ quantizer raises "not available yet" and a pre-quantized checkpoint loads
+  as randomly initialised ``nn.Linear``), hence hqq's loader.
+* ``adapter/``: the peft LoRA adapter (per-layer ``rank_pattern``) for ``model/``.
+* ``merged/`` (optional): the adapter merged into the *dequantized* base (merging into
+  packed 4-bit weights would round the update away, peft #2321), a plain checkpoint.
+
+Packing is done here for real even when the search used the ``sim`` backend: ``sim``
+holds exactly HQQ's dequantized weights, so an adapter trained on it fits the packed base.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import Task, batches, eval_set, train_blocks
+from .fidelity import Fidelity
+from .finetune import TrainSettings, build, score, train
+from .model import LayerMap
+from .quantize import QuantSettings, quantize_model
+from .space import Config
+
+MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CARD_FILE = "model", "adapter", "merged", "README.md"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The final fine-tune (its own budget, larger than the search's top rung) and what is written."""
+
+    steps: int | None = None  # None: one epoch of the chosen data fraction
+    data_fraction: float = 1.0
+    seq_len: int = 64
+    batch_size: int = 8
+    seeds: tuple[int, ...] = (0, 1)  # the first seed's model is exported; test numbers are over all
+    eval_examples: int | None = None  # test examples scored; None: the whole test split
+    merge: bool = False
+    merged_dtype: str = "bfloat16"
+
+
+def final_fidelity(s: ExportSettings, task: Task, tokenizer) -> Fidelity:
+    """The fine-tune as a Fidelity; ``steps=None`` becomes one epoch over the data fraction."""
+    steps = s.steps
+    if steps is None:
+        n_blocks = len(train_blocks(task, tokenizer, s.seq_len, s.data_fraction))
+        steps = max(1, math.ceil(n_blocks / s.batch_size))
+    return Fidelity(steps=steps, data_fraction=s.data_fraction, seq_len=s.seq_len, batch_size=s.batch_size,
+                    eval_examples=s.eval_examples or len(task.test))
+
+
+def training_backend(q: QuantSettings) -> QuantSettings:
+    """HQQ numbers for the final fine-tune whatever the search ran: ``sim`` stays (same numbers, faster on a
+    CPU), anything else trains on packed HQQ, so the adapter fits the ``model/`` that is exported."""
+    return q if q.backend in ("sim", "hqq") else QuantSettings("hqq", q.group_size, q.compute_dtype, q.device)
+
+
+def finetune(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, fid: Fidelity,
+             q: QuantSettings, t: TrainSettings, progress=None) -> tuple[nn.Module, list[float]]:
+    """Build and train one seed of the final fine-tune; returns (model, training losses)."""
+    model = build(base, config, lmap, q, t)
+    data = batches(train_blocks(task, tokenizer, fid.seq_len, fid.data_fraction), fid.steps, fid.batch_size,
+                   seed=t.seed)
+    return model, train(model, data, t, progress)
+
+
+def score_on_test(model: nn.Module, tokenizer, task: Task, fid: Fidelity) -> tuple[float, float | None]:
+    """(loss, accuracy) on the test split: the numbers an export reports."""
+    return score(model, eval_set(task, tokenizer, fid.eval_examples, fid.seq_len, split="test"))
+
+
+def summary(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample sd); sd is 0 for a single value, None when there are no values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def pack(base: nn.Module, config: Config, lmap: LayerMap, group_size: int) -> nn.Module:
+    """A copy of ``base`` with every layer's linear modules packed by HQQ at that layer's bits (fp32, CPU)."""
+    return quantize_model(copy.deepcopy(base), config, lmap,
+                          QuantSettings(backend="hqq", group_size=group_size, device="cpu"))
+
+
+def dequantized(base: nn.Module, config: Config, lmap: LayerMap, group_size: int) -> nn.Module:
+    """A copy of ``base`` holding HQQ's dequantized weights: what the packed layers compute with."""
+    return quantize_model(copy.deepcopy(base), config, lmap,
+                          QuantSettings(backend="sim", group_size=group_size, device="cpu"))
+
+
+def save_model(packed: nn.Module, tokenizer, out: str | Path) -> Path:
+    """hqq's pre-quantized format (config.json + qmodel.pt) plus the tokenizer."""
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    AutoHQQHFModel.save_quantized(packed, str(out))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def save_adapter(trained: nn.Module, out: str | Path) -> Path | None:
+    """The peft adapter of a trained model (None when no layer has one: rank 0 everywhere)."""
+    if not hasattr(trained, "peft_config"):
+        return None
+    out = Path(out)
+    trained.save_pretrained(out)
+    return out
+
+
+def merge(base: nn.Module, config: Config, lmap: LayerMap, group_size: int, adapter_dir: str | Path | None,
+          dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The adapter merged into the dequantized base, cast to ``dtype``: a plain transformers model."""
+    from peft import PeftModel
+
+    model = dequantized(base, config, lmap, group_size)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model.to(dtype)
+
+
+def save_merged(merged: nn.Module, tokenizer, out: str | Path) -> Path:
+    out = Path(out)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load(export_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """``model/`` + ``adapter/`` through the standard loaders only (what LOADING_SNIPPET shows a user)."""
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    root = Path(export_dir)
+    model = AutoHQQHFModel.from_quantized(str(root / MODEL_DIR), compute_dtype=torch.float32, device=device)
+    if (root / ADAPTER_DIR / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(root / ADAPTER_DIR))
+    return model.eval()
+
+
+LOADING_SNIPPET = """\
+from hqq.models.hf.base import AutoHQQHFModel; from peft import PeftModel; from transformers import AutoTokenizer
+model = PeftModel.from_pretrained(AutoHQQHFModel.from_quantized("model", compute_dtype=torch.float32, device="cpu"), "adapter")
+tokenizer = AutoTokenizer.from_pretrained("model")"""
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the model card says; ``render`` turns it into markdown."""
+
+    name: str
+    base_model: str
+    dataset: str
+    config: Config
+    budget_bytes: int
+    memory: dict[str, int]  # breakdown, bytes
+    test: dict  # loss_mean, loss_sd, accuracy_mean, accuracy_sd, seeds, per_seed
+    fine_tune: dict  # steps, data_fraction, seq_len, batch_size, seeds
+    versions: dict[str, str]
+    mlflow_run_id: str | None = None
+    prefect_flow_run_id: str | None = None
+    merged: dict | None = None  # loss/accuracy of merged/ when written
+    allocation_plot: str | None = "allocation.png"
+    extra: dict = field(default_factory=dict)
+
+    def render(self) -> str:
+        def fmt(v, digits=4):
+            return "n/a" if v is None else f"{v:.{digits}f}"
+
+        bits = [l.bits for l in self.config.layers]
+        ranks = [l.rank for l in self.config.layers]
+        t = self.test
+        lines = [
+            f"# {self.name}", "",
+            f"`{self.base_model}` quantized per layer (HQQ) with per-layer LoRA ranks, fine-tuned on "
+            f"`{self.dataset}`; chosen by AutoQRA under a memory budget of {self.budget_bytes / 2**20:.2f} MiB "
+            f"({self.budget_bytes} bytes).", "",
+            "## Loading", "", "```python", "import torch", LOADING_SNIPPET, "```", "",
+            "`merged/` (when present) is a plain checkpoint: `AutoModelForCausalLM.from_pretrained(\"merged\")`.", "",
+            "## Test results (test split)", "",
+            "| | loss | accuracy | seeds |", "|---|---|---|---|",
+            f"| model/ + adapter/ | {fmt(t.get('loss_mean'))} ± {fmt(t.get('loss_sd'))} | "
+            f"{fmt(t.get('accuracy_mean'))} ± {fmt(t.get('accuracy_sd'))} | {t.get('seeds')} |",
+        ]
+        if self.merged:
+            lines.append(f"| merged/ ({self.merged.get('dtype')}, seed {t.get('seeds', [None])[0]}) | "
+                         f"{fmt(self.merged.get('loss'))} | {fmt(self.merged.get('accuracy'))} | |")
+        lines += ["", f"Exported weights are those of seed {t.get('seeds', [None])[0]} "
+                      f"(test loss {fmt(t.get('per_seed', [{}])[0].get('loss'))}).", "",
+                  "## Final fine-tune", "", "| setting | value |", "|---|---|",
+                  *[f"| {k} | {v} |" for k, v in self.fine_tune.items()], "",
+                  "## Configuration", "",
+                  f"Mean bits {sum(bits) / len(bits):.2f}, mean rank {sum(ranks) / len(ranks):.2f}.", ""]
+        if self.allocation_plot:
+            lines += [f"![allocation]({self.allocation_plot})", ""]
+        lines += ["| layer | bits | LoRA rank |", "|---|---|---|",
+                  *[f"| {l.name} | {l.bits} | {l.rank} |" for l in self.config.layers], "",
+                  "## Memory (estimated, training step)", "", "| part | MiB |", "|---|---|",
+                  *[f"| {k} | {v / 2**20:.3f} |" for k, v in self.memory.items()],
+                  f"| **budget** | {self.budget_bytes / 2**20:.3f} |", "",
+                  "## Provenance", "", "| | |", "|---|---|",
+                  f"| MLflow run (search) | {self.mlflow_run_id or 'n/a'} |",
+                  f"| Prefect flow run | {self.prefect_flow_run_id or 'n/a'} |",
+                  *[f"| {k} | {v} |" for k, v in self.extra.items()],
+                  *[f"| {k} | {v} |" for k, v in self.versions.items()], ""]
+        return "\n".join(lines)
+
+
+def library_versions() -> dict[str, str]:
+    """Exact versions of what reads and writes the export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "hqq", "mlflow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

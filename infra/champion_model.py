@@ -1,0 +1,82 @@
+"""MLflow pyfunc of an exported champion ("models from code": MLflow copies this file into the model).
+
+It imports only torch, transformers, hqq, peft, pandas and mlflow, never AutoQRA, so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` work on
+any machine with those libraries. The export folder is the model's artifact ``export``:
+``model/`` (hqq pre-quantized, per-layer bits) + ``adapter/`` (peft LoRA).
+
+``predict`` takes rows (a DataFrame, or records over REST):
+* ``{"prompt": str, "choices": [str, ...]}`` -> ``{"scores": [mean log-likelihood per choice], "choice": index}``
+  (the same scoring as AutoQRA's accuracy: each choice's tokens after EOS + prompt, averaged);
+* ``{"prompt": str}`` -> ``{"text": greedy continuation}`` (``params={"max_new_tokens": N}``, default 32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class ChampionModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import torch
+        from hqq.models.hf.base import AutoHQQHFModel
+        from transformers import AutoTokenizer
+
+        root = Path(context.artifacts["export"])
+        model = AutoHQQHFModel.from_quantized(str(root / "model"), compute_dtype=torch.float32, device="cpu")
+        if (root / "adapter" / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(root / "adapter"))
+        self.model = model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _scores(self, prompt: str, choices: list[str]) -> list[float]:
+        import torch
+
+        ctx = [self.tokenizer.eos_token_id] + self._ids(prompt)
+        out = []
+        with torch.no_grad():
+            for choice in choices:
+                tgt = self._ids(choice)
+                ids = torch.tensor([ctx + tgt])
+                logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), -1)
+                tok = logp[len(ctx) - 1 :].gather(1, ids[0, len(ctx) :, None]).squeeze(1)
+                out.append(float(tok.mean()) if len(tgt) else float("-inf"))
+        return out
+
+    def _generate(self, prompt: str, max_new_tokens: int) -> str:
+        import torch
+
+        ids = torch.tensor([[self.tokenizer.eos_token_id] + self._ids(prompt)])
+        with torch.no_grad():
+            for _ in range(max_new_tokens):  # greedy, without a KV cache: small and version-proof
+                nxt = int(self.model(input_ids=ids).logits[0, -1].argmax())
+                if nxt == self.tokenizer.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        return self.tokenizer.decode(ids[0, 1 + len(self._ids(prompt)) :].tolist())
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
+        max_new = int((params or {}).get("max_new_tokens", 32))
+        out = []
+        for row in rows:
+            choices = row.get("choices")
+            if choices is not None and not isinstance(choices, (float, str)) and len(choices) > 0:  # NaN: no choices
+                scores = self._scores(str(row["prompt"]), [str(c) for c in choices])
+                out.append({"scores": scores, "choice": max(range(len(scores)), key=scores.__getitem__)})
+            else:
+                out.append({"text": self._generate(str(row["prompt"]), max_new)})
+        return out
+
+
+set_model(ChampionModel())

@@ -1,0 +1,271 @@
+"""The export folder reloads with standard tools alone and reproduces the exported model's test loss;
+the registered champion loads as an MLflow pyfunc and answers over REST from ``mlflow models serve``.
+
+Tolerances: fp32 on the CPU. ``model/`` + ``adapter/`` (packed HQQ, dequantized per forward) vs the
+fine-tuned model in memory (``sim``: the same dequantized weights held as fp32): 1e-4. ``merged/`` in fp32:
+1e-4; in bf16 the weights round to 8 bits of mantissa: 2e-2 (measured 7e-5 on the embedded model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, ROOT, embedded  # noqa: F401 - fixture
+
+TINY_EXPORT = {"steps": 4, "data_fraction": 0.02, "seq_len": 32, "batch_size": 4, "seeds": [0, 1],
+               "eval_examples": 12, "merge": True, "merged_dtype": "float32"}
+BITS, RANKS = [2, 3, 4, 8, 16, 4], [8, 0, 16, 4, 8, 32]  # every bit-width, unquantized, and a layer without LoRA
+
+# Scores a folder with transformers/hqq/peft only and proves autoqra was never imported.
+RELOAD = r"""
+import json, sys, torch
+kind, folder, data = sys.argv[1:4]
+if kind == "quantized":
+    from hqq.models.hf.base import AutoHQQHFModel; from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoHQQHFModel.from_quantized(folder + "/model", compute_dtype=torch.float32,
+                                                                    device="cpu"), folder + "/adapter")
+else:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder + "/merged", dtype=torch.float32)
+d = torch.load(data)
+with torch.no_grad():
+    logits = model.eval()(input_ids=d["ids"]).logits[:, :-1].float()
+nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), d["ids"][:, 1:], reduction="none")
+mask = d["mask"][:, 1:].float()
+print(json.dumps({"loss": float((nll * mask).sum() / mask.sum()),
+                  "autoqra_imported": sorted(m for m in sys.modules if m.split(".")[0] in ("autoqra_core", "tasks", "flows", "infra"))}))
+"""
+
+
+def _config(lmap):
+    from autoqra_core.space import Config, LayerChoice
+
+    return Config(tuple(LayerChoice(n, b, r) for n, b, r in zip(lmap.names, BITS, RANKS)))
+
+
+def _reload_loss(kind: str, folder: Path, data: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", RELOAD, kind, str(folder), str(data)], cwd=folder, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The export task run for real (tiny settings, two seeds, merged/ in fp32) into a temporary folder."""
+    from tasks.export import final_finetune
+
+    out = tmp_path_factory.mktemp("export") / "champion"
+    from autoqra_core.model import layer_map, load_model
+
+    base, _ = load_model(EMBEDDED_MODEL)
+    cfg = _config(layer_map(base))
+    metrics = final_finetune.fn(str(EMBEDDED_MODEL), str(EMBEDDED_DATA), cfg.to_dict(), cfg.key(), TINY_EXPORT,
+                                {"backend": "sim", "group_size": 64, "device": "cpu"}, {}, "block", [], str(out))
+    return out, metrics, cfg
+
+
+@pytest.mark.slow
+def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
+    out, metrics, cfg = exported
+    model, tok, task, lmap = embedded
+    from autoqra_core.data import eval_set
+
+    # The reported numbers are the test split's, over both seeds, and the files reproduce the model in memory.
+    t = metrics["test"]
+    assert t["seeds"] == [0, 1] and len(t["per_seed"]) == 2 and t["loss_sd"] > 0
+    assert metrics["files"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-4)
+    assert metrics["merged"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-4)
+    assert metrics["fine_tune"]["steps"] == 4 and len(metrics["training_curves"]["0"]) == 4
+
+    # Per-layer bits are in the packed weights, per-layer ranks in the adapter.
+    state = torch.load(out / "model" / "qmodel.pt", weights_only=True)
+    for (layer, mods), bits in zip(lmap.layers, BITS):
+        for m in mods:
+            assert (int(state[m]["nbits"]) == bits) if bits < 16 else ("W_q" not in state[m] and "weight" in state[m])
+    acfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    got = {k.replace("\\", ""): v for k, v in acfg["rank_pattern"].items()}
+    for (layer, mods), r in zip(lmap.layers, RANKS):
+        assert all(got.get(m) == r for m in mods) if r else not any(m in got for m in mods)
+
+    # A fresh process that never imports autoqra loads model/+adapter/ and merged/ and gets the same loss.
+    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"])
+    data = tmp_path / "eval.pt"
+    torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, data)
+    quantized, merged = _reload_loss("quantized", out, data), _reload_loss("merged", out, data)
+    assert quantized["autoqra_imported"] == [] and merged["autoqra_imported"] == []
+    assert quantized["loss"] == pytest.approx(metrics["files"]["loss"], abs=1e-4)
+    assert merged["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded, tmp_path):
+    from autoqra_core import export as ex
+    from autoqra_core.data import eval_set
+    from autoqra_core.finetune import score
+    from transformers import AutoModelForCausalLM
+
+    out, metrics, cfg = exported
+    base, tok, task, lmap = embedded
+    merged = ex.merge(base, cfg, lmap, 64, out / "adapter", torch.bfloat16)
+    ex.save_merged(merged, tok, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.dtype == torch.bfloat16
+    loss, _ = score(reloaded.float(), eval_set(task, tok, TINY_EXPORT["eval_examples"], TINY_EXPORT["seq_len"]))
+    assert loss == pytest.approx(metrics["in_memory"]["loss"], abs=2e-2)
+    # Merging into the dequantized base is what keeps the adapter: without it the loss is the plain base's.
+    plain, _ = score(ex.dequantized(base, cfg, lmap, 64),
+                     eval_set(task, tok, TINY_EXPORT["eval_examples"], TINY_EXPORT["seq_len"]))
+    assert abs(plain - metrics["in_memory"]["loss"]) > 10 * abs(loss - metrics["in_memory"]["loss"])
+
+
+def test_model_card_has_what_a_user_needs(exported):
+    from autoqra_core.export import Card, library_versions
+
+    out, metrics, cfg = exported
+    card = Card(name="autoqra-x", base_model="m", dataset="d", config=cfg, budget_bytes=5 * 2**20,
+                memory={"weights": 2**20, "total": 3 * 2**20}, test=metrics["test"], fine_tune=metrics["fine_tune"],
+                versions=library_versions(), mlflow_run_id="run123", prefect_flow_run_id="flow456",
+                merged=metrics["merged"]).render()
+    for needle in ("run123", "flow456", "AutoHQQHFModel.from_quantized", "PeftModel.from_pretrained",
+                   "| model.layers.0 | 2 | 8 |", "allocation.png", "5.00 MiB", "hqq", "transformers",
+                   f"{metrics['test']['loss_mean']:.4f} ± {metrics['test']['loss_sd']:.4f}"):
+        assert needle in card, needle
+
+
+def test_runs_from_before_the_export_settings_still_export(tmp_path):
+    from autoqra_core.errors import AutoQRAError
+    from flows.config import RunConfig
+    from flows.export import read_result
+
+    old_settings = RunConfig().model_dump(mode="json")
+    del old_settings["export"]
+    rc = RunConfig.model_validate(old_settings)
+    assert rc.export_settings().steps is None and rc.export_settings().seeds == (0, 1)
+    result = {"model": "m", "dataset": "d", "budget_bytes": 1, "best": {"config": {"layers": []}}}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    with pytest.raises(AutoQRAError, match="re-run the search with the same --out"):
+        read_result(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps({**result, "settings": old_settings, "seed": 0}))
+    assert read_result(tmp_path)["settings"] == old_settings
+
+
+# ---------------------------------------------------------------- registry and serving
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """export_flow on a result.json (tiny export settings), MLflow on a SQLite file, a local store."""
+    from flows.config import RunConfig
+    from prefect.testing.utilities import prefect_test_harness
+
+    from autoqra_core.model import layer_map, load_model
+
+    home = tmp_path_factory.mktemp("registry-home")
+    mp = pytest.MonkeyPatch()
+    env = {"AUTOQRA_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+           "AUTOQRA_STORE": (home / "store").as_uri(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results")}
+    for k, v in env.items():
+        mp.setenv(k, v)
+    base, _ = load_model(EMBEDDED_MODEL)
+    cfg = _config(layer_map(base))
+    settings = RunConfig.model_validate({"export": {**TINY_EXPORT, "merge": False, "seeds": [0]},
+                                         "space": {"bits": [2, 3, 4, 8, 16]}})
+    run = home / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({
+        "model": str(EMBEDDED_MODEL), "dataset": str(EMBEDDED_DATA), "budget_bytes": 50_000_000, "seed": 0,
+        "settings": settings.model_dump(mode="json"), "best": {"config": cfg.to_dict(), "eval_loss": 3.0}}))
+    from flows.export import export_flow
+
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            first = export_flow(str(run))
+            second = export_flow(str(run))
+        yield first, second, env
+    finally:
+        mp.undo()
+
+
+@pytest.mark.slow
+def test_registered_champion_loads_as_pyfunc(registered, embedded):
+    import mlflow
+    import pandas as pd
+
+    from infra import tracking
+
+    first, second, env = registered
+    _, _, task, _ = embedded
+    uri = env["MLFLOW_TRACKING_URI"]
+    # The same run exported twice is one version; the alias, tags and card are on it.
+    c = tracking.client(uri)
+    versions = c.search_model_versions(f"name='{first['registered_model']}'")
+    assert len(versions) == 1 and first["version"] == second["version"] == "1"
+    v = tracking.resolve_alias(first["registered_model"], "champion", uri)
+    for tag in ("budget_bytes", "memory_bytes", "test_loss", "test_accuracy", "mean_bits", "mean_rank"):
+        assert tag in v.tags, tag
+    assert float(v.tags["test_loss"]) == pytest.approx(second["test"]["loss_mean"])
+    assert "AutoHQQHFModel.from_quantized" in v.description and "| model.layers.0 | 2 | 8 |" in v.description
+    logged = [a.path for a in c.list_artifacts(first["mlflow_run_id"], "export")]
+    assert logged == ["export/training_curve.png"]  # the final fine-tune's curve, beside the pyfunc model
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}@champion")
+    rows = [dict(prompt=r["prompt"], choices=r["choices"]) for r in task.test[:TINY_EXPORT["eval_examples"]]]
+    pred = model.predict(pd.DataFrame(rows))
+    acc = sum(p["choice"] == r["label"] for p, r in zip(pred, task.test)) / len(rows)
+    assert acc == pytest.approx(second["files"]["accuracy"])  # the export's own accuracy, from the registry
+    text = model.predict(pd.DataFrame([{"prompt": "dog:"}]), params={"max_new_tokens": 5})
+    assert isinstance(text[0]["text"], str)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_rest(registered, embedded):
+    from infra.stack import free_port
+
+    first, _, env = registered
+    _, _, task, _ = embedded
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{first['registered_model']}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        # MLflow execs `uvicorn` from PATH: the venv's bin, as in an activated venv.
+        env={**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "mlflow models serve did not answer /ping in 120 s"
+            time.sleep(1)
+        row = task.test[0]
+        body = json.dumps({"dataframe_records": [{"prompt": row["prompt"], "choices": row["choices"]}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            got = json.loads(r.read())["predictions"][0]
+        assert len(got["scores"]) == len(row["choices"]) and got["choice"] in range(len(row["choices"]))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server and its uvicorn worker
+        proc.wait(timeout=30)
+    with pytest.raises(OSError):  # really stopped
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
