@@ -15,7 +15,6 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.errors import AutoQRAError
 from autoqra_core.fidelity import Evaluation, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
@@ -85,7 +84,11 @@ class Run:
         ))
 
     def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None) -> list[Evaluation]:
-        """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one."""
+        """Fan the batch out as cached task runs; an evaluation that raises is a failed one, with its reason.
+
+        Any error inside one evaluation, an ``AutoQRAError`` included (e.g. a ``DatasetError`` at a rung whose data
+        fraction is too small), fails that evaluation only: the run's own inputs were checked before any work
+        (``Run.prepare``, the CLI's preflight), so what is left is specific to a (config, rung)."""
         if not pairs:
             return []
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
@@ -106,9 +109,7 @@ class Run:
         for (config, rung), call in zip(pairs, calls):
             try:
                 ev = Evaluation.from_dict(call())
-            except AutoQRAError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any crash of one candidate is recorded, the search goes on
+            except Exception as e:  # noqa: BLE001 - any error of one candidate is recorded, the search goes on
                 ev = Evaluation(config, rung, math.inf, self.cost(config), status="failed",
                                 reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
             out.append(ev)

@@ -84,3 +84,33 @@ def test_servers_dying_mid_search_lose_nothing(prefect_env, tmp_path, monkeypatc
     assert "Cannot reach S3 endpoint" in result["export_error"] and "autoqra export --run" in result["export_error"]
     assert (out / "export" / "autoqra-embedded" / "adapter_model.safetensors").is_file()
     assert not (out / "export.json").exists()
+
+
+@pytest.mark.slow
+def test_rung_with_too_little_data_fails_its_evaluations_and_the_search_goes_on(prefect_env, tmp_path, monkeypatch):
+    """A real DatasetError (the top rung's data fraction gives fewer tokens than one block) inside the evaluation:
+    those evaluations fail with the reason, are not retried (bad input fails the same way again), the rest go on."""
+    import tasks.evaluate as te
+    from flows.search import search_flow
+
+    calls: Counter = Counter()
+    real = te.evaluate_config
+
+    def counting(base, tok, task, lmap, config, fid, rung, *args, **kwargs):
+        calls[(config.key(), rung)] += 1
+        return real(base, tok, task, lmap, config, fid, rung, *args, **kwargs)
+
+    monkeypatch.setattr(te, "evaluate_config", counting)
+    cfg = tmp_path / "small-top.yaml"
+    cfg.write_text(TINY.replace("- {steps: 6, data_fraction: 0.05, seq_len: 32",
+                                "- {steps: 6, data_fraction: 0.00001, seq_len: 64"))
+    result = search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=False, export=False)
+
+    top = [e for e in result["evaluations"] if e["fidelity"] == 1]
+    low = [e for e in result["evaluations"] if e["fidelity"] == 0]
+    assert top and all(e["status"] == "failed" for e in top)
+    assert all(e["reason"].startswith("DatasetError: 1 training rows give fewer than 64 tokens") for e in top)
+    assert low and all(e["status"] == "ok" for e in low)  # rung 0 is fine: the search went on past the bad rung
+    assert all(calls[(e["config_key"], 1)] == 1 for e in top)  # not retried
+    assert result["best"] is None
+    assert (tmp_path / "out" / "result.json").is_file()
