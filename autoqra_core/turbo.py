@@ -51,14 +51,20 @@ from .surrogate import encode
 
 @dataclass(frozen=True)
 class TurboSettings:
-    iterations: int = 10  # batches evaluated in stage 2
+    """Stage 2's settings (the only defaults: the settings file's schema takes them from here).
+
+    The tolerances are small because stage 2 is short (3 batches in ``make demo``): with the tutorial's
+    ``ceil(max(4, dim) / batch_size)`` (3-6 here) the region could never shrink within the iterations.
+    """
+
+    iterations: int = 3  # batches evaluated in stage 2
     batch_size: int = 2
     n_candidates: int = 256  # continuous candidates per batch, before rounding and repair
     length_init: float = 0.8
     length_min: float = 0.5**3
     length_max: float = 1.6
-    success_tolerance: int = 3
-    failure_tolerance: int | None = None  # None: the tutorial's ceil(max(4, dim) / batch_size)
+    success_tolerance: int = 2  # consecutive improving batches that double the region
+    failure_tolerance: int | None = 2  # consecutive non-improving batches that halve it; None: the tutorial's rule
     max_restarts: int = 1
     perturb_dims: float = 4.0  # expected coordinates of the centre a candidate changes (tutorial: 20)
 

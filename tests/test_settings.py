@@ -1,0 +1,69 @@
+"""The settings file's schema: every field typed, unknown ones named, one place for each default (the core's
+dataclasses), and the defaults the README documents are the real ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from autoqra_core.evolution import EvolutionSettings
+from autoqra_core.search import SearchSettings
+from autoqra_core.turbo import TurboSettings
+from flows.config import ConfigError, RunConfig, load_run_config
+
+from .helpers import ROOT
+
+
+def _load(tmp_path, text: str) -> RunConfig:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_run_config(path)
+
+
+def test_partial_override_keeps_the_other_defaults(tmp_path):
+    s = _load(tmp_path, "search: {evolution: {offspring: 4}, turbo: {batch_size: 3}}").search_settings(7)
+    assert s.evolution == dataclasses.replace(EvolutionSettings(), offspring=4)
+    assert s.evolution.population_size == 8  # the documented default, not an older one
+    assert s.turbo == dataclasses.replace(TurboSettings(), batch_size=3)
+    assert s.generations == SearchSettings().generations and s.ladder == SearchSettings().ladder and s.seed == 7
+
+
+@pytest.mark.parametrize("text, named", [
+    ("search: {evolution: {populaton_size: 4}}", "search.evolution.populaton_size: Extra inputs are not permitted"),
+    ("search: {turbo: {iterations: many}}", "search.turbo.iterations: Input should be a valid integer"),
+    ("search: {turbo: {failure_tolerance: 0}}", "search.turbo.failure_tolerance: Input should be greater than or equal to 1"),
+    ("search: {evolution: {crossover_prob: 1.5}}", "search.evolution.crossover_prob: Input should be less than or equal to 1"),
+])
+def test_bad_fields_are_named_before_any_work(tmp_path, text, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        _load(tmp_path, text)
+
+
+def test_schema_covers_every_core_field_with_the_core_default():
+    """One place for each default: the schema's defaults are read from the dataclasses, field for field."""
+    cfg = RunConfig()
+    for section, dc in ((cfg.search.evolution, EvolutionSettings), (cfg.search.turbo, TurboSettings)):
+        assert section.model_dump() == dataclasses.asdict(dc())
+    assert cfg.search_settings(0) == SearchSettings()
+
+
+def test_readme_documents_the_real_defaults():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### Search settings.*?```yaml\n(.*?)```", text, re.S).group(1)
+    documented = yaml.safe_load(block)
+    real = RunConfig().model_dump(mode="json")
+
+    def check(doc, actual, where):
+        if isinstance(doc, dict):
+            for k, v in doc.items():
+                assert k in actual, f"README documents {where}{k}, which the schema does not have"
+                check(v, actual[k], f"{where}{k}.")
+        elif isinstance(doc, float):
+            assert doc == pytest.approx(actual, abs=1e-3), where
+        else:
+            assert doc == actual, where
+
+    check(documented, real, "")
