@@ -62,7 +62,8 @@ class Run:
                               rc.quant.device)
         mem = MemorySettings(**{**mem.__dict__, "group_size": rc.quant.group_size})
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
-        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d), code_version())
+        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d, "dataset"),
+                   code_version())
 
     @property
     def ladder(self) -> Ladder:

@@ -114,3 +114,46 @@ def test_rung_with_too_little_data_fails_its_evaluations_and_the_search_goes_on(
     assert all(calls[(e["config_key"], 1)] == 1 for e in top)  # not retried
     assert result["best"] is None
     assert (tmp_path / "out" / "result.json").is_file()
+
+
+ONE_RUNG = """
+search:
+  rungs:
+    - {steps: 2, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 10}
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_rewritten_in_place_is_not_served_from_the_cache(prefect_env, tmp_path, monkeypatch):
+    """A real cached evaluation; the checkpoint's weights are rewritten in place with the same size (as a
+    retrain into the same folder does): the next evaluation runs again, on the new weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import tasks.evaluate as te
+    from autoqra_core.space import SearchSpace
+    from flows.search import evaluate_flow
+
+    from .helpers import tiny_checkpoint
+
+    ran = []
+    real = te.evaluate_config
+    monkeypatch.setattr(te, "evaluate_config", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ckpt = tiny_checkpoint(tmp_path, "llama")
+    cfg = tmp_path / "one-rung.yaml"
+    cfg.write_text(ONE_RUNG)
+    config = SearchSpace(("model.layers.0", "model.layers.1")).uniform(4, 4).to_dict()
+
+    first = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    again = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    assert len(ran) == 1 and again["eval_loss"] == first["eval_loss"]  # the cache serves an unchanged model
+
+    weights = ckpt / "model.safetensors"
+    size = weights.stat().st_size
+    state = load_file(weights)
+    torch.manual_seed(1)
+    save_file({k: torch.randn_like(v) * v.std() if v.dim() == 2 else v for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    rewritten = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    assert len(ran) == 2 and rewritten["eval_loss"] != first["eval_loss"]
