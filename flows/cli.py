@@ -210,7 +210,7 @@ def evaluate(
             raise AutoQRAError(f"{config_json} is not valid JSON: {e}") from None
         from autoqra_core.space import Config
 
-        _preflight(model, dataset, None, search_config, seed).space.validate(Config.from_dict(cfg.get("config", cfg)))
+        _preflight(model, dataset, None, search_config, seed).evaluable().validate(Config.from_dict(cfg.get("config", cfg)))
         return evaluate_flow(config=cfg.get("config", cfg), model=model, dataset=dataset, fidelity=fidelity,
                              seed=seed, config_file=str(search_config) if search_config else None)
 

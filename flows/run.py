@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from autoqra_core.fidelity import Evaluation, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
-from autoqra_core.space import Config, SearchSpace
+from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.settings import embedded_dataset_path, embedded_model_path
 from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
 from tasks.evaluate import evaluate
@@ -68,6 +68,12 @@ class Run:
     @property
     def ladder(self) -> Ladder:
         return self.rc.ladder()
+
+    def evaluable(self) -> SearchSpace:
+        """What ``autoqra evaluate`` accepts: the search space plus the baselines' levels (fp-lora's 16 bits, the
+        baselines' rank), so any configuration of this run's result.json can be evaluated again as is."""
+        return SearchSpace(self.space.layers, tuple(set(self.space.bits) | {UNQUANTIZED}),
+                           tuple(set(self.space.ranks) | {self.rc.baselines.rank}))
 
     def cost(self, config: Config) -> int:
         return total_bytes(config, self.wb.shape, self.mem)
@@ -133,6 +139,7 @@ class Progress:
 
     def done(self, ev: Evaluation) -> None:
         self.count += 1
+        self.planned = max(self.planned, self.count)  # the plan is an estimate: never show more done than planned
         self.steps += self.run.ladder[ev.fidelity].steps
         if ev.ok and ev.fidelity == self.run.ladder.top:
             self.best = min(self.best, ev.eval_loss)

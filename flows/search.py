@@ -42,15 +42,21 @@ def load_checkpoint(out: Path, params: dict) -> SearchState | None:
 
 
 def _planned(run: Run, baselines: bool) -> int:
-    """Rough count of evaluations the search will make (for the ETA)."""
+    """Evaluations the search will make (for the ETA): stage 1's asynchronous successive halving simulated on
+    counts (each rung keeps at least ``promote_fraction`` of everything seen below it), TuRBO's batches, and the
+    baselines (uniform bit-widths, sequential, fp-lora and as many random ones as top-rung evaluations)."""
     s = run.rc.search_settings(run.seed)
-    n = s.evolution.population_size + (s.generations - 1) * s.evolution.offspring
-    total, rung_n = 0, n
-    for _ in run.ladder.rungs:
-        total += rung_n
-        rung_n = math.ceil(rung_n * run.ladder.promote_fraction)
-    total += s.turbo.iterations * s.turbo.batch_size
-    return total + (8 if baselines else 0)
+    seen = [0] * len(run.ladder.rungs)
+    for g in range(s.generations):
+        seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
+        for r in range(1, len(seen)):
+            seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
+    turbo = s.turbo.iterations * s.turbo.batch_size
+    total = sum(seen) + turbo
+    if baselines:
+        n_random = run.rc.baselines.n_random or seen[-1] + turbo
+        total += len(run.rc.baselines.uniform_bits) + 2 + n_random
+    return total
 
 
 @flow(name="autoqra-search", log_prints=True)
@@ -144,7 +150,7 @@ def evaluate_flow(
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, None, rc, seed)
     cfg = Config.from_dict(config)
-    run.space.validate(cfg)
+    run.evaluable().validate(cfg)
     rung = run.ladder.top if fidelity < 0 else fidelity
     if not 0 <= rung <= run.ladder.top:
         raise AutoQRAError(f"--fidelity {fidelity} is not a rung: choose 0..{run.ladder.top} (or -1 for the top)")

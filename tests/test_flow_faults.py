@@ -157,3 +157,71 @@ def test_checkpoint_rewritten_in_place_is_not_served_from_the_cache(prefect_env,
     assert weights.stat().st_size == size
     rewritten = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
     assert len(ran) == 2 and rewritten["eval_loss"] != first["eval_loss"]
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
+    """A real MLflow server SIGKILLed after the first checkpoint: the search finishes, each later checkpoint
+    costs a bounded few seconds, the failure is reported once, nothing is lost; with the server back, the
+    same command continues the same MLflow run and logs what was missed, without duplicates."""
+    import os
+    import signal
+    import time
+
+    import flows.report as fr
+    from flows.search import search_flow
+    from infra import stack as local_stack
+    from infra import tracking
+
+    server = local_stack.up(tmp_path / "stack", services=("mlflow",), timeout=150)
+    uri = server.services["mlflow"].url
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    seconds: list[float] = []
+    warnings: list[str] = []
+    real_checkpoint, real_logger = fr.Report.checkpoint, fr.get_run_logger
+
+    def timed_checkpoint(self, res):
+        start = time.monotonic()
+        real_checkpoint(self, res)
+        seconds.append(time.monotonic() - start)
+        if len(seconds) == 1:  # the server dies right after the first checkpoint
+            os.killpg(server.services["mlflow"].pid, signal.SIGKILL)
+
+    class Recording:
+        def __init__(self, log):
+            self.log = log
+
+        def warning(self, msg, *a, **k):
+            warnings.append(msg)
+            self.log.warning(msg, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.log, name)
+
+    monkeypatch.setattr(fr.Report, "checkpoint", timed_checkpoint)
+    monkeypatch.setattr(fr, "get_run_logger", lambda: Recording(real_logger()))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    try:
+        result = search_flow(out=str(out), config_file=str(cfg), seed=6, baselines=False, export=False)
+        n = len(result["evaluations"])
+        assert n >= 10 and json.loads((out / "result.json").read_text())["evaluations"] == result["evaluations"]
+        after = seconds[1:]
+        print(f"checkpoint seconds with MLflow up: {seconds[0]:.2f}; after SIGKILL: {[round(s, 2) for s in after]}")
+        assert len(after) >= 2 and max(after) < 5.0
+        failed = [w for w in warnings if "MLflow logging failed" in w]
+        assert len(failed) == 1, warnings  # reported once, not at every checkpoint
+
+        # The server comes back (same port, same database): the same command continues the run, logs the rest.
+        local_stack.up(tmp_path / "stack", services=("mlflow",), ports={"mlflow": server.services["mlflow"].port},
+                       timeout=150)
+        monkeypatch.setattr(fr.Report, "checkpoint", real_checkpoint)
+        again = search_flow(out=str(out), config_file=str(cfg), seed=6, baselines=False, export=False)
+        assert again["mlflow_run_id"] == result["mlflow_run_id"]
+        children = tracking.child_runs(result["mlflow_run_id"], uri)
+        ids = [r.data.tags[tracking.EVAL_TAG] for r in children]
+        assert len(ids) == len(set(ids)) == n
+        assert tracking.client(uri).get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        local_stack.down(tmp_path / "stack")
