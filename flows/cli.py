@@ -156,9 +156,17 @@ def export_cmd(
         read_result(run.resolve())
         check_tracking()
         open_store(store, check=True)
-        return export_flow(run=str(run), store=store, name=name)
+        try:
+            return export_flow(run=str(run), store=store, name=name)
+        except AutoQRAError as e:  # a server that went away after the checks: not bad input (exit 1)
+            return {"error": f"{e}; the export is kept in {run / 'export'}: run `autoqra export --run {run}` "
+                             f"again once the server answers"}
 
-    _exported(_run(go))
+    out = _run(go)
+    if "error" in out:
+        typer.secho(f"export failed: {out['error']}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    _exported(out)
 
 
 @app.command()

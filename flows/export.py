@@ -13,7 +13,7 @@ from prefect.logging import get_run_logger
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.space import Config
 from infra.settings import embedded_model_path
-from tasks.export import final_finetune, publish
+from tasks.export import METRICS_FILE, final_finetune, publish
 
 from .config import RunConfig
 from .run import Run, write_json
@@ -55,11 +55,17 @@ def export_flow(run: str, store: str | None = None, name: str | None = None) -> 
     name = name or model_name(result["model"])
     adapter_dir = run_dir / "export" / name
     log.info(f"final fine-tune of {config.short()} at rung {r.ladder.top} -> {adapter_dir}")
-    metrics = final_finetune(
-        r.model, r.dataset, config.to_dict(), config.key(), r.ladder[r.ladder.top].__dict__,
-        rc.quant.model_dump(),
-        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(adapter_dir),
-    )
+    done = adapter_dir / METRICS_FILE
+    kept = json.loads(done.read_text()) if done.is_file() else {}
+    if kept.get("config_key") == config.key() and kept.get("fidelity") == r.ladder[r.ladder.top].__dict__:
+        log.info(f"{adapter_dir} already holds this fine-tune (an earlier export that could not publish): reused")
+        metrics = kept
+    else:
+        metrics = final_finetune(
+            r.model, r.dataset, config.to_dict(), config.key(), r.ladder[r.ladder.top].__dict__,
+            rc.quant.model_dump(),
+            rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(adapter_dir),
+        )
     tags = {"eval_loss": metrics["eval_loss"], "accuracy": metrics["accuracy"], "memory_bytes": r.cost(config),
             "budget_bytes": r.budget_bytes, "config_key": config.key(), "model": result["model"],
             "dataset": result["dataset"], "seed": r.seed}

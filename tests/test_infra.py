@@ -231,6 +231,10 @@ def test_mlflow_sqlite_registry_without_server(tmp_path: Path) -> None:
     version = tracking.register_model(parent, "adapter", "local-model", uri=uri)
     assert tracking.resolve_alias("local-model", uri=uri).version == version.version
     assert len(tracking.child_runs(parent, uri=uri)) == 1
+    # Registering the same run's files again (a retried publish) adds no version.
+    again = tracking.register_model(parent, "adapter", "local-model", uri=uri)
+    assert again.version == version.version
+    assert len(tracking.client(uri).search_model_versions("name = 'local-model'")) == 1
     with pytest.raises(TrackingError, match="no artifacts"):
         tracking.register_model(parent, "not-there", "local-model", uri=uri)
 

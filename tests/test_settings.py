@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from autoqra_core.evolution import EvolutionSettings
-from autoqra_core.search import SearchSettings
+from autoqra_core.search import SearchSettings, run_search
 from autoqra_core.turbo import TurboSettings
 from flows.config import ConfigError, RunConfig, load_run_config
 
@@ -67,3 +67,26 @@ def test_readme_documents_the_real_defaults():
             assert doc == actual, where
 
     check(documented, real, "")
+
+
+def test_progress_plan_matches_a_search_at_the_defaults():
+    """The progress line's planned count, for the default settings, against a real search (the synthetic
+    objective, 8 layers) with the baselines: never fewer than done (the demo once logged "46/44 evaluations")."""
+    from types import SimpleNamespace
+
+    from autoqra_core import baselines
+    from flows.search import _planned
+
+    from .test_search import BUDGET, PRIORS, SPACE, Recorder, cost
+
+    rc = RunConfig()
+    settings = rc.search_settings(0)
+    recorder = Recorder()
+    res = run_search(
+        SPACE, PRIORS, cost, BUDGET, recorder, settings)
+    n_random = sum(e.fidelity == settings.ladder.top for e in res.history)
+    baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top, n_random=n_random, seed=0,
+                            history=res.history)
+    done = len(recorder.calls)
+    planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder()), baselines=True)
+    assert done <= planned <= done + 4, (done, planned)
