@@ -40,8 +40,8 @@ def workbench(model: str, dataset: str, granularity: str = "block", layers: tupl
     """The loaded model and task, once per process and per content (a checkpoint rewritten in place is
     reloaded). Thread-safe: thread workers wait for the first load instead of loading the model twice."""
     with _WORKBENCH_LOCK:
-        return _workbench(model, dataset, granularity, tuple(layers), fingerprint(model),
-                          fingerprint(dataset, "dataset"))
+        local = [fingerprint(p) if Path(p).exists() else p for p in (model, dataset)]  # hub ids: no lookup here
+        return _workbench(model, dataset, granularity, tuple(layers), *local)
 
 
 @lru_cache(maxsize=2)

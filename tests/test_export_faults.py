@@ -35,7 +35,7 @@ def test_s3_server_killed_during_export_then_export_again(tmp_path):
     stack_home = tmp_path / "stack"
     s3 = local_stack.up(stack_home, services=("s3",), timeout=60)
     port = s3.services["s3"].port
-    env = cli_env(tmp_path / "home", **s3.env(), AUTOQRA_STORE="s3://exports/runs")
+    env = cli_env(tmp_path / "home", **{**s3.env(), "AUTOQRA_STORE": "s3://exports/runs"})
     run = tmp_path / "run"
     _finished_search(run)
     try:
