@@ -90,3 +90,22 @@ def test_progress_plan_matches_a_search_at_the_defaults():
     done = len(recorder.calls)
     planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder()), baselines=True)
     assert done <= planned <= done + 4, (done, planned)
+
+
+def test_evaluate_accepts_the_runs_own_fp_lora_baseline():
+    """`autoqra evaluate --config` of result.json's fp-lora baseline (16 bits) needs no settings file adding 16."""
+    from autoqra_core.baselines import fp_lora
+    from autoqra_core.errors import SpaceError
+    from flows.run import Run
+
+    run = Run.prepare("embedded", "embedded", None, RunConfig(), 0)
+    config = fp_lora(run.space, RunConfig().baselines.rank)
+    with pytest.raises(SpaceError, match="16 bits is outside the space"):
+        run.space.validate(config)  # the search itself never proposes it
+    run.evaluable().validate(config)
+    bad = run.space.uniform(4, 16).to_dict()
+    bad["layers"][0]["bits"] = 5
+    from autoqra_core.space import Config
+
+    with pytest.raises(SpaceError, match="5 bits is outside the space"):
+        run.evaluable().validate(Config.from_dict(bad))
