@@ -98,8 +98,10 @@ def best_evaluation(history: Sequence[Evaluation], rung: int) -> Evaluation | No
 
 @dataclass(frozen=True)
 class EvolutionSettings:
-    population_size: int = 12
-    offspring: int = 8  # children evaluated (at rung 0) per generation
+    """Stage 1's settings. These defaults are the only ones: the settings file's schema takes them from here."""
+
+    population_size: int = 8  # sized for the embedded model on 2 CPU cores (``make demo``)
+    offspring: int = 6  # children evaluated (at rung 0) per generation
     offspring_multiplier: int = 4  # children generated per evaluated one; the surrogate keeps the best
     crossover_prob: float = 0.7
     transfer_prob: float = 0.5  # share of mutations that also take a level from another (layer, kind)

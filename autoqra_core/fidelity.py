@@ -18,7 +18,7 @@ from .space import Config
 class Fidelity:
     steps: int  # optimizer steps of LoRA fine-tuning
     data_fraction: float  # share of the training split the steps draw from
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 8
     eval_examples: int = 200  # held-out examples scored (loss, and accuracy for labelled tasks)
 

@@ -25,14 +25,18 @@ from .turbo import TurboRun, TurboSettings
 
 
 def default_ladder() -> Ladder:
-    """Three rungs, each 3x the steps of the one below (successive halving with promote_fraction 1/3)."""
-    return Ladder((Fidelity(steps=20, data_fraction=0.25), Fidelity(60, 0.5), Fidelity(180, 1.0)), 1 / 3)
+    """Three rungs of growing steps, data and held-out examples (successive halving with promote_fraction 1/3),
+    sized for the embedded model on 2 CPU cores. The settings file's default rungs are these."""
+    return Ladder((Fidelity(15, 0.1, eval_examples=100), Fidelity(40, 0.3, eval_examples=200),
+                   Fidelity(60, 1.0, eval_examples=300)), 1 / 3)
 
 
 @dataclass(frozen=True)
 class SearchSettings:
+    """The whole search's settings; with its parts' dataclasses, the one place that holds their defaults."""
+
     seed: int = 0
-    generations: int = 6  # stage-1 generations, the initial population included
+    generations: int = 3  # stage-1 generations, the initial population included
     ladder: Ladder = field(default_factory=default_ladder)
     evolution: EvolutionSettings = EvolutionSettings()  # population size, offspring multiplier, ...
     turbo: TurboSettings = TurboSettings()  # iterations, batch size, trust region
@@ -50,7 +54,7 @@ class SearchSettings:
     def from_dict(cls, d: dict) -> "SearchSettings":
         return cls(
             seed=int(d.get("seed", 0)),
-            generations=int(d.get("generations", 6)),
+            generations=int(d.get("generations", cls.generations)),
             ladder=Ladder.from_dict(d["ladder"]) if "ladder" in d else default_ladder(),
             evolution=EvolutionSettings(**d.get("evolution", {})),
             turbo=TurboSettings(**d.get("turbo", {})),

@@ -51,14 +51,20 @@ from .surrogate import encode
 
 @dataclass(frozen=True)
 class TurboSettings:
-    iterations: int = 10  # batches evaluated in stage 2
+    """Stage 2's settings (the only defaults: the settings file's schema takes them from here).
+
+    The tolerances are small because stage 2 is short (3 batches in ``make demo``): with the tutorial's
+    ``ceil(max(4, dim) / batch_size)`` (3-6 here) the region could never shrink within the iterations.
+    """
+
+    iterations: int = 3  # batches evaluated in stage 2
     batch_size: int = 2
     n_candidates: int = 256  # continuous candidates per batch, before rounding and repair
     length_init: float = 0.8
     length_min: float = 0.5**3
     length_max: float = 1.6
-    success_tolerance: int = 3
-    failure_tolerance: int | None = None  # None: the tutorial's ceil(max(4, dim) / batch_size)
+    success_tolerance: int = 2  # consecutive improving batches that double the region
+    failure_tolerance: int | None = 2  # consecutive non-improving batches that halve it; None: the tutorial's rule
     max_restarts: int = 1
     perturb_dims: float = 4.0  # expected coordinates of the centre a candidate changes (tutorial: 20)
 
@@ -197,6 +203,14 @@ def _fit_gp(X: torch.Tensor, Y: torch.Tensor) -> SingleTaskGP | None:
     return model
 
 
+def gp_data(data: Sequence[Evaluation]) -> list[tuple[Config, float]]:
+    """(config, loss) pairs for the GP. A failed evaluation (diverged, out of memory, crashed) is kept, at the
+    worst ok loss: dropping it would let the GP keep proposing next to it."""
+    ok = [e.eval_loss for e in data if e.ok]
+    worst = max(ok, default=math.inf)
+    return [(e.config, e.eval_loss if e.ok else worst) for e in data if e.ok or math.isfinite(worst)]
+
+
 def propose(
     run: TurboRun,
     space: SearchSpace,
@@ -207,13 +221,13 @@ def propose(
     settings: TurboSettings,
 ) -> list[Config]:
     """Up to ``batch_size`` new feasible configs from the trust region (``data``: top-rung evaluations)."""
-    ok = [e for e in data if e.ok]
     seen = {e.config.key() for e in data}
     dim = 2 * len(space)
     with torch.random.fork_rng(), _one_thread():
         torch.manual_seed(run.seed * 100_003 + run.iteration)
-        X = torch.tensor(np.stack([encode(space, e.config) for e in ok]), dtype=torch.double)
-        Y = -torch.tensor([[e.eval_loss] for e in ok], dtype=torch.double)  # BoTorch maximizes
+        points = gp_data(data)
+        X = torch.tensor(np.stack([encode(space, c) for c, _ in points]), dtype=torch.double)
+        Y = -torch.tensor([[y] for _, y in points], dtype=torch.double)  # BoTorch maximizes
         model = _fit_gp(X, Y)
 
         x_center = torch.tensor(encode(space, run.center), dtype=torch.double)
@@ -289,7 +303,7 @@ def step(
             return run
     batch = propose(run, space, priors, cost, budget, data, settings)
     new = evaluate_new([(c, top) for c in batch], list(warm) + run.history, evaluate_many)
-    losses = [e.eval_loss for e in new if e.ok]
+    losses = [e.eval_loss if e.ok else math.inf for e in new]  # a failed evaluation is a miss, not ignored
     center = run.center
     if losses and min(losses) < run.state.best_value:
         center = min((e for e in new if e.ok), key=lambda e: e.eval_loss).config

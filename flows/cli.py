@@ -168,9 +168,17 @@ def export_cmd(
         read_result(run.resolve())
         check_tracking()
         open_store(store, check=True)
-        return export_flow(run=str(run), store=store, name=name, merge=merge)
+        try:
+            return export_flow(run=str(run), store=store, name=name, merge=merge)
+        except AutoQRAError as e:  # a server that went away after the checks: not bad input (exit 1)
+            return {"error": f"{e}; the export is kept in {run / 'export'}: run `autoqra export --run {run}` "
+                             f"again once the server answers"}
 
-    _exported(_run(go))
+    out = _run(go)
+    if "error" in out:
+        typer.secho(f"export failed: {out['error']}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    _exported(out)
 
 
 @app.command()
@@ -222,7 +230,7 @@ def evaluate(
             raise AutoQRAError(f"{config_json} is not valid JSON: {e}") from None
         from autoqra_core.space import Config
 
-        _preflight(model, dataset, None, search_config, seed).space.validate(Config.from_dict(cfg.get("config", cfg)))
+        _preflight(model, dataset, None, search_config, seed).evaluable().validate(Config.from_dict(cfg.get("config", cfg)))
         return evaluate_flow(config=cfg.get("config", cfg), model=model, dataset=dataset, fidelity=fidelity,
                              seed=seed, config_file=str(search_config) if search_config else None)
 

@@ -2,12 +2,15 @@
 
 Every field has a default sized for the embedded model on 2 CPU cores (``make demo``
 in well under 15 minutes). Unknown or mistyped fields are errors that name the field.
+The search's defaults live in autoqra_core's dataclasses (one place); the sections below
+read them from there (``_default``), so a partial override keeps the others' defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,7 +21,7 @@ from autoqra_core.export import ExportSettings
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.quantize import QuantSettings
-from autoqra_core.search import SearchSettings
+from autoqra_core.search import SearchSettings, default_ladder
 from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
 from autoqra_core.turbo import TurboSettings
 
@@ -29,6 +32,12 @@ class ConfigError(AutoQRAError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _default(dc: type, name: str) -> Any:
+    """The default of field ``name`` of the core dataclass ``dc``: the one place each search default lives."""
+    f = {f.name: f for f in dataclasses.fields(dc)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 class SpaceSection(_Strict):
@@ -60,37 +69,63 @@ class QuantSection(_Strict):
 
 
 class TrainSection(_Strict):
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(5, ge=0)
-    alpha_ratio: float = Field(2.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    grad_checkpointing: bool = False
+    lr: float = Field(_default(TrainSettings, "lr"), gt=0)
+    weight_decay: float = Field(_default(TrainSettings, "weight_decay"), ge=0)
+    warmup_steps: int = Field(_default(TrainSettings, "warmup_steps"), ge=0)
+    alpha_ratio: float = Field(_default(TrainSettings, "alpha_ratio"), gt=0)
+    dropout: float = Field(_default(TrainSettings, "dropout"), ge=0, lt=1)
+    max_grad_norm: float = Field(_default(TrainSettings, "max_grad_norm"), gt=0)
+    grad_checkpointing: bool = _default(TrainSettings, "grad_checkpointing")
 
 
 class RungSection(_Strict):
     steps: int = Field(gt=0)
     data_fraction: float = Field(gt=0, le=1)
-    seq_len: int = Field(64, gt=1)
-    batch_size: int = Field(8, gt=0)
-    eval_examples: int = Field(200, gt=0)
+    seq_len: int = Field(_default(Fidelity, "seq_len"), gt=1)
+    batch_size: int = Field(_default(Fidelity, "batch_size"), gt=0)
+    eval_examples: int = Field(_default(Fidelity, "eval_examples"), gt=0)
 
 
 def _default_rungs() -> list[RungSection]:
-    return [
-        RungSection(steps=15, data_fraction=0.1, eval_examples=100),
-        RungSection(steps=40, data_fraction=0.3, eval_examples=200),
-        RungSection(steps=60, data_fraction=1.0, eval_examples=300),
-    ]
+    return [RungSection(**dataclasses.asdict(f)) for f in default_ladder().rungs]
+
+
+class EvolutionSection(_Strict):
+    """Stage 1 (``autoqra_core.evolution.EvolutionSettings``)."""
+
+    population_size: int = Field(_default(EvolutionSettings, "population_size"), ge=2)
+    offspring: int = Field(_default(EvolutionSettings, "offspring"), ge=1)
+    offspring_multiplier: int = Field(_default(EvolutionSettings, "offspring_multiplier"), ge=1)
+    crossover_prob: float = Field(_default(EvolutionSettings, "crossover_prob"), ge=0, le=1)
+    transfer_prob: float = Field(_default(EvolutionSettings, "transfer_prob"), ge=0, le=1)
+    tournament_size: int = Field(_default(EvolutionSettings, "tournament_size"), ge=1)
+    elite: int = Field(_default(EvolutionSettings, "elite"), ge=0)
+    prior_fraction: float = Field(_default(EvolutionSettings, "prior_fraction"), ge=0, le=1)
+    kappa: float = Field(_default(EvolutionSettings, "kappa"), ge=0)
+    surrogate_min_points: int = Field(_default(EvolutionSettings, "surrogate_min_points"), ge=2)
+
+
+class TurboSection(_Strict):
+    """Stage 2 (``autoqra_core.turbo.TurboSettings``); ``iterations: 0`` skips it."""
+
+    iterations: int = Field(_default(TurboSettings, "iterations"), ge=0)
+    batch_size: int = Field(_default(TurboSettings, "batch_size"), ge=1)
+    n_candidates: int = Field(_default(TurboSettings, "n_candidates"), ge=1)
+    length_init: float = Field(_default(TurboSettings, "length_init"), gt=0)
+    length_min: float = Field(_default(TurboSettings, "length_min"), gt=0)
+    length_max: float = Field(_default(TurboSettings, "length_max"), gt=0)
+    success_tolerance: int = Field(_default(TurboSettings, "success_tolerance"), ge=1)
+    failure_tolerance: int | None = Field(_default(TurboSettings, "failure_tolerance"), ge=1)
+    max_restarts: int = Field(_default(TurboSettings, "max_restarts"), ge=0)
+    perturb_dims: float = Field(_default(TurboSettings, "perturb_dims"), gt=0)
 
 
 class SearchSection(_Strict):
-    generations: int = Field(3, ge=1)
+    generations: int = Field(_default(SearchSettings, "generations"), ge=1)
     rungs: list[RungSection] = Field(default_factory=_default_rungs, min_length=1)
-    promote_fraction: float = Field(1 / 3, gt=0, le=1)
-    evolution: dict = Field(default_factory=lambda: {"population_size": 8, "offspring": 6})
-    turbo: dict = Field(default_factory=lambda: {"iterations": 3, "batch_size": 2})
+    promote_fraction: float = Field(default_ladder().promote_fraction, gt=0, le=1)
+    evolution: EvolutionSection = EvolutionSection()
+    turbo: TurboSection = TurboSection()
 
 
 class BaselineSection(_Strict):
@@ -140,13 +175,9 @@ class RunConfig(_Strict):
         return Ladder(tuple(Fidelity(**r.model_dump()) for r in self.search.rungs), self.search.promote_fraction)
 
     def search_settings(self, seed: int) -> SearchSettings:
-        try:
-            evo = EvolutionSettings(**self.search.evolution)
-            tur = TurboSettings(**self.search.turbo)
-        except TypeError as e:
-            raise ConfigError(f"search settings: {e} (see EvolutionSettings / TurboSettings fields)") from None
         return SearchSettings(seed=seed, generations=self.search.generations, ladder=self.ladder(),
-                              evolution=evo, turbo=tur)
+                              evolution=EvolutionSettings(**self.search.evolution.model_dump()),
+                              turbo=TurboSettings(**self.search.turbo.model_dump()))
 
     def quant_settings(self) -> QuantSettings:
         return QuantSettings(backend=self.quant.backend, group_size=self.quant.group_size, device=self.quant.device)
@@ -176,5 +207,4 @@ def load_run_config(path: str | Path | None) -> RunConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"settings file {p}: {problems}") from None
-    cfg.search_settings(0)  # evolution/turbo dict fields are checked here
     return cfg

@@ -18,7 +18,7 @@ from autoqra_core.space import Config
 from infra.plots import plot_allocation, plot_training_curve
 from infra.settings import embedded_model_path
 from infra.tracking import compact_config
-from tasks.export import CURVE_FILE, final_finetune, publish
+from tasks.export import CURVE_FILE, METRICS_FILE, final_finetune, publish
 
 from .config import RunConfig
 from .run import Run, write_json
@@ -81,10 +81,16 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     name = name or model_name(result["model"])
     export_dir = run_dir / "export" / name
     log.info(f"final fine-tune of {config.short()} ({rc.export.model_dump()}) -> {export_dir}")
-    metrics = final_finetune(
-        r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
-        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
-    )
+    done = export_dir / METRICS_FILE
+    kept = json.loads(done.read_text()) if done.is_file() else {}
+    if kept.get("config_key") == config.key() and kept.get("settings") == rc.export.model_dump():
+        log.info(f"{export_dir} already holds this fine-tune (an earlier export that could not publish): reused")
+        metrics = kept
+    else:
+        metrics = final_finetune(
+            r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
+            rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
+        )
     flow_id, parent_id = _flow_run_ids()
     search_flow = result.get("prefect_flow_run_id") or parent_id
     memory = memory_breakdown(config, r.wb.shape, r.mem).to_dict()

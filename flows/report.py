@@ -4,8 +4,10 @@ and Prefect artifacts (a table of the best configurations, a markdown summary wi
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -38,41 +40,73 @@ class Report:
     mlflow_run: str
     uri: str
     logged: int = 0
+    done: set = field(default_factory=set)  # eval ids already in MLflow (a resumed search's earlier children)
+    down: bool = False  # the tracking server failed: reported once, probed at each checkpoint, caught up
 
     @classmethod
     def start(cls, run: Run, out: Path, kind: str) -> "Report":
-        """Fail fast on an unreachable tracking server, then open the parent run."""
+        """Fail fast on an unreachable tracking server, then open the parent run, or continue it when this is
+        the same search resumed (found by a tag hashing ``Run.params`` and the folder, not by a local file)."""
         uri = tracking.tracking_uri()
         exp = tracking.ensure_experiment(EXPERIMENT, uri=uri)
-        params = {"model": run.model, "dataset": run.dataset, "budget_bytes": run.budget_bytes, "seed": run.seed,
-                  "layers": len(run.space), "bits": list(run.space.bits), "ranks": list(run.space.ranks),
-                  "backend": run.rc.quant.backend, "rungs": len(run.ladder.rungs)}
-        run_id = tracking.start_search_run(exp, f"{kind}-{out.name}", params, {"autoqra.kind": kind, "out": str(out)},
-                                           uri)
+        key = hashlib.sha256(json.dumps({"kind": kind, "out": str(out), **run.params(None)},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        run_id = tracking.resume_search_run(exp, key, str(out), uri)
+        done = tracking.logged_evaluations(run_id, uri) if run_id else set()
+        if run_id is None:
+            params = {"model": run.model, "dataset": run.dataset, "budget_bytes": run.budget_bytes, "seed": run.seed,
+                      "layers": len(run.space), "bits": list(run.space.bits), "ranks": list(run.space.ranks),
+                      "backend": run.rc.quant.backend, "rungs": len(run.ladder.rungs)}
+            run_id = tracking.start_search_run(exp, f"{kind}-{out.name}", params,
+                                               {"autoqra.kind": kind, "out": str(out), tracking.RESUME_TAG: key}, uri)
         out.mkdir(parents=True, exist_ok=True)
-        return cls(run, out, kind, run_id, uri)
+        return cls(run, out, kind, run_id, uri, done=done)
 
     def log_new(self, history: list[Evaluation], stage: str = "search") -> None:
         for e in history[self.logged:]:
             entry = _eval_entry(e) | {"stage": stage, "seed": self.run.seed}
-            tracking.log_evaluation(self.mlflow_run, entry, run_name=f"{stage}-r{e.fidelity}-{e.config.key()[:8]}",
-                                    uri=self.uri)
-        self.logged = len(history)
+            entry["eval_id"] = f"{stage}/r{e.fidelity}/{entry['config_key']}"
+            if entry["eval_id"] not in self.done:
+                tracking.log_evaluation(self.mlflow_run, entry, run_name=f"{stage}-r{e.fidelity}-{e.config.key()[:8]}",
+                                        uri=self.uri)
+                self.done.add(entry["eval_id"])
+            self.logged += 1  # one by one: a failure half-way re-logs nothing that is already in
+
+    def _tracked(self, what: str, log) -> bool:
+        """Run ``log()`` against the tracking server; on failure warn once and go on (results are safe elsewhere).
+        While it is down, a health check of a few seconds at most replaces the calls; when it answers again,
+        what was missed is logged."""
+        if self.down:
+            try:
+                tracking.check_tracking(self.uri)
+            except Exception:  # noqa: BLE001 - still down: already reported
+                return False
+            get_run_logger().info(f"MLflow at {self.uri} answers again: logging the evaluations it missed")
+            self.down = False
+        try:
+            log()
+            return True
+        except Exception as e:  # noqa: BLE001 - any tracking failure; results are kept elsewhere
+            self.down = True
+            get_run_logger().warning(
+                f"MLflow logging failed at {self.uri} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                f" {what}; results are cached and checkpointed, the search goes on. Missed evaluations are logged "
+                f"when the server answers again, or by re-running the same command (it continues this MLflow run)")
+            return False
 
     def checkpoint(self, res: SearchResult) -> None:
         """After each generation / TuRBO iteration: new child runs and the progress metrics.
 
         Tracking is a view of results that are already safe (cached task results, the checkpoint):
-        if the server goes away mid-search, warn and go on; the next checkpoint catches up.
+        if the server goes away mid-search, warn once and go on; the next checkpoints catch up.
         """
-        try:
+        def log():
             self.log_new(res.history)
             best = res.best.eval_loss if res.best else None
             tracking.log_progress(self.mlflow_run, len(res.history),
                                   {"best_eval_loss": best, "evaluations": len(res.history)}, uri=self.uri)
-        except Exception as e:  # noqa: BLE001 - any tracking failure; results are kept elsewhere
-            get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
-                                     f"results are cached and checkpointed, the search goes on")
+
+        self._tracked("at a checkpoint", log)
 
     def finish(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors,
                tests: dict[str, SeedScores] | None = None, compute: dict[str, int] | None = None) -> dict:
@@ -119,7 +153,8 @@ class Report:
             plots.append(plot_test_comparison(_test_rows(result), self.out / "test.png",
                                               budget_bytes=self.run.budget_bytes))
         self._prefect_artifacts(result, plots)
-        try:
+
+        def log():
             self.log_new(all_evals)
             tracking.log_artifacts(self.mlflow_run, [self.out / "result.json", *plots], uri=self.uri)
             if best:
@@ -129,9 +164,10 @@ class Report:
                                       uri=self.uri)
             tracking.log_progress(self.mlflow_run, len(all_evals), _test_metrics(compared), uri=self.uri)
             tracking.end_run(self.mlflow_run, uri=self.uri)
-        except Exception as e:  # noqa: BLE001 - result.json is written; tracking can be redone by re-running
-            get_run_logger().warning(f"MLflow logging failed at {self.uri} ({type(e).__name__}: {e}); "
-                                     f"{self.out / 'result.json'} holds every result")
+
+        if not self._tracked(f"at the end ({self.out / 'result.json'} holds every result)", log) and self.down:
+            get_run_logger().warning(f"MLflow run {self.mlflow_run} is incomplete: re-run the same command when "
+                                     f"{self.uri} answers (every evaluation is cached) to log the rest")
         return result
 
     def _plots(self, result: dict) -> list[Path]:

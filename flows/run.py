@@ -15,12 +15,11 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.errors import AutoQRAError
 from autoqra_core.fidelity import Evaluation, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
-from autoqra_core.space import Config, SearchSpace
+from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.pretrained import NAMED_MODELS, named_model_path
 from infra.settings import Settings, embedded_dataset_path, embedded_model_path
 from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
@@ -68,11 +67,18 @@ class Run:
                               rc.quant.device)
         mem = MemorySettings(**{**mem.__dict__, "group_size": rc.quant.group_size})
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
-        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d), code_version())
+        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d, "dataset"),
+                   code_version())
 
     @property
     def ladder(self) -> Ladder:
         return self.rc.ladder()
+
+    def evaluable(self) -> SearchSpace:
+        """What ``autoqra evaluate`` accepts: the search space plus the baselines' levels (fp-lora's 16 bits, the
+        baselines' rank), so any configuration of this run's result.json can be evaluated again as is."""
+        return SearchSpace(self.space.layers, tuple(set(self.space.bits) | {UNQUANTIZED}),
+                           tuple(set(self.space.ranks) | {self.rc.baselines.rank}))
 
     def cost(self, config: Config) -> int:
         return total_bytes(config, self.wb.shape, self.mem)
@@ -91,8 +97,11 @@ class Run:
 
     def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None, *,
                       seed: int | None = None, split: str = "validation") -> list[Evaluation]:
-        """Fan the batch out as cached task runs; an evaluation that raises (after its retry) is a failed one.
+        """Fan the batch out as cached task runs; an evaluation that raises is a failed one, with its reason.
 
+        Any error inside one evaluation, an ``AutoQRAError`` included (e.g. a ``DatasetError`` at a rung whose data
+        fraction is too small), fails that evaluation only: the run's own inputs were checked before any work
+        (``Run.prepare``, the CLI's preflight), so what is left is specific to a (config, rung).
         The search scores ``validation`` with the run's seed; the test report passes ``split="test"``, its own
         ``seed``, and scores ``report.test_examples`` rows."""
         if not pairs:
@@ -119,9 +128,7 @@ class Run:
         for (config, rung), call in zip(pairs, calls):
             try:
                 ev = Evaluation.from_dict(call())
-            except AutoQRAError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any crash of one candidate is recorded, the search goes on
+            except Exception as e:  # noqa: BLE001 - any error of one candidate is recorded, the search goes on
                 ev = Evaluation(config, rung, math.inf, self.cost(config), status="failed",
                                 reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
             out.append(ev)
@@ -157,6 +164,7 @@ class Progress:
 
     def done(self, ev: Evaluation) -> None:
         self.count += 1
+        self.planned = max(self.planned, self.count)  # the plan is an estimate: never show more done than planned
         self.steps += self.run.ladder[ev.fidelity].steps
         if ev.ok and ev.fidelity == self.run.ladder.top and not self.where.startswith("test"):
             self.best = min(self.best, ev.eval_loss)

@@ -44,15 +44,24 @@ def load_checkpoint(out: Path, params: dict) -> SearchState | None:
 
 
 def _planned(run: Run, baselines: bool) -> int:
-    """Rough count of evaluations the search will make (for the ETA)."""
+    """Evaluations the search will make (for the ETA): stage 1's asynchronous successive halving simulated on
+    counts (each rung keeps at least ``promote_fraction`` of everything seen below it), TuRBO's batches, and the
+    baselines (uniform bit-widths, sequential, fp-lora and random search at the search's fine-tuning tokens), and
+    the test report (``report.seeds`` fine-tunes per method). Made exact as each stage starts."""
     s = run.rc.search_settings(run.seed)
-    n = s.evolution.population_size + (s.generations - 1) * s.evolution.offspring
-    total, rung_n = 0, n
-    for _ in run.ladder.rungs:
-        total += rung_n
-        rung_n = math.ceil(rung_n * run.ladder.promote_fraction)
-    total += s.turbo.iterations * s.turbo.batch_size
-    return total + (len(run.rc.baselines.uniform_bits) + 2 if baselines else 0)  # random's share added later
+    seen = [0] * len(run.ladder.rungs)
+    for g in range(s.generations):
+        seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
+        for r in range(1, len(seen)):
+            seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
+    turbo = s.turbo.iterations * s.turbo.batch_size
+    total, methods = sum(seen) + turbo, 1
+    if baselines:
+        tokens = sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen)) + turbo * run.ladder[-1].train_tokens
+        n_random = run.rc.baselines.n_random or equal_compute_count(tokens, run.ladder)
+        total += len(run.rc.baselines.uniform_bits) + 2 + n_random
+        methods += len(run.rc.baselines.uniform_bits) + 3
+    return total + run.rc.report.seeds * methods
 
 
 @flow(name="autoqra-search", log_prints=True)
@@ -97,7 +106,8 @@ def search_flow(
         progress.at("baselines")
         # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
         n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
-        progress.planned += n_random
+        fixed = len(rc.baselines.uniform_bits) + 2
+        progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
         base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
                              run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
                              rank=rc.baselines.rank, history=res.history)
@@ -151,7 +161,7 @@ def _test_report(run: Run, best: dict, base: dict, progress: Progress) -> dict:
     if not methods or run.rc.report.seeds == 0:
         return {}
     progress.at("test report")
-    progress.planned += run.rc.report.seeds * len({c.key() for c in methods.values()})
+    progress.planned = progress.count + run.rc.report.seeds * len({c.key() for c in methods.values()})
     return run.test_report(methods, progress)
 
 
@@ -168,7 +178,7 @@ def evaluate_flow(
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, None, rc, seed)
     cfg = Config.from_dict(config)
-    run.space.validate(cfg)
+    run.evaluable().validate(cfg)
     rung = run.ladder.top if fidelity < 0 else fidelity
     if not 0 <= rung <= run.ladder.top:
         raise AutoQRAError(f"--fidelity {fidelity} is not a rung: choose 0..{run.ladder.top} (or -1 for the top)")

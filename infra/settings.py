@@ -27,6 +27,8 @@ ENV_NAMES: dict[str, str] = {
     "AWS_ENDPOINT_URL": "aws_endpoint_url",
     "AWS_ACCESS_KEY_ID": "aws_access_key_id",
     "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AUTOQRA_REQUEST_TIMEOUT": "request_timeout",
+    "AUTOQRA_REQUEST_RETRIES": "request_retries",
 }
 SECRET_FIELDS = frozenset({"aws_secret_access_key"})
 #: A settings file may be named by this variable instead of a flag.
@@ -58,6 +60,10 @@ class Settings:
     aws_endpoint_url: str | None = None
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
+    #: Seconds one MLflow / S3 request may take, and retries after a failed one: a server that dies mid-search
+    #: costs about (1 + retries) x timeout at worst per call (a refused connection: milliseconds), not minutes.
+    request_timeout: float = 10.0
+    request_retries: int = 1
 
     @classmethod
     def load(
@@ -95,6 +101,8 @@ class Settings:
             aws_endpoint_url=_opt(raw.get("aws_endpoint_url")),
             aws_access_key_id=_opt(raw.get("aws_access_key_id")),
             aws_secret_access_key=_opt(raw.get("aws_secret_access_key")),
+            request_timeout=_number(raw, "request_timeout", float, cls.request_timeout),
+            request_retries=_number(raw, "request_retries", int, cls.request_retries),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -108,6 +116,8 @@ class Settings:
             "AUTOQRA_HOME": str(self.home),
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
             "AUTOQRA_STORE": self.store,
+            "AUTOQRA_REQUEST_TIMEOUT": str(self.request_timeout),
+            "AUTOQRA_REQUEST_RETRIES": str(self.request_retries),
         }
         optional = {
             "PREFECT_API_URL": self.prefect_api_url,
@@ -139,6 +149,20 @@ class Settings:
         return f"Settings({body})"
 
     __str__ = __repr__
+
+
+def _number(raw: Mapping[str, Any], name: str, kind: type, default: float) -> Any:
+    value = raw.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        out = -1
+    if out < 0:
+        env = next(k for k, v in ENV_NAMES.items() if v == name)
+        raise SettingsError(f"{env} must be a non-negative {kind.__name__}, got {value!r}")
+    return out
 
 
 def _opt(value: Any) -> str | None:

@@ -57,6 +57,8 @@ def open_store(url: str | None = None, settings: Settings | None = None, check: 
             endpoint_url=settings.aws_endpoint_url,
             access_key_id=settings.aws_access_key_id,
             secret_access_key=settings.aws_secret_access_key,
+            timeout=settings.request_timeout,
+            retries=settings.request_retries,
         )
     else:
         raise StoreError(f"Store URL {url!r} is not file://... or s3://...; fix AUTOQRA_STORE or --store")
@@ -170,7 +172,10 @@ class S3Store(_Folders):
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
     region: str = field(default_factory=lambda: os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    timeout: float = 10.0  # seconds per request (connect and read): the AUTOQRA_REQUEST_TIMEOUT setting
+    retries: int = 1  # retries after a failed request: the AUTOQRA_REQUEST_RETRIES setting
     _client: Any = field(default=None, init=False, repr=False)
+    _bucket_ready: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -184,9 +189,9 @@ class S3Store(_Folders):
         from botocore.config import Config
 
         config = Config(
-            connect_timeout=2 if fast else 10,
-            read_timeout=5 if fast else 60,
-            retries={"max_attempts": 1 if fast else 3, "mode": "standard"},
+            connect_timeout=min(2, self.timeout) if fast else self.timeout,
+            read_timeout=min(5, self.timeout) if fast else self.timeout,
+            retries={"max_attempts": 1 if fast else 1 + self.retries, "mode": "standard"},
             # S3-compatible servers differ in path-style and new-checksum support: ask for neither.
             s3={"addressing_style": "path"} if self.endpoint_url else None,
             request_checksum_calculation="when_required",
@@ -208,22 +213,12 @@ class S3Store(_Folders):
         return self._client
 
     def check(self) -> None:
-        """Reach the endpoint once with short timeouts; create the bucket if it is missing."""
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+        """Reach the endpoint once with short timeouts. A missing bucket is fine here: it is created by the
+        first upload (``_ensure_bucket``), so checking has no side effect."""
+        from botocore.exceptions import ClientError
 
-        client = self._make_client(fast=True)
         try:
-            client.head_bucket(Bucket=self.bucket)
-            return
-        except (EndpointConnectionError, BotoCoreError) as exc:
-            if isinstance(exc, NoCredentialsError):
-                raise StoreError(
-                    f"No credentials for {self._where()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                ) from exc
-            raise StoreError(
-                f"Cannot reach S3 endpoint for {self._where()} ({type(exc).__name__}). Start the server or "
-                f"fix AWS_ENDPOINT_URL, or set AUTOQRA_STORE to a file:// URL to store objects locally."
-            ) from exc
+            self._make_client(fast=True).head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -232,18 +227,53 @@ class S3Store(_Folders):
                 ) from exc
             if code not in ("404", "NoSuchBucket", "NotFound"):
                 raise StoreError(f"S3 error {code} from {self._where()}: {exc}; check AUTOQRA_STORE") from exc
+        except Exception as exc:  # noqa: BLE001 - botocore's connection errors have no common base worth naming
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception, doing: str = "") -> StoreError:
+        from botocore.exceptions import NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(f"No credentials for {self._where()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return StoreError(
+            f"Cannot reach S3 endpoint for {self._where()}{doing} ({type(exc).__name__}). Start the server or "
+            f"fix AWS_ENDPOINT_URL, or set AUTOQRA_STORE to a file:// URL to store objects locally."
+        )
+
+    def _ensure_bucket(self) -> None:
+        """Create the bucket if it is missing, once; outside us-east-1 AWS needs the region as a constraint."""
+        if self._bucket_ready:
+            return
+        from botocore.exceptions import ClientError
+
         try:
-            client.create_bucket(Bucket=self.bucket)
+            self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise StoreError(f"Cannot create bucket {self.bucket!r} at {self._where()}: {code}") from exc
+            if str(exc.response.get("Error", {}).get("Code", "")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            extra = {} if self.region == "us-east-1" else {
+                "CreateBucketConfiguration": {"LocationConstraint": self.region}}
+            try:
+                self.client.create_bucket(Bucket=self.bucket, **extra)
+            except ClientError as exc2:
+                code = str(exc2.response.get("Error", {}).get("Code", ""))
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise StoreError(f"Cannot create bucket {self.bucket!r} at {self._where()}: {code}") from exc2
+        self._bucket_ready = True
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, _clean_key(key))
 
     def put_file(self, local: str | Path, key: str) -> str:
-        self.client.upload_file(str(local), self.bucket, self._key(key))
+        """Upload one file (bounded: ``timeout`` per request, ``retries`` retries); a dead server is a StoreError
+        within seconds, naming the endpoint. Re-uploading the same key overwrites it (idempotent)."""
+        try:
+            self._ensure_bucket()
+            self.client.upload_file(str(local), self.bucket, self._key(key))
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore/boto3 transfer errors: one message for the user
+            raise self._unreachable(exc, f" while uploading {key!r}") from exc
         return self.url_for(key)
 
     def get_file(self, key: str, local: str | Path) -> Path:

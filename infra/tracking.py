@@ -43,10 +43,24 @@ def tracking_uri(uri: str | None = None) -> str:
     return Settings.load().mlflow_tracking_uri
 
 
+def bound_requests() -> None:
+    """Bound every MLflow HTTP request by the settings (``AUTOQRA_REQUEST_TIMEOUT`` seconds, ``AUTOQRA_REQUEST_RETRIES``
+    retries, short backoff) instead of MLflow's defaults (120 s, 7 retries with exponential backoff: minutes per
+    call on a dead server). MLflow reads these variables at each request; ones the user set are kept."""
+    from infra.settings import Settings
+
+    s = Settings.load()
+    for name, value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", int(max(1, round(s.request_timeout)))),
+                        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", s.request_retries),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 1), ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", 0)):
+        os.environ.setdefault(name, str(value))
+
+
 def client(uri: str | None = None) -> Any:
-    """An ``MlflowClient`` for ``uri`` (registry on the same URI)."""
+    """An ``MlflowClient`` for ``uri`` (registry on the same URI), its requests bounded (``bound_requests``)."""
     from mlflow import MlflowClient
 
+    bound_requests()
     uri = tracking_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -147,6 +161,47 @@ def find_or_start_run(experiment_id: str, run_name: str, key: str, tags: Mapping
     return start_search_run(experiment_id, run_name, tags={**(tags or {}), "autoqra.key": key}, uri=uri)
 
 
+RESUME_TAG = "autoqra.resume_key"  # hash of what makes two runs the same search (params + output folder)
+EVAL_TAG = "autoqra.eval_id"  # stage/rung/config key of a child run: what a resumed search has already logged
+
+
+def resume_search_run(experiment_id: str, resume_key: str, out: str, uri: str | None = None) -> str | None:
+    """The parent run of the same search (same ``resume_key``), reopened as RUNNING, or None.
+
+    Runs of the same output folder left RUNNING by a crash are marked KILLED: superseded (another search) or
+    continued (the newest of this one, which goes back to RUNNING). Found by tags, not by any local file."""
+    c = client(uri)
+    runs = c.search_runs([experiment_id], filter_string=f"tags.out = '{out}'", order_by=["attributes.start_time DESC"],
+                         max_results=1000)
+    same = [r for r in runs if r.data.tags.get(RESUME_TAG) == resume_key]
+    keep = same[0] if same else None
+    for r in runs:
+        if r.info.status == "RUNNING" and r is not keep:
+            c.set_terminated(r.info.run_id, status="KILLED")
+            c.set_tag(r.info.run_id, "autoqra.note", "left RUNNING by a crash; superseded by a later search in "
+                      "the same folder")
+    if keep is None:
+        return None
+    if keep.info.status == "RUNNING":  # it crashed (or was killed): say so in its history, then continue it
+        c.set_tag(keep.info.run_id, "autoqra.note", "killed while running; resumed")
+    c.update_run(keep.info.run_id, status="RUNNING")
+    c.set_tag(keep.info.run_id, "autoqra.resumes", str(int(keep.data.tags.get("autoqra.resumes", "0")) + 1))
+    return keep.info.run_id
+
+
+def logged_evaluations(parent_run_id: str, uri: str | None = None) -> set[str]:
+    """``EVAL_TAG`` of the parent's finished child runs; a child left half-logged (RUNNING) by a crash is
+    deleted so that it is logged again in full, once."""
+    c = client(uri)
+    done = set()
+    for r in child_runs(parent_run_id, uri):
+        if r.info.status == "RUNNING":
+            c.delete_run(r.info.run_id)
+        elif EVAL_TAG in r.data.tags:
+            done.add(r.data.tags[EVAL_TAG])
+    return done
+
+
 def run_exists(run_id: str | None, uri: str | None = None) -> bool:
     """Whether this tracking server knows ``run_id`` (a run dir may come from another server)."""
     from mlflow.exceptions import MlflowException
@@ -199,7 +254,7 @@ def log_evaluation(
     rung = evaluation.get("rung", evaluation.get("fidelity"))
     status = str(evaluation.get("status", "ok"))
     tags = {PARENT_TAG: parent_run_id, "autoqra.status": status}
-    for key in ("stage", "reason", "config_key"):
+    for key in ("stage", "reason", "config_key", "eval_id"):
         if evaluation.get(key) is not None:
             tags[f"autoqra.{key}"] = str(evaluation[key])[:5000]
     name = run_name or f"eval-{evaluation.get('stage', 'x')}-r{rung}"

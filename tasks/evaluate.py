@@ -13,6 +13,7 @@ import os
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from autoqra_core.errors import AutoQRAError
 from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import TrainSettings, evaluate_config
 from autoqra_core.quantize import QuantSettings
@@ -30,7 +31,20 @@ def _count(task, task_run, state) -> None:
             f.write(task_run.name + "\n")
 
 
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry a crash once (it may be transient); an ``AutoQRAError`` (e.g. too little data at this rung) would
+    fail the same way again."""
+    try:
+        state.result()
+    except AutoQRAError:
+        return False
+    except Exception:  # noqa: BLE001 - any other error is worth one more try
+        return True
+    return True
+
+
 @task(
+    retry_condition_fn=_retry_unless_bad_input,
     cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset",
     persist_result=True,
     retries=1,

@@ -105,6 +105,7 @@ def final_finetune(
                       "train_tokens": fid.steps * fid.batch_size * fid.seq_len},
         "training_curves": {str(k): v for k, v in curves.items()},
         "config_key": config_key,
+        "settings": export,  # what an export re-run compares to reuse this fine-tune
         # the search-era keys, kept for readers of export.json: the export's own test numbers
         "eval_loss": loss_mean, "accuracy": acc_mean,
     }

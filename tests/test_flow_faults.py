@@ -84,3 +84,144 @@ def test_servers_dying_mid_search_lose_nothing(prefect_env, tmp_path, monkeypatc
     assert "Cannot reach S3 endpoint" in result["export_error"] and "autoqra export --run" in result["export_error"]
     assert (out / "export" / "autoqra-embedded" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "export.json").exists()
+
+
+@pytest.mark.slow
+def test_rung_with_too_little_data_fails_its_evaluations_and_the_search_goes_on(prefect_env, tmp_path, monkeypatch):
+    """A real DatasetError (the top rung's data fraction gives fewer tokens than one block) inside the evaluation:
+    those evaluations fail with the reason, are not retried (bad input fails the same way again), the rest go on."""
+    import tasks.evaluate as te
+    from flows.search import search_flow
+
+    calls: Counter = Counter()
+    real = te.evaluate_config
+
+    def counting(base, tok, task, lmap, config, fid, rung, *args, **kwargs):
+        calls[(config.key(), rung)] += 1
+        return real(base, tok, task, lmap, config, fid, rung, *args, **kwargs)
+
+    monkeypatch.setattr(te, "evaluate_config", counting)
+    cfg = tmp_path / "small-top.yaml"
+    cfg.write_text(TINY.replace("- {steps: 6, data_fraction: 0.05, seq_len: 32",
+                                "- {steps: 6, data_fraction: 0.00001, seq_len: 64"))
+    result = search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=False, export=False)
+
+    top = [e for e in result["evaluations"] if e["fidelity"] == 1]
+    low = [e for e in result["evaluations"] if e["fidelity"] == 0]
+    assert top and all(e["status"] == "failed" for e in top)
+    assert all(e["reason"].startswith("DatasetError: 1 training rows give fewer than 64 tokens") for e in top)
+    assert low and all(e["status"] == "ok" for e in low)  # rung 0 is fine: the search went on past the bad rung
+    assert all(calls[(e["config_key"], 1)] == 1 for e in top)  # not retried
+    assert result["best"] is None
+    assert (tmp_path / "out" / "result.json").is_file()
+
+
+ONE_RUNG = """
+search:
+  rungs:
+    - {steps: 2, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 10}
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_rewritten_in_place_is_not_served_from_the_cache(prefect_env, tmp_path, monkeypatch):
+    """A real cached evaluation; the checkpoint's weights are rewritten in place with the same size (as a
+    retrain into the same folder does): the next evaluation runs again, on the new weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import tasks.evaluate as te
+    from autoqra_core.space import SearchSpace
+    from flows.search import evaluate_flow
+
+    from .helpers import tiny_checkpoint
+
+    ran = []
+    real = te.evaluate_config
+    monkeypatch.setattr(te, "evaluate_config", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ckpt = tiny_checkpoint(tmp_path, "llama")
+    cfg = tmp_path / "one-rung.yaml"
+    cfg.write_text(ONE_RUNG)
+    config = SearchSpace(("model.layers.0", "model.layers.1")).uniform(4, 4).to_dict()
+
+    first = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    again = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    assert len(ran) == 1 and again["eval_loss"] == first["eval_loss"]  # the cache serves an unchanged model
+
+    weights = ckpt / "model.safetensors"
+    size = weights.stat().st_size
+    state = load_file(weights)
+    torch.manual_seed(1)
+    save_file({k: torch.randn_like(v) * v.std() if v.dim() == 2 else v for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    rewritten = evaluate_flow(config=config, model=str(ckpt), config_file=str(cfg))
+    assert len(ran) == 2 and rewritten["eval_loss"] != first["eval_loss"]
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
+    """A real MLflow server SIGKILLed after the first checkpoint: the search finishes, each later checkpoint
+    costs a bounded few seconds, the failure is reported once, nothing is lost; with the server back, the
+    same command continues the same MLflow run and logs what was missed, without duplicates."""
+    import os
+    import signal
+    import time
+
+    import flows.report as fr
+    from flows.search import search_flow
+    from infra import stack as local_stack
+    from infra import tracking
+
+    server = local_stack.up(tmp_path / "stack", services=("mlflow",), timeout=150)
+    uri = server.services["mlflow"].url
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    seconds: list[float] = []
+    warnings: list[str] = []
+    real_checkpoint, real_logger = fr.Report.checkpoint, fr.get_run_logger
+
+    def timed_checkpoint(self, res):
+        start = time.monotonic()
+        real_checkpoint(self, res)
+        seconds.append(time.monotonic() - start)
+        if len(seconds) == 1:  # the server dies right after the first checkpoint
+            os.killpg(server.services["mlflow"].pid, signal.SIGKILL)
+
+    class Recording:
+        def __init__(self, log):
+            self.log = log
+
+        def warning(self, msg, *a, **k):
+            warnings.append(msg)
+            self.log.warning(msg, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.log, name)
+
+    monkeypatch.setattr(fr.Report, "checkpoint", timed_checkpoint)
+    monkeypatch.setattr(fr, "get_run_logger", lambda: Recording(real_logger()))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    try:
+        result = search_flow(out=str(out), config_file=str(cfg), seed=6, baselines=False, export=False)
+        n = len(result["evaluations"])
+        assert n >= 10 and json.loads((out / "result.json").read_text())["evaluations"] == result["evaluations"]
+        after = seconds[1:]
+        print(f"checkpoint seconds with MLflow up: {seconds[0]:.2f}; after SIGKILL: {[round(s, 2) for s in after]}")
+        assert len(after) >= 2 and max(after) < 5.0
+        failed = [w for w in warnings if "MLflow logging failed" in w]
+        assert len(failed) == 1, warnings  # reported once, not at every checkpoint
+
+        # The server comes back (same port, same database): the same command continues the run, logs the rest.
+        local_stack.up(tmp_path / "stack", services=("mlflow",), ports={"mlflow": server.services["mlflow"].port},
+                       timeout=150)
+        monkeypatch.setattr(fr.Report, "checkpoint", real_checkpoint)
+        again = search_flow(out=str(out), config_file=str(cfg), seed=6, baselines=False, export=False)
+        assert again["mlflow_run_id"] == result["mlflow_run_id"]
+        children = tracking.child_runs(result["mlflow_run_id"], uri)
+        ids = [r.data.tags[tracking.EVAL_TAG] for r in children]
+        assert len(ids) == len(set(ids)) == n
+        assert tracking.client(uri).get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        local_stack.down(tmp_path / "stack")

@@ -238,6 +238,10 @@ def test_mlflow_sqlite_registry_without_server(tmp_path: Path) -> None:
     first = tracking.find_or_start_run(exp_id, "export-x", key="export:x/run", uri=uri)
     assert tracking.find_or_start_run(exp_id, "export-x", key="export:x/run", uri=uri) == first != parent
     assert len(tracking.child_runs(parent, uri=uri)) == 1
+    # Registering the same run's files again (a retried publish) adds no version.
+    again = tracking.register_model(parent, "adapter", "local-model", uri=uri)
+    assert again.version == version.version
+    assert len(tracking.client(uri).search_model_versions("name = 'local-model'")) == 1
     with pytest.raises(TrackingError, match="no artifacts"):
         tracking.register_model(parent, "not-there", "local-model", uri=uri)
 

@@ -188,3 +188,49 @@ with get_client(sync_client=True) as c:
                       "evals": sorted(t.name for t in tasks if t.name.startswith("eval "))}))"""))
     assert "autoqra-search:COMPLETED" in got["flows"] and "autoqra-export:COMPLETED" in got["flows"]
     assert got["evals"] == sorted(served_search.evaluations_run)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
+    """SIGKILL mid-search, then the same command: one parent run in MLflow (found again by its tags, not a local
+    file), back from RUNNING to FINISHED with a note, and every evaluation logged exactly once as a child."""
+    from mlflow import MlflowClient
+
+    from infra import tracking
+
+    out = tmp_path / "out"
+    env = cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "first.txt")})
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoint.json").exists() and len(counted(tmp_path / "first.txt")) >= 9:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search finished before it could be killed: make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (out / "checkpoint.json").unlink()  # the parent run is found without it (the evaluations are still cached)
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name("autoqra").experiment_id
+
+    def parents():
+        runs = mlflow.search_runs([exp], filter_string=f"tags.out = '{out.resolve()}'")
+        return [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+
+    (crashed,) = parents()
+    assert crashed.info.status == "RUNNING"
+    logged_before = len(tracking.child_runs(crashed.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+
+    r = subprocess.run(search_cmd(out, tiny), cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    (parent,) = parents()
+    assert parent.info.run_id == crashed.info.run_id == result["mlflow_run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["autoqra.note"] == "killed while running; resumed"
+    children = tracking.child_runs(parent.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ids = [c.data.tags[tracking.EVAL_TAG] for c in children]
+    assert logged_before > 0 and len(ids) == len(set(ids)) == len(result["evaluations"])
+    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)

@@ -263,6 +263,43 @@ def test_turbo_state_grows_and_shrinks():
     assert turbo.TurboState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
+def test_turbo_grows_shrinks_and_restarts_and_counts_failed_evaluations():
+    """On the synthetic objective, at the default tolerances: two improving batches double the region; once every
+    evaluation fails (diverged), the failed batches count as misses (halving it every 2) down to a restart."""
+    calls = [0]
+
+    def fails_after_three_batches(config, rung):
+        calls[0] += 1
+        if calls[0] > 6:
+            raise CandidateFailed("diverged: loss is nan at step 3")
+        return evaluate(config, rung)
+
+    rng = random.Random(5)
+    warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
+    settings = dataclasses.replace(turbo.TurboSettings(), iterations=12, n_candidates=128)
+    trace: list[turbo.TurboRun] = []
+    run = turbo.run_stage2(SPACE, PRIORS, cost, BUDGET, warm, Recorder(fails_after_three_batches), LADDER.top,
+                           settings, seed=0, on_iteration=trace.append)
+    lengths = [r.state.length for r in trace]
+    init = settings.length_init
+    grew = lengths.index(2 * init)
+    shrank = next(i for i in range(grew, len(trace)) if lengths[i] < lengths[i - 1])
+    restarted = next(i for i, r in enumerate(trace) if r.restarts == 1)
+    assert grew < shrank < restarted and trace[restarted].state.length == init
+    assert all(not e.ok for r in trace[shrank:] for e in r.history[-2:])  # only failures after the growth
+    # The failed evaluations are in the GP's data, at the worst ok loss, not dropped.
+    data = turbo.gp_data(warm + run.history)
+    worst = max(e.eval_loss for e in warm + run.history if e.ok)
+    assert len(data) == len(warm) + len(run.history) and sum(y == worst for _, y in data) > len(run.history) // 2
+
+
+def test_turbo_region_can_shrink_within_the_default_iterations():
+    s = turbo.TurboState.new(2 * len(SPACE), turbo.TurboSettings(), best_value=1.0)
+    for _ in range(turbo.TurboSettings().iterations):
+        s = turbo.update_state(s, [math.inf, math.inf])  # a batch of failed evaluations
+    assert s.length < turbo.TurboSettings().length_init
+
+
 # --- the whole search ----------------------------------------------------------------------------
 
 

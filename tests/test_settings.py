@@ -1,0 +1,111 @@
+"""The settings file's schema: every field typed, unknown ones named, one place for each default (the core's
+dataclasses), and the defaults the README documents are the real ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from autoqra_core.evolution import EvolutionSettings
+from autoqra_core.search import SearchSettings, run_search
+from autoqra_core.turbo import TurboSettings
+from flows.config import ConfigError, RunConfig, load_run_config
+
+from .helpers import ROOT
+
+
+def _load(tmp_path, text: str) -> RunConfig:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_run_config(path)
+
+
+def test_partial_override_keeps_the_other_defaults(tmp_path):
+    s = _load(tmp_path, "search: {evolution: {offspring: 4}, turbo: {batch_size: 3}}").search_settings(7)
+    assert s.evolution == dataclasses.replace(EvolutionSettings(), offspring=4)
+    assert s.evolution.population_size == 8  # the documented default, not an older one
+    assert s.turbo == dataclasses.replace(TurboSettings(), batch_size=3)
+    assert s.generations == SearchSettings().generations and s.ladder == SearchSettings().ladder and s.seed == 7
+
+
+@pytest.mark.parametrize("text, named", [
+    ("search: {evolution: {populaton_size: 4}}", "search.evolution.populaton_size: Extra inputs are not permitted"),
+    ("search: {turbo: {iterations: many}}", "search.turbo.iterations: Input should be a valid integer"),
+    ("search: {turbo: {failure_tolerance: 0}}", "search.turbo.failure_tolerance: Input should be greater than or equal to 1"),
+    ("search: {evolution: {crossover_prob: 1.5}}", "search.evolution.crossover_prob: Input should be less than or equal to 1"),
+])
+def test_bad_fields_are_named_before_any_work(tmp_path, text, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        _load(tmp_path, text)
+
+
+def test_schema_covers_every_core_field_with_the_core_default():
+    """One place for each default: the schema's defaults are read from the dataclasses, field for field."""
+    cfg = RunConfig()
+    for section, dc in ((cfg.search.evolution, EvolutionSettings), (cfg.search.turbo, TurboSettings)):
+        assert section.model_dump() == dataclasses.asdict(dc())
+    assert cfg.search_settings(0) == SearchSettings()
+
+
+def test_readme_documents_the_real_defaults():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### Search settings.*?```yaml\n(.*?)```", text, re.S).group(1)
+    documented = yaml.safe_load(block)
+    real = RunConfig().model_dump(mode="json")
+
+    def check(doc, actual, where):
+        if isinstance(doc, dict):
+            for k, v in doc.items():
+                assert k in actual, f"README documents {where}{k}, which the schema does not have"
+                check(v, actual[k], f"{where}{k}.")
+        elif isinstance(doc, float):
+            assert doc == pytest.approx(actual, abs=1e-3), where
+        else:
+            assert doc == actual, where
+
+    check(documented, real, "")
+
+
+def test_progress_plan_matches_a_search_at_the_defaults():
+    """The progress line's planned count, for the default settings, against a real search (the synthetic
+    objective, 8 layers) with the baselines: never fewer than done (the demo once logged "46/44 evaluations")."""
+    from types import SimpleNamespace
+
+    from autoqra_core import baselines, protocol
+    from flows.search import _planned
+
+    from .test_search import BUDGET, PRIORS, SPACE, Recorder, cost
+
+    rc = RunConfig()
+    settings = rc.search_settings(0)
+    recorder = Recorder()
+    res = run_search(
+        SPACE, PRIORS, cost, BUDGET, recorder, settings)
+    n_random = protocol.equal_compute_count(protocol.history_tokens(res.history, settings.ladder), settings.ladder)
+    base = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top, n_random=n_random,
+                                   seed=0, history=res.history)
+    done = len(recorder.calls) + rc.report.seeds * (1 + len(base))  # + the test report: every method, each seed
+    planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder()), baselines=True)
+    assert done <= planned <= done + 4, (done, planned)
+
+
+def test_evaluate_accepts_the_runs_own_fp_lora_baseline():
+    """`autoqra evaluate --config` of result.json's fp-lora baseline (16 bits) needs no settings file adding 16."""
+    from autoqra_core.baselines import fp_lora
+    from autoqra_core.errors import SpaceError
+    from flows.run import Run
+
+    run = Run.prepare("embedded", "embedded", None, RunConfig(), 0)
+    config = fp_lora(run.space, RunConfig().baselines.rank)
+    with pytest.raises(SpaceError, match="16 bits is outside the space"):
+        run.space.validate(config)  # the search itself never proposes it
+    run.evaluable().validate(config)
+    bad = run.space.uniform(4, 16).to_dict()
+    bad["layers"][0]["bits"] = 5
+    from autoqra_core.space import Config
+
+    with pytest.raises(SpaceError, match="5 bits is outside the space"):
+        run.evaluable().validate(Config.from_dict(bad))
