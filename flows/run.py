@@ -21,7 +21,7 @@ from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.space import Config, SearchSpace
 from infra.settings import embedded_dataset_path, embedded_model_path
-from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
+from tasks.common import Workbench, code_version, fingerprint, workbench
 from tasks.evaluate import evaluate
 from tasks.priors import priors as priors_task
 
@@ -58,10 +58,7 @@ class Run:
         from autoqra_core.quantize import check_backend
 
         check_backend(rc.quant.backend, space.bits)
-        top = rc.ladder()[rc.ladder().top]
-        mem = memory_settings(top.batch_size, top.seq_len, rc.quant.backend, rc.train.grad_checkpointing,
-                              rc.quant.device)
-        mem = MemorySettings(**{**mem.__dict__, "group_size": rc.quant.group_size})
+        mem = rc.memory_settings()
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
         return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d), code_version())
 

@@ -60,5 +60,5 @@ def evaluate(
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
     result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,
-                             QuantSettings(**quant), TrainSettings(**train))
+                             QuantSettings(**quant), TrainSettings(**train), cache=wb.packed)
     return result.to_dict()
