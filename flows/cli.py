@@ -234,6 +234,8 @@ def estimate(
     device: str = typer.Option("auto", help="cpu | cuda (plan for a GPU from any machine) | auto (this one's)."),
     backend: str = typer.Option("auto", help="sim | hqq | bnb | auto (hqq on cuda, sim on cpu, as the search)."),
     group_size: int = typer.Option(64, "--group-size"),
+    score_batch_size: Optional[int] = typer.Option(None, "--score-batch-size",
+                                                   help="Rows per scoring forward (default: the search's, 64)."),
     budget: Optional[str] = typer.Option(None, help="'24GiB' or 'uniform-4bit-r16': say what fits."),
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
@@ -242,6 +244,8 @@ def estimate(
     from flows.run import resolve
 
     def go():
+        import dataclasses
+
         from autoqra_core.device import resolve_device
         from autoqra_core.errors import SpaceError
         from autoqra_core.estimate import plan
@@ -285,6 +289,8 @@ def estimate(
         top = _default_rungs()[-1]
         mem = settings_for(dev, back, group_size, batch_size or top.batch_size, seq_len or top.seq_len,
                            grad_checkpointing)
+        if score_batch_size is not None:
+            mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
         return plan(shape, space, mem, cfg, budget), shape
 
     p, shape = _run(go)

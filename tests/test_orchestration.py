@@ -23,7 +23,7 @@ import pytest
 
 from tasks.evaluate import COUNTER_ENV
 
-from .helpers import AUTOQRA, ROOT, TINY_SEARCH, cli_env
+from .helpers import AUTOQRA, ROOT, SERVER_ENV, TINY_SEARCH, cli_env
 
 SEED = 5
 
@@ -185,3 +185,46 @@ with get_client(sync_client=True) as c:
                       "evals": sorted(t.name for t in tasks if t.name.startswith("eval "))}))"""))
     assert "autoqra-search:COMPLETED" in got["flows"] and "autoqra-export:COMPLETED" in got["flows"]
     assert got["evals"] == sorted(served_search.evaluations_run)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, reference, served_search):
+    """`execution: {task_runner: dask, address: tcp://...}`: a real `dask scheduler` and two `dask worker`
+    processes on 127.0.0.1 (one per GPU on a GPU box), started and stopped here, run the evaluations."""
+    ref_out, ref_count = reference
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    servers = {k: v for k, v in served_search.env.items() if k in SERVER_ENV}  # workers report to the same Prefect
+    env = cli_env(tmp_path, **servers, PYTHONPATH=str(ROOT),
+                  PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+                  **{COUNTER_ENV: str(tmp_path / "count.txt")})
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        for i in range(2):  # on a GPU box: CUDA_VISIBLE_DEVICES=i for worker i
+            procs.append(subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
+                                           "--nthreads", "1", "--no-dashboard", "--name", f"gpu{i}"],
+                                          cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cfg = tmp_path / "cluster.yaml"
+        cfg.write_text(tiny.read_text() + f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
+        r = subprocess.run(search_cmd(tmp_path / "out", cfg), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert best(tmp_path / "out") == best(ref_out)
+        ran = counted(tmp_path / "count.txt")
+        assert sorted(ran) == sorted(ref_count)  # every evaluation ran, on the cluster's workers
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
