@@ -77,7 +77,8 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """Dtypes and training shape. Defaults match CPU training in fp32; on a GPU use 2-byte base/meta/act."""
+    """Dtypes (bytes per value) and training shape. Defaults match CPU training in fp32; ``settings_for``
+    derives them from a device and compute dtype (what the search and ``autoqra estimate`` both use)."""
 
     backend: str = "hqq"
     group_size: int = 64

@@ -26,15 +26,13 @@ from torch import nn
 
 from .errors import SpaceError
 from .model import LayerMap
-from .quantize import QuantSettings, check_backend, quantize_module
+from .quantize import QuantSettings, check_backend, quantize_module, storage_bytes
 from .space import UNQUANTIZED, Config
 
 Key = tuple[str, int, str, int, str, torch.dtype]  # (module, bits, backend, group size, device, compute dtype)
 
 
 def _module_bytes(module: nn.Module) -> int:
-    from .quantize import storage_bytes
-
     return storage_bytes(module, grads=False)
 
 

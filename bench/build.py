@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=6)
     ap.add_argument("--backend", default="sim")
     ap.add_argument("--rung0", action="store_true", help="also time one whole rung-0 evaluation")
+    ap.add_argument("--same-bits", action="store_true",
+                    help="every candidate uniform 4-bit with its own ranks (the cache's steady state: a large model "
+                         "needs hours of CPU to fill every (module, bits) entry)")
     args = ap.parse_args()
 
     base, tok = load_model(ROOT / "infra" / "embedded" / "model")
@@ -79,7 +82,8 @@ def main() -> None:
           flush=True)
     times = []
     for i in range(args.candidates):
-        cfg = space.config([rng.choice(space.bits) for _ in lmap.names], [rng.choice(space.ranks[1:]) for _ in lmap.names])
+        bits = [4] * len(lmap.names) if args.same_bits else [rng.choice(space.bits) for _ in lmap.names]
+        cfg = space.config(bits, [rng.choice(space.ranks[1:]) for _ in lmap.names])
         t0 = time.perf_counter()
         model = build(base, cfg, lmap, q, t, **kw)
         times.append(time.perf_counter() - t0)

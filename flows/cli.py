@@ -240,7 +240,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
     """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
-    from flows.config import _default_rungs
+    from flows.config import SearchSection
     from flows.run import resolve
 
     def go():
@@ -286,7 +286,7 @@ def estimate(
                                 tuple(sorted(set(space.ranks) | set(cfg.ranks))))
         else:
             cfg = None
-        top = _default_rungs()[-1]
+        top = SearchSection().rungs[-1]  # the search's default top rung: the shape its cost charges
         mem = settings_for(dev, back, group_size, batch_size or top.batch_size, seq_len or top.seq_len,
                            grad_checkpointing)
         if score_batch_size is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import torch
 
 import autoqra_core
 from autoqra_core.data import Task, load_task
@@ -41,10 +44,6 @@ def workbench(model: str, dataset: str, granularity: str = "block", layers: tupl
 def cache_capacity() -> int | None:
     """Packed modules kept beyond the current candidate's: all of them in host memory; on a GPU (they sit in
     the memory the budget measures) none, unless AUTOQRA_PACKED_CACHE_BYTES allows some headroom."""
-    import os
-
-    import torch
-
     if (env := os.environ.get("AUTOQRA_PACKED_CACHE_BYTES")) is not None:
         return int(env)
     return 0 if torch.cuda.is_available() else None
