@@ -68,9 +68,6 @@ def test_every_tensor_and_batch_lives_on_the_chosen_device(embedded):
 
 def test_a_fake_device_in_the_settings_fails_preflight_with_exit_2(tmp_path):
     (tmp_path / "s.yaml").write_text("quant: {device: tpu}\n")
-    r = subprocess.run([*AUTOQRA, "evaluate", "--config", str(tmp_path / "c.json"), "--search-config",
-                        str(tmp_path / "s.yaml")], cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
-                       timeout=300)
     (tmp_path / "c.json").write_text("{}")
     r = subprocess.run([*AUTOQRA, "evaluate", "--config", str(tmp_path / "c.json"), "--search-config",
                         str(tmp_path / "s.yaml")], cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
@@ -213,3 +210,25 @@ def test_estimate_equals_the_search_cost(embedded, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["config"]["total"] == run.cost(cfg)
     assert load_skeleton(EMBEDDED_MODEL).get_input_embeddings().weight.device.type == "meta"
+
+
+def test_sim_is_refused_on_a_gpu_and_auto_picks_the_backend():
+    from autoqra_core.errors import SpaceError
+    from autoqra_core.quantize import check_placement
+    from flows.config import QuantSection
+
+    with pytest.raises(SpaceError, match="use quant.backend 'hqq'.*or 'bnb'"):
+        check_placement("sim", "cuda:0")
+    check_placement("hqq", "cuda")
+    q = QuantSection()
+    assert (q.backend, q.compute_dtype) == (("hqq", "bfloat16") if torch.cuda.is_available() else ("sim", "float32"))
+
+
+def test_dask_address_is_validated(tmp_path):
+    from flows.config import ConfigError, load_run_config
+
+    (tmp_path / "a.yaml").write_text("execution: {task_runner: dask, address: 'tcp://127.0.0.1:8786'}\n")
+    assert load_run_config(tmp_path / "a.yaml").execution.address == "tcp://127.0.0.1:8786"
+    (tmp_path / "b.yaml").write_text("execution: {task_runner: thread, address: 'tcp://127.0.0.1:8786'}\n")
+    with pytest.raises(ConfigError, match="set task_runner: dask"):
+        load_run_config(tmp_path / "b.yaml")
