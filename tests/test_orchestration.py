@@ -5,7 +5,8 @@
 
 * a search killed with SIGKILL mid-way and started again finishes like an uninterrupted run and
   re-runs none of the finished evaluations (counted by a completion hook, i.e. after persistence);
-* the Dask task runner (a local cluster of 2 worker processes) gives the same result;
+* the Dask task runner (a local cluster of 2 worker processes, or an existing cluster by address) gives
+  the same result;
 * the deployments of prefect.yaml run on a process worker against a real Prefect server.
 """
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import task as task_decorator
 
 from tasks.evaluate import COUNTER_ENV
 
@@ -226,5 +228,45 @@ def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, 
     finally:
         for p in reversed(procs):
             p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@task_decorator()
+def _worker_name(i: int) -> str:
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+@pytest.mark.slow
+def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
+    """The runner built from `execution: {task_runner: dask, address: ...}` sends mapped task runs to the workers of
+    an existing scheduler (a real `dask scheduler` and two `dask worker` processes, ~1-2 min on 2 cores)."""
+    from prefect import flow
+
+    from flows.cli import _with_runner
+
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        procs += [subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "1",
+                                    "--no-dashboard", "--name", f"gpu{i}"], env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        cfg = tmp_path / "cluster.yaml"
+        cfg.write_text(f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
+
+        @flow
+        def fan() -> list[str]:
+            return [f.result() for f in _worker_name.map(list(range(8)))]
+
+        assert set(_with_runner(fan, cfg)()) == {"gpu0", "gpu1"}
+    finally:
+        for p in procs:
+            p.kill()
         for p in procs:
             p.wait(timeout=30)
