@@ -239,17 +239,26 @@ def _worker_name(i: int) -> str:
     return get_worker().name
 
 
-@pytest.mark.slow
-def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
-    """The runner built from `execution: {task_runner: dask, address: ...}` sends mapped task runs to the workers of
-    an existing scheduler (a real `dask scheduler` and two `dask worker` processes, ~1-2 min on 2 cores)."""
+def fan_out(config_file: str) -> list[str]:
+    """Eight mapped task runs through the runner ``autoqra`` builds from ``config_file``; the Dask workers' names."""
     from prefect import flow
 
     from flows.cli import _with_runner
 
+    @flow
+    def fan() -> list[str]:
+        return [f.result() for f in _worker_name.map(list(range(8)))]
+
+    return _with_runner(fan, config_file)()
+
+
+@pytest.mark.slow
+def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
+    """The runner built from `execution: {task_runner: dask, address: ...}` sends mapped task runs to the workers
+    of an existing scheduler (a real `dask scheduler` and two `dask worker` processes, ~1-2 min on 2 cores)."""
     port = _free_port()
     dask = str(Path(sys.executable).parent / "dask")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env(tmp_path, PYTHONPATH=str(ROOT), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
@@ -259,12 +268,11 @@ def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text(f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
-
-        @flow
-        def fan() -> list[str]:
-            return [f.result() for f in _worker_name.map(list(range(8)))]
-
-        assert set(_with_runner(fan, cfg)()) == {"gpu0", "gpu1"}
+        r = subprocess.run([sys.executable, "-c", f"from tests.test_orchestration import fan_out; "
+                            f"print(sorted(set(fan_out({str(cfg)!r}))))"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip().splitlines()[-1] == "['gpu0', 'gpu1']"
     finally:
         for p in procs:
             p.kill()
