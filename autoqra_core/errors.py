@@ -27,3 +27,7 @@ class CandidateFailed(RuntimeError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class DeviceError(AutoQRAError):
+    """A device or compute dtype this machine does not have (e.g. 'cuda:7' without 7 GPUs, 'tpu')."""

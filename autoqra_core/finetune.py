@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from .data import EvalSet, Task, batches, eval_set, train_blocks
+from .device import model_device, release
 from .errors import CandidateFailed
 from .fidelity import Evaluation, Fidelity
+from .memory import SCORE_BATCH_SIZE, format_bytes
 from .model import LayerMap
+from .packed import PackedCache
 from .quantize import QuantSettings, quantize_model
 from .space import Config
 
@@ -66,11 +69,16 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 _SEEDED = threading.Lock()  # LoRA init draws from torch's global RNG: one seeded build at a time per process
 
 
-def build(base: nn.Module, config: Config, lmap: LayerMap, q: QuantSettings, t: TrainSettings) -> nn.Module:
-    """A fresh copy of ``base``: quantized per layer, with per-layer LoRA adapters attached."""
+def build(base: nn.Module, config: Config, lmap: LayerMap, q: QuantSettings, t: TrainSettings,
+          cache: PackedCache | None = None) -> nn.Module:
+    """``base`` quantized per layer on ``q.device``, with per-layer LoRA adapters attached; ``base`` is untouched.
+
+    Packed modules come from ``cache`` (the worker's, shared by every candidate); without one, a
+    cache used once: the same code path, so a cached build is the same model as a fresh one.
+    """
     from peft import get_peft_model
 
-    model = quantize_model(copy.deepcopy(base), config, lmap, q)
+    model = (cache or PackedCache(base)).assemble(config, lmap, q)
     lcfg = lora_config(config, lmap, t)
     if lcfg is None:
         return model
@@ -96,7 +104,9 @@ def train(model: nn.Module, data: list[torch.Tensor], t: TrainSettings, progress
     model.train()
     losses = []
     steps = len(data)
+    device = model_device(model)
     for step, x in enumerate(data):
+        x = x.to(device, non_blocking=True)
         lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -117,9 +127,10 @@ def train(model: nn.Module, data: list[torch.Tensor], t: TrainSettings, progress
 
 
 @torch.no_grad()
-def score(model: nn.Module, ev: EvalSet, batch_size: int = 64) -> tuple[float, float | None]:
+def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE) -> tuple[float, float | None]:
     """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks)."""
     model.eval()
+    device = model_device(model)
     nll_sum = torch.zeros(len(ev.input_ids))
     n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
     lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
@@ -127,9 +138,10 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = 64) -> tuple[float, f
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         width = int(lengths[rows].max())
-        ids = ev.input_ids[rows, :width]
+        ids = ev.input_ids[rows, :width].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        del logits
         nll_sum[rows] = (nll * ev.target_mask[rows, 1:width]).sum(1)
     if not torch.isfinite(nll_sum).all():
         raise CandidateFailed("diverged: non-finite held-out loss")
@@ -156,6 +168,7 @@ def fit(
     t: TrainSettings = TrainSettings(),
     progress=None,
     split: str = "validation",
+    cache: PackedCache | None = None,
 ) -> tuple[nn.Module, list[float], float, float | None]:
     """Quantize, attach LoRA, fine-tune at ``fidelity``, score on the held-out ``split``.
 
@@ -164,11 +177,12 @@ def fit(
     memory): the search records those, an export reports them.
     """
     try:
-        model = build(base, config, lmap, q, t)
+        model = build(base, config, lmap, q, t, cache)
         data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
                        fidelity.steps, fidelity.batch_size, seed=t.seed)
         losses = train(model, data, t, progress)
-        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, fidelity.seq_len, split))
+        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, fidelity.seq_len, split),
+                          batch_size=fidelity.batch_size)  # training-sized batches: scoring never sets the peak
     except torch.OutOfMemoryError as e:
         raise CandidateFailed(f"out of memory: {str(e).splitlines()[0]}") from None
     return model, losses, loss, acc
@@ -187,14 +201,22 @@ def evaluate_config(
     t: TrainSettings = TrainSettings(),
     progress=None,
     split: str = "validation",
+    cache: PackedCache | None = None,
 ) -> Evaluation:
-    """``fit`` as the search sees it: an Evaluation, failures included (they are results too)."""
+    """``fit`` as the search sees it: an Evaluation, failures included (they are results too). The candidate's
+    memory is handed back before returning (``device.release``); an out-of-memory failure carries the bytes the
+    memory model predicted, so a wrong prediction shows next to the error."""
     start = time.perf_counter()
     try:
-        _, losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress, split)
+        losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress, split, cache)[1:]
     except CandidateFailed as e:
-        return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=e.reason,
+        reason = e.reason
+        if "out of memory" in reason:
+            reason = f"{reason} (predicted {memory_bytes} bytes = {format_bytes(memory_bytes)})"
+        return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=reason,
                           seconds=time.perf_counter() - start)
+    finally:
+        release(q.device)
     return Evaluation(
         config, rung, loss, memory_bytes, accuracy=acc,
         train_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,

@@ -100,7 +100,7 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     total = sum(sens) or 1.0
 
     errors: dict[int, list[float]] = {b: [] for b in bits if b < 16}
-    q = QuantSettings(backend="sim", group_size=group_size)
+    q = QuantSettings(backend="sim", group_size=group_size, device="cpu")  # the base stays on the CPU
     with torch.no_grad():
         for _, ms in lmap.layers:
             num = {b: 0.0 for b in errors}

@@ -13,7 +13,22 @@ process really allocates (checked against tensor storage in tests and, on a GPU,
   at 16 bits (stored in the base dtype);
 * LoRA A/B weights, their gradients and AdamW's two moments;
 * activations saved for backward, for a (batch, seq_len) step, with or without
-  gradient checkpointing.
+  gradient checkpointing;
+* the logits: in the compute dtype, their fp32 upcast (on a 16-bit dtype), the fp32
+  log-softmax autograd keeps and the fp32 gradient of the logits in backward;
+* the transient dequantized weight of a packed layer (one at a time, compute dtype);
+* the scoring pass (``finetune.score``: ``score_batch_size`` rows of up to seq_len
+  tokens, no grad) as a separate peak: with a 128k vocabulary its fp32 logits alone
+  are gigabytes. A search scores in batches of its training batch size, so scoring
+  (no gradients, nothing saved) stays below the training step and the budget keeps
+  paying for ranks; ``autoqra estimate --score-batch-size`` shows larger ones.
+
+The total is the peak of the two phases, ``max(training step, scoring)``: on a GPU,
+what ``torch.cuda.max_memory_allocated`` reports. Not in it (reported apart by
+``autoqra estimate`` and documented): the CUDA context (~0.3-0.6 GiB per process,
+outside the allocator) and the caching allocator's slack (reserved minus allocated).
+Byte sizes follow the compute dtype (``settings_for``): 2 bytes on CUDA (bf16),
+4 on the CPU (fp32); LoRA weights, their gradients and AdamW's moments stay fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +39,10 @@ from dataclasses import dataclass, fields
 
 from .errors import BudgetError
 from .space import UNQUANTIZED, Config, SearchSpace
+
+SCORE_BATCH_SIZE = 64  # rows per scoring forward of a bare finetune.score call (fit scores in training batches)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PACKED = ("hqq", "bnb")  # backends that dequantize a weight per forward (sim keeps it dequantized)
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,8 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """Dtypes and training shape. Defaults match CPU training in fp32; on a GPU use 2-byte base/meta/act."""
+    """Dtypes (bytes per value) and training shape. Defaults match CPU training in fp32; ``settings_for``
+    derives them from a device and compute dtype (what the search and ``autoqra estimate`` both use)."""
 
     backend: str = "hqq"
     group_size: int = 64
@@ -72,6 +92,25 @@ class MemorySettings:
     batch_size: int = 8
     seq_len: int = 128
     grad_checkpointing: bool = False
+    score_batch_size: int | None = None  # rows per scoring forward; None: batch_size (as finetune.fit scores)
+
+
+def settings_for(device: str, backend: str, group_size: int, batch_size: int, seq_len: int,
+                 grad_checkpointing: bool | None = None, dtype: str = "auto") -> MemorySettings:
+    """The settings of a run on ``device`` ('cpu', 'cuda', 'cuda:N'): the one place dtypes become bytes.
+
+    ``dtype`` 'auto' is bf16 on CUDA, fp32 on the CPU (as ``device.resolve_dtype``); gradient
+    checkpointing ``None`` means on for CUDA, off on the CPU (as the run's train settings).
+    """
+    cuda = str(device).startswith("cuda")
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda else "float32"
+    if dtype not in DTYPE_BYTES:
+        raise BudgetError(f"compute dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)} (or 'auto')")
+    size = DTYPE_BYTES[dtype]
+    return MemorySettings(backend=backend, group_size=group_size, meta_bytes=size, base_bytes=size, act_bytes=size,
+                          batch_size=batch_size, seq_len=seq_len,
+                          grad_checkpointing=cuda if grad_checkpointing is None else grad_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -83,18 +122,37 @@ class MemoryBreakdown:
     gradients: int
     optimizer: int
     activations: int
+    logits: int = 0  # training step's logits, fp32 upcast, log-softmax and its gradient
+    dequantized: int = 0  # one packed layer's weight, dequantized for its matmul
+    scoring: int = 0  # the scoring pass's logits and one block's activations (no grad)
 
     @property
     def static(self) -> int:
-        """Everything but activations: what sits in memory before the first step."""
-        return self.total - self.activations
+        """What sits in memory before the first step: weights, metadata, LoRA, gradients, optimizer state."""
+        return self.resident + self.optimizer
+
+    @property
+    def resident(self) -> int:
+        """What the scoring pass sees besides its own tensors (the optimizer is gone, LoRA grads are not)."""
+        return self.weights + self.metadata + self.unquantized + self.lora + self.gradients
+
+    @property
+    def training_peak(self) -> int:
+        return self.static + self.activations + self.logits + self.dequantized
+
+    @property
+    def scoring_peak(self) -> int:
+        return self.resident + self.scoring + self.dequantized
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        """The budget's meaning: the peak of a training step and of the scoring pass."""
+        return max(self.training_peak, self.scoring_peak)
 
     def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"static": self.static, "total": self.total}
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "static": self.static, "training_peak": self.training_peak, "scoring_peak": self.scoring_peak,
+            "total": self.total}
 
 
 def packed_bytes(numel: int, bits: int, s: MemorySettings, rows: int = 0) -> tuple[int, int]:
@@ -109,8 +167,9 @@ def packed_bytes(numel: int, bits: int, s: MemorySettings, rows: int = 0) -> tup
             weight = math.ceil(numel * bits / 8)
         return weight, 2 * groups * s.meta_bytes
     if s.backend == "bnb":
-        if bits == 4:  # NF4: two values per byte, one fp32 absmax per 64-value block
-            return math.ceil(numel / 2), math.ceil(numel / 64) * 4
+        if bits == 4:  # NF4: two values per byte; double quant (Params4bit's default): a uint8 absmax per
+            blocks = math.ceil(numel / 64)  # 64-value block, a nested fp32 absmax per 256 blocks, an fp32 offset
+            return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + 4
         if bits == 8:  # LLM.int8: one byte per value, one fp32 scale per output row
             return numel, rows * 4
     raise BudgetError(f"backend {s.backend!r} cannot store {bits}-bit weights")
@@ -124,10 +183,10 @@ def activation_bytes(shape: ModelShape, config: Config, s: MemorySettings) -> in
     block from there on keeps ~5h + 4f elements (norm inputs, attention q/k/v/out,
     the MLP's gate/up/act), each adapted module its rank-r intermediate (its input
     is the block's, already kept), and the head its logits and log-softmax
-    (2 * vocab + h). Calibrated against the storage autograd really saves
-    (``bench/evaluation.py``: within 0.1% when the first block is adapted; an
-    overestimate when only late blocks are). Gradient checkpointing keeps each
-    block's input and one block's activations at a time. No adapter: no backward.
+    final norm's output (h; the logits are ``logits_bytes``). Calibrated against the
+    storage autograd really saves (``bench/evaluation.py``: within 0.1% when the first
+    block is adapted; an overestimate when only late blocks are). Gradient checkpointing
+    keeps each block's input and one block's activations at a time. No adapter: no backward.
     """
     ranked = [i for i, layer in enumerate(config.layers) if layer.rank > 0]
     if not ranked:
@@ -137,9 +196,25 @@ def activation_bytes(shape: ModelShape, config: Config, s: MemorySettings) -> in
     per_block = 5 * h + 4 * f
     active = shape.num_blocks - (ranked[0] * shape.num_blocks) // len(config.layers)  # blocks backward runs through
     lora = sum(layer.rank * len(mods) for layer, (_, mods) in zip(config.layers, shape.layers))
-    head = 2 * shape.vocab_size + h
+    head = h
     blocks = active * h + per_block if s.grad_checkpointing else active * per_block
     return int(tokens * (blocks + lora + head) * s.act_bytes)
+
+
+def logits_bytes(tokens: int, vocab: int, act_bytes: int, backward: bool) -> int:
+    """The head's output at its peak: logits in the compute dtype, their fp32 copy when that dtype is 16-bit
+    (``.float()`` in the loss / in ``score``), the fp32 log-softmax cross-entropy computes (autograd keeps
+    it) and, training, the fp32 gradient of the logits that backward makes while it is still held."""
+    upcast = 4 if act_bytes != 4 else 0
+    return tokens * vocab * (act_bytes + upcast + 4 + (4 if backward else 0))
+
+
+def dequantized_bytes(config: Config, shape: ModelShape, s: MemorySettings) -> int:
+    """A packed layer dequantizes its weight for each matmul (compute dtype): the largest one is the transient."""
+    if s.backend not in PACKED:
+        return 0
+    sizes = [m.numel for layer, (_, mods) in zip(config.layers, shape.layers) if layer.bits < UNQUANTIZED for m in mods]
+    return max(sizes, default=0) * s.act_bytes
 
 
 def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> MemoryBreakdown:
@@ -152,6 +227,7 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
             if layer.bits >= UNQUANTIZED:
                 unq += m.numel * s.base_bytes
             lora += layer.rank * (m.in_features + m.out_features)
+    score_rows = s.score_batch_size or s.batch_size
     return MemoryBreakdown(
         weights=weights,
         metadata=meta,
@@ -160,6 +236,11 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
         gradients=lora * s.lora_bytes,
         optimizer=lora * s.optimizer_bytes,
         activations=activation_bytes(shape, config, s),
+        logits=logits_bytes(s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=True)
+        if any(layer.rank > 0 for layer in config.layers) else 0,
+        dequantized=dequantized_bytes(config, shape, s),
+        scoring=logits_bytes(score_rows * s.seq_len, shape.vocab_size, s.act_bytes, backward=False)
+        + score_rows * s.seq_len * (2 * shape.hidden_size + 3 * shape.intermediate_size) * s.act_bytes,
     )
 
 
@@ -178,16 +259,7 @@ def parse_budget(text: str | int, space: SearchSpace, shape: ModelShape, s: Memo
     Raises BudgetError if unparseable, or if even the smallest configuration of the
     space (fewest bits, smallest rank everywhere) does not fit.
     """
-    raw = str(text).strip().lower()
-    if m := _REFERENCE.fullmatch(raw):
-        budget = total_bytes(space.uniform(int(m[1]), int(m[2])), shape, s)
-    elif (m := _SIZE.fullmatch(raw)) and m[2] in _UNITS:
-        budget = int(float(m[1]) * _UNITS[m[2]])
-    else:
-        raise BudgetError(
-            f"cannot read the budget {text!r}: give bytes with a unit ('6GiB', '800MB', '123456') "
-            f"or a reference configuration ('uniform-4bit-r16')"
-        )
+    budget = budget_bytes(text, space, shape, s)
     smallest = total_bytes(space.uniform(space.bits[0], space.ranks[0]), shape, s)
     if budget < smallest:
         raise BudgetError(
@@ -196,6 +268,19 @@ def parse_budget(text: str | int, space: SearchSpace, shape: ModelShape, s: Memo
             f"raise --budget to at least {smallest}, shorten seq_len/batch or enable gradient checkpointing"
         )
     return budget
+
+
+def budget_bytes(text: str | int, space: SearchSpace, shape: ModelShape, s: MemorySettings = MemorySettings()) -> int:
+    """The bytes a budget text means ('6GiB', '1500MB', '123456', 'uniform-4bit-r16'), feasible or not."""
+    raw = str(text).strip().lower()
+    if m := _REFERENCE.fullmatch(raw):
+        return total_bytes(space.uniform(int(m[1]), int(m[2])), shape, s)
+    if (m := _SIZE.fullmatch(raw)) and m[2] in _UNITS:
+        return int(float(m[1]) * _UNITS[m[2]])
+    raise BudgetError(
+        f"cannot read the budget {text!r}: give bytes with a unit ('6GiB', '800MB', '123456') "
+        f"or a reference configuration ('uniform-4bit-r16')"
+    )
 
 
 def format_bytes(n: float) -> str:

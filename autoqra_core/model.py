@@ -63,6 +63,29 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_skeleton(name_or_path: str | Path) -> nn.Module:
+    """The model's structure from its config alone (a folder, a config.json file or a hub id), on the meta
+    device: shapes without weights, so an 8B-70B model's memory is planned in seconds with nothing downloaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = str(name_or_path)
+    local = Path(src).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{src!r} has no config.json: pass a Hugging Face checkpoint folder, its config.json or a hub id")
+    if src.startswith((".", "/", "~")) and not local.exists():
+        raise ModelLoadError(f"model {src!r} not found: pass a checkpoint folder, a config.json file or a hub id")
+    try:
+        cfg = AutoConfig.from_pretrained(str(local) if local.exists() else src)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+            conv1d_to_linear(model)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not read the config of {src!r}: {str(e).splitlines()[0]}. Give a folder with "
+                             f"config.json, the file itself, or a hub id reachable from this machine") from None
+    find_blocks(model)
+    return model
+
+
 def conv1d_to_linear(model: nn.Module) -> None:
     """Replace transformers' GPT-2 ``Conv1D`` (weight stored transposed) by an equivalent ``nn.Linear``."""
     from transformers.pytorch_utils import Conv1D

@@ -40,7 +40,11 @@ def _with_runner(flow, config_file: Optional[Path]):
     from flows.config import load_run_config
 
     ex = load_run_config(config_file).execution
-    if ex.task_runner == "dask":
+    if ex.task_runner == "dask" and ex.address:  # an existing cluster: its workers (one per GPU) run the evaluations
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(address=ex.address)
+    elif ex.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": ex.workers, "threads_per_worker": 1, "processes": True})
@@ -235,6 +239,112 @@ def evaluate(
                              seed=seed, config_file=str(search_config) if search_config else None)
 
     typer.echo(json.dumps(_run(go), indent=2))
+
+
+@app.command()
+def estimate(
+    model: str = MODEL,
+    config_json: Optional[Path] = typer.Option(None, "--config", help="Configuration JSON {'layers': [{name, bits, rank}]} to break down."),
+    bits: Optional[int] = typer.Option(None, help="Uniform bit-width on every layer (with --rank), instead of --config."),
+    rank: Optional[int] = typer.Option(None, help="Uniform LoRA rank on every layer (with --bits)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: the top rung's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (default: the top rung's)."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
+                                                      help="Default: on for cuda, off for cpu (as the search)."),
+    device: str = typer.Option("auto", help="cpu | cuda (plan for a GPU from any machine) | auto (this one's)."),
+    backend: str = typer.Option("auto", help="sim | hqq | bnb | auto (hqq on cuda, sim on cpu, as the search)."),
+    group_size: int = typer.Option(64, "--group-size"),
+    score_batch_size: Optional[int] = typer.Option(None, "--score-batch-size",
+                                                   help="Rows per scoring forward (default: the training batch size, as the search scores)."),
+    budget: Optional[str] = typer.Option(None, help="'24GiB' or 'uniform-4bit-r16': say what fits."),
+    as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
+):
+    """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
+    from flows.config import SearchSection
+    from flows.run import resolve
+
+    def go():
+        import dataclasses
+
+        from autoqra_core.device import resolve_device
+        from autoqra_core.errors import SpaceError
+        from autoqra_core.estimate import plan
+        from autoqra_core.memory import settings_for
+        from autoqra_core.model import layer_map, load_skeleton, model_shape
+        from autoqra_core.quantize import BACKENDS, check_backend
+        from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS, Config, SearchSpace
+
+        if config_json is not None and (bits is not None or rank is not None):
+            raise SpaceError("give either --config CONFIG.json or --bits B --rank R, not both")
+        if (bits is None) != (rank is None):
+            raise SpaceError("--bits and --rank go together: e.g. --bits 4 --rank 16")
+        dev = device if device.startswith("cuda") else resolve_device(device)  # planning for a GPU needs none
+        back = backend if backend != "auto" else ("hqq" if dev.startswith("cuda") else "sim")
+        if back not in BACKENDS:
+            raise SpaceError(f"unknown backend {back!r}: choose sim, hqq, bnb or auto")
+        skeleton = load_skeleton(resolve(model, "model"))
+        lmap = layer_map(skeleton)
+        shape = model_shape(skeleton, lmap)
+        space_bits = tuple(b for b in DEFAULT_BITS if b in BACKENDS[back][0])
+        space = SearchSpace(lmap.names, space_bits + ((bits,) if bits == 16 else ()), DEFAULT_RANKS)
+        if bits is not None:
+            check_backend(back, (bits,))
+            if rank < 0:
+                raise SpaceError(f"--rank {rank} must be >= 0")
+            space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | {bits})), tuple(sorted(set(space.ranks) | {rank})))
+            cfg = space.uniform(bits, rank)
+        elif config_json is not None:
+            if not config_json.is_file():
+                raise SpaceError(f"configuration file {config_json} not found")
+            try:
+                data = json.loads(config_json.read_text())
+            except json.JSONDecodeError as e:
+                raise SpaceError(f"{config_json} is not valid JSON: {e}") from None
+            cfg = Config.from_dict(data.get("config", data))
+            check_backend(back, cfg.bits)
+            space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | set(cfg.bits))),
+                                tuple(sorted(set(space.ranks) | set(cfg.ranks))))
+        else:
+            cfg = None
+        top = SearchSection().rungs[-1]  # the search's default top rung: the shape its cost charges
+        mem = settings_for(dev, back, group_size, batch_size or top.batch_size, seq_len or top.seq_len,
+                           grad_checkpointing)
+        if score_batch_size is not None:
+            mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
+        return plan(shape, space, mem, cfg, budget), shape
+
+    p, shape = _run(go)
+    if as_json:
+        typer.echo(json.dumps({"model": model, **p.to_dict()}, indent=2))
+        return
+    _plan_table(model, p, shape)
+
+
+def _plan_table(model: str, p, shape) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from autoqra_core.memory import format_bytes
+
+    s = p.settings
+    terms = ("weights", "metadata", "unquantized", "lora", "gradients", "optimizer", "activations", "logits",
+             "dequantized", "scoring", "training_peak", "scoring_peak", "total")
+    rows = ([("this config", p.breakdown)] if p.breakdown else []) + list(p.baselines.items()) + [
+        (f"smallest ({p.smallest[0]})", p.smallest[1])]
+    title = (f"{model}: {len(shape.layers)} layers, {shape.linear_params + shape.other_params:,} params; backend "
+             f"{s.backend}, {s.act_bytes}-byte compute dtype, batch {s.batch_size} x seq {s.seq_len}, "
+             f"grad checkpointing {'on' if s.grad_checkpointing else 'off'}")
+    table = Table(title=title)
+    table.add_column("term")
+    for name, _ in rows:
+        table.add_column(name, justify="right")
+    for t in terms:
+        table.add_row(t, *(format_bytes(b.to_dict()[t]) for _, b in rows))
+    if p.budget_bytes is not None:
+        table.add_row(f"fits {format_bytes(p.budget_bytes)}", *("yes" if p.fits(b) else "NO" for _, b in rows))
+    Console(width=200).print(table)
+    typer.echo("total = max(training_peak, scoring_peak), what torch.cuda.max_memory_allocated reports; not in it: "
+               "the CUDA context (~0.3-0.6 GiB per process) and allocator slack (reserved - allocated).")
 
 
 @stack_app.command("up")

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evolution import EvolutionSettings
 from autoqra_core.export import ExportSettings
 from autoqra_core.fidelity import Fidelity, Ladder
+from autoqra_core.device import resolve_device
 from autoqra_core.finetune import TrainSettings
-from autoqra_core.quantize import QuantSettings
+from autoqra_core.memory import MemorySettings, settings_for
+from autoqra_core.quantize import QuantSettings, check_placement
 from autoqra_core.search import SearchSettings, default_ladder
 from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
 from autoqra_core.turbo import TurboSettings
@@ -63,9 +65,25 @@ class SpaceSection(_Strict):
 
 
 class QuantSection(_Strict):
-    backend: Literal["sim", "hqq", "bnb"] = "sim"  # sim: HQQ numbers, no per-forward dequantization (CPU fast path)
+    """Resolved when read: ``auto`` becomes what this machine has (so the cache key and the resume check
+    name the real device); a device it does not have is an error naming the fix."""
+
+    # auto: sim on the CPU (HQQ numbers, no per-forward dequantization), hqq (really packed) on CUDA
+    backend: Literal["auto", "sim", "hqq", "bnb"] = "auto"
     group_size: int = Field(64, gt=0)
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "QuantSection":
+        device = resolve_device(self.device)
+        if self.backend == "auto":
+            self.backend = "hqq" if device.startswith("cuda") else "sim"
+        check_placement(self.backend, device)
+        self.device = device
+        if self.compute_dtype == "auto":
+            self.compute_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return self
 
 
 class TrainSection(_Strict):
@@ -75,7 +93,7 @@ class TrainSection(_Strict):
     alpha_ratio: float = Field(_default(TrainSettings, "alpha_ratio"), gt=0)
     dropout: float = Field(_default(TrainSettings, "dropout"), ge=0, lt=1)
     max_grad_norm: float = Field(_default(TrainSettings, "max_grad_norm"), gt=0)
-    grad_checkpointing: bool = _default(TrainSettings, "grad_checkpointing")
+    grad_checkpointing: bool | None = None  # None: on for CUDA (activations dominate there), off on the CPU
 
 
 class RungSection(_Strict):
@@ -157,12 +175,21 @@ class ExportSection(_Strict):
 
 class ExecutionSection(_Strict):
     task_runner: Literal["thread", "dask"] = "thread"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)  # threads, or worker processes of a local Dask cluster (no address)
+    address: str | None = None  # dask only: an existing scheduler, e.g. tcp://10.0.0.5:8786 (one worker per GPU)
+
+    @model_validator(mode="after")
+    def _address(self) -> "ExecutionSection":
+        if self.address is not None and self.task_runner != "dask":
+            raise ValueError("execution.address names a Dask scheduler: set task_runner: dask with it")
+        if self.address is not None and "://" not in self.address:
+            raise ValueError(f"execution.address {self.address!r} needs a scheme: tcp://HOST:PORT")
+        return self
 
 
 class RunConfig(_Strict):
     space: SpaceSection = SpaceSection()
-    quant: QuantSection = QuantSection()
+    quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = TrainSection()
     search: SearchSection = SearchSection()
     baselines: BaselineSection = BaselineSection()
@@ -180,13 +207,21 @@ class RunConfig(_Strict):
                               turbo=TurboSettings(**self.search.turbo.model_dump()))
 
     def quant_settings(self) -> QuantSettings:
-        return QuantSettings(backend=self.quant.backend, group_size=self.quant.group_size, device=self.quant.device)
+        return QuantSettings(**self.quant.model_dump())
 
     def export_settings(self) -> ExportSettings:
         return ExportSettings(**{**self.export.model_dump(), "seeds": tuple(self.export.seeds)})
 
     def train_settings(self, seed: int) -> TrainSettings:
-        return TrainSettings(seed=seed, **self.train.model_dump())
+        gc = self.train.grad_checkpointing
+        return TrainSettings(seed=seed, **{**self.train.model_dump(),
+                                           "grad_checkpointing": self.quant.device.startswith("cuda") if gc is None else gc})
+
+    def memory_settings(self) -> MemorySettings:
+        """What the search's cost charges: the top rung's training shape on this run's device and dtype."""
+        top = self.ladder()[self.ladder().top]
+        return settings_for(self.quant.device, self.quant.backend, self.quant.group_size, top.batch_size,
+                            top.seq_len, self.train_settings(0).grad_checkpointing, self.quant.compute_dtype)
 
 
 def load_run_config(path: str | Path | None) -> RunConfig:

@@ -22,7 +22,7 @@ from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.pretrained import NAMED_MODELS, named_model_path
 from infra.settings import Settings, embedded_dataset_path, embedded_model_path
-from tasks.common import Workbench, code_version, fingerprint, memory_settings, workbench
+from tasks.common import Workbench, code_version, fingerprint, workbench
 from tasks.evaluate import evaluate
 from tasks.priors import priors as priors_task
 
@@ -62,10 +62,7 @@ class Run:
         from autoqra_core.quantize import check_backend
 
         check_backend(rc.quant.backend, space.bits)
-        top = rc.ladder()[rc.ladder().top]
-        mem = memory_settings(top.batch_size, top.seq_len, rc.quant.backend, rc.train.grad_checkpointing,
-                              rc.quant.device)
-        mem = MemorySettings(**{**mem.__dict__, "group_size": rc.quant.group_size})
+        mem = rc.memory_settings()
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
         return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d, "dataset"),
                    code_version())

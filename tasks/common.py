@@ -12,22 +12,27 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 import autoqra_core
 from autoqra_core.data import Task, load_task
-from autoqra_core.memory import MemorySettings, ModelShape
+from autoqra_core.memory import MemorySettings, ModelShape, settings_for
 from autoqra_core.model import LayerMap, layer_map, load_model, model_shape, select_layers
+from autoqra_core.packed import PackedCache
 from autoqra_core.space import SearchSpace
 
 
 @dataclass(frozen=True)
 class Workbench:
-    """A loaded base model and task. Built once per worker process and reused by every evaluation in it."""
+    """A loaded base model and task, and the packed weights made from it (each (module, bits) quantized once).
+    Built once per worker process and reused by every evaluation in it."""
 
     base: object
     tokenizer: object
     task: Task
     lmap: LayerMap
     shape: ModelShape
+    packed: PackedCache
 
     def space(self, bits: tuple[int, ...], ranks: tuple[int, ...]) -> SearchSpace:
         return SearchSpace(self.lmap.names, bits, ranks)
@@ -49,7 +54,15 @@ def _workbench(model: str, dataset: str, granularity: str, layers: tuple[str, ..
                dataset_id: str) -> Workbench:
     base, tok = load_model(model)
     lmap = select_layers(layer_map(base, granularity), list(layers))
-    return Workbench(base, tok, load_task(dataset), lmap, model_shape(base, lmap))
+    return Workbench(base, tok, load_task(dataset), lmap, model_shape(base, lmap), PackedCache(base, cache_capacity()))
+
+
+def cache_capacity() -> int | None:
+    """Packed modules kept beyond the current candidate's: all of them in host memory; on a GPU (they sit in
+    the memory the budget measures) none, unless AUTOQRA_PACKED_CACHE_BYTES allows some headroom."""
+    if (env := os.environ.get("AUTOQRA_PACKED_CACHE_BYTES")) is not None:
+        return int(env)
+    return 0 if torch.cuda.is_available() else None
 
 
 #: Libraries whose versions change the numbers an evaluation gives: part of every evaluation's cache key.
@@ -158,9 +171,7 @@ def hub_commit(repo_id: str, repo_type: str = "model") -> str | None:
         return None
 
 
-def memory_settings(batch_size: int, seq_len: int, backend: str, grad_checkpointing: bool = False,
-                    device: str = "cpu") -> MemorySettings:
-    """fp32 everything on the CPU; on a GPU the base/metadata/activations are 16-bit."""
-    half = 2 if device.startswith("cuda") else 4
-    return MemorySettings(backend=backend, meta_bytes=half, base_bytes=half, act_bytes=half,
-                          batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing)
+def memory_settings(batch_size: int, seq_len: int, backend: str, grad_checkpointing: bool | None = False,
+                    device: str = "cpu", group_size: int = 64, dtype: str = "auto") -> MemorySettings:
+    """fp32 everything on the CPU; on a GPU the base/metadata/activations are bf16 (``memory.settings_for``)."""
+    return settings_for(device, backend, group_size, batch_size, seq_len, grad_checkpointing, dtype)

@@ -76,5 +76,5 @@ def evaluate(
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
     result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,
-                             QuantSettings(**quant), TrainSettings(**train), split=split)
+                             QuantSettings(**quant), TrainSettings(**train), split=split, cache=wb.packed)
     return result.to_dict()

@@ -5,7 +5,8 @@
 
 * a search killed with SIGKILL mid-way and started again finishes like an uninterrupted run and
   re-runs none of the finished evaluations (counted by a completion hook, i.e. after persistence);
-* the Dask task runner (a local cluster of 2 worker processes) gives the same result;
+* the Dask task runner (a local cluster of 2 worker processes, or an existing cluster by address) gives
+  the same result;
 * the deployments of prefect.yaml run on a process worker against a real Prefect server.
 """
 
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import task as task_decorator
 
 from tasks.evaluate import COUNTER_ENV
 
-from .helpers import AUTOQRA, ROOT, TINY_SEARCH, cli_env
+from .helpers import AUTOQRA, ROOT, SERVER_ENV, TINY_SEARCH, cli_env
 
 SEED = 5
 
@@ -234,3 +236,95 @@ def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
     ids = [c.data.tags[tracking.EVAL_TAG] for c in children]
     assert logged_before > 0 and len(ids) == len(set(ids)) == len(result["evaluations"])
     assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, reference, served_search):
+    """`execution: {task_runner: dask, address: tcp://...}`: a real `dask scheduler` and two `dask worker`
+    processes on 127.0.0.1 (one per GPU on a GPU box), started and stopped here, run the evaluations."""
+    ref_out, ref_count = reference
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    servers = {k: v for k, v in served_search.env.items() if k in SERVER_ENV}  # workers report to the same Prefect
+    env = cli_env(tmp_path, **servers, PYTHONPATH=str(ROOT),
+                  PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+                  **{COUNTER_ENV: str(tmp_path / "count.txt")})
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        for i in range(2):  # on a GPU box: CUDA_VISIBLE_DEVICES=i for worker i
+            procs.append(subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
+                                           "--nthreads", "1", "--no-dashboard", "--name", f"gpu{i}"],
+                                          cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cfg = tmp_path / "cluster.yaml"
+        cfg.write_text(tiny.read_text() + f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
+        r = subprocess.run(search_cmd(tmp_path / "out", cfg), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert best(tmp_path / "out") == best(ref_out)
+        ran = counted(tmp_path / "count.txt")
+        assert sorted(ran) == sorted(ref_count)  # every evaluation ran, on the cluster's workers
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@task_decorator()
+def _worker_name(i: int) -> str:
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+def fan_out(config_file: str) -> list[str]:
+    """Eight mapped task runs through the runner ``autoqra`` builds from ``config_file``; the Dask workers' names."""
+    from prefect import flow
+
+    from flows.cli import _with_runner
+
+    @flow
+    def fan() -> list[str]:
+        return [f.result() for f in _worker_name.map(list(range(8)))]
+
+    return _with_runner(fan, config_file)()
+
+
+@pytest.mark.slow
+def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
+    """The runner built from `execution: {task_runner: dask, address: ...}` sends mapped task runs to the workers
+    of an existing scheduler (a real `dask scheduler` and two `dask worker` processes, ~1-2 min on 2 cores)."""
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    env = cli_env(tmp_path, PYTHONPATH=str(ROOT), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        procs += [subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "1",
+                                    "--no-dashboard", "--name", f"gpu{i}"], env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        cfg = tmp_path / "cluster.yaml"
+        cfg.write_text(f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
+        r = subprocess.run([sys.executable, "-c", f"from tests.test_orchestration import fan_out; "
+                            f"print(sorted(set(fan_out({str(cfg)!r}))))"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip().splitlines()[-1] == "['gpu0', 'gpu1']"
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+
