@@ -163,14 +163,14 @@ class ReportSection(_Strict):
 class ExportSection(_Strict):
     """The final fine-tune of the winner (autoqra_core.export.ExportSettings); more than the top rung."""
 
-    steps: int | None = Field(None, gt=0)  # None: one epoch of data_fraction of the train split
-    data_fraction: float = Field(0.2, gt=0, le=1)
-    seq_len: int = Field(64, gt=1)
-    batch_size: int = Field(8, gt=0)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    eval_examples: int | None = Field(None, gt=0)  # None: the whole test split
-    merge: bool = False  # also write merged/: the adapter merged into the dequantized base
-    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    steps: int | None = Field(_default(ExportSettings, "steps"), gt=0)  # None: one epoch of data_fraction of train
+    data_fraction: float = Field(_default(ExportSettings, "data_fraction"), gt=0, le=1)
+    seq_len: int = Field(_default(ExportSettings, "seq_len"), gt=1)
+    batch_size: int = Field(_default(ExportSettings, "batch_size"), gt=0)
+    seeds: list[int] = Field(default_factory=lambda: list(_default(ExportSettings, "seeds")), min_length=1)
+    eval_examples: int | None = Field(_default(ExportSettings, "eval_examples"), gt=0)  # None: the whole test split
+    merge: bool = _default(ExportSettings, "merge")  # also write merged/: the adapter merged into the dequantized base
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = _default(ExportSettings, "merged_dtype")
 
 
 class ExecutionSection(_Strict):

@@ -77,3 +77,18 @@ def served_search(full_stack: local_stack.Stack, tmp_path_factory: pytest.TempPa
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     return ServedSearch(out, result, (home / "count.txt").read_text().splitlines(), env)
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """In-process flows against Prefect's test server, results and MLflow in a temporary home (per module)."""
+    home = tmp_path_factory.mktemp("flows-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTOQRA_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "results"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield home
+    mp.undo()

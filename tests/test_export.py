@@ -99,7 +99,7 @@ def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
         assert all(got.get(m) == r for m in mods) if r else not any(m in got for m in mods)
 
     # A fresh process that never imports autoqra loads model/+adapter/ and merged/ and gets the same loss.
-    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"])
+    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"], split="test")
     data = tmp_path / "eval.pt"
     torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, data)
     quantized, merged = _reload_loss("quantized", out, data), _reload_loss("merged", out, data)
@@ -121,11 +121,11 @@ def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded,
     ex.save_merged(merged, tok, tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert reloaded.dtype == torch.bfloat16
-    loss, _ = score(reloaded.float(), eval_set(task, tok, TINY_EXPORT["eval_examples"], TINY_EXPORT["seq_len"]))
+    test_rows = eval_set(task, tok, TINY_EXPORT["eval_examples"], TINY_EXPORT["seq_len"], split="test")
+    loss, _ = score(reloaded.float(), test_rows)
     assert loss == pytest.approx(metrics["in_memory"]["loss"], abs=2e-2)
     # Merging into the dequantized base is what keeps the adapter: without it the loss is the plain base's.
-    plain, _ = score(ex.dequantized(base, cfg, lmap, 64),
-                     eval_set(task, tok, TINY_EXPORT["eval_examples"], TINY_EXPORT["seq_len"]))
+    plain, _ = score(ex.dequantized(base, cfg, lmap, 64), test_rows)
     assert abs(plain - metrics["in_memory"]["loss"]) > 10 * abs(loss - metrics["in_memory"]["loss"])
 
 

@@ -12,21 +12,6 @@ from .helpers import TINY_SEARCH as TINY
 
 
 
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    """In-process flows against Prefect's test server, results and MLflow in a temporary home."""
-    home = tmp_path_factory.mktemp("faults-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AUTOQRA_HOME", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "results"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield home
-    mp.undo()
-
-
 @pytest.mark.slow
 def test_crashing_evaluation_is_retried_once_then_failed(prefect_env, tmp_path, monkeypatch):
     import tasks.evaluate as te

@@ -119,22 +119,8 @@ def test_random_search_gets_the_search_compute():
 # --- the flow: decisions on validation, test only in the report ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def flow_env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("protocol-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AUTOQRA_HOME", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "results"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield home
-    mp.undo()
-
-
 @pytest.mark.slow
-def test_search_decides_on_validation_and_reports_test_over_seeds(flow_env, tmp_path):
+def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, tmp_path):
     """The same search on two datasets that differ only in their test split makes the same decisions (same
     evaluations, same winner, same validation numbers); only the test report differs."""
     from flows.search import search_flow
