@@ -221,7 +221,11 @@ def test_registered_champion_loads_as_pyfunc(registered, embedded):
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}@champion")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}@champion")
+    finally:  # process-wide settings: later tests talk to other servers
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     rows = [dict(prompt=r["prompt"], choices=r["choices"]) for r in task.test[:TINY_EXPORT["eval_examples"]]]
     pred = model.predict(pd.DataFrame(rows))
     acc = sum(p["choice"] == r["label"] for p, r in zip(pred, task.test)) / len(rows)

@@ -54,7 +54,7 @@ def test_s3_server_killed_during_export_then_export_again(tmp_path):
         assert f"export failed: Cannot reach S3 endpoint for s3://exports/runs at http://127.0.0.1:{port}" in text
         assert f"autoqra export --run {run}` again once the server answers" in text
         exported = run / "export" / "autoqra-embedded"
-        assert (exported / "adapter_model.safetensors").is_file() and not (run / "export.json").exists()
+        assert (exported / "adapter" / "adapter_model.safetensors").is_file() and not (run / "export.json").exists()
         print(f"export exited {waited:.1f} s after the S3 server was killed (fine-tune included)")
 
         local_stack.up(stack_home, services=("s3",), ports={"s3": port}, timeout=60)

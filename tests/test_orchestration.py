@@ -173,7 +173,7 @@ def test_search_against_real_servers(served_search, tmp_path):
     version = tracking.resolve_alias(ex["registered_model"], "champion", uri)
     assert version.run_id == res["mlflow_run_id"] and str(version.version) == ex["version"]
     dl = tracking.download_model(ex["registered_model"], tmp_path / "registry", uri=uri)
-    adapter = "artifacts/export/adapter/adapter_model.safetensors"  # the pyfunc model's copy of the export
+    adapter = f"artifacts/{local.name}/adapter/adapter_model.safetensors"  # the pyfunc model's copy of the export
     assert (dl / adapter).read_bytes() == (local / "adapter/adapter_model.safetensors").read_bytes()
 
     # Prefect server: the search's flow run, its export subflow, a task run per evaluation.
