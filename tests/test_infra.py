@@ -203,10 +203,12 @@ def test_mlflow_server_nested_runs_and_champion_alias(mlflow_server: local_stack
     assert client.get_model_version_by_alias("autoqra-test-model", "champion").version == version.version
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # process-wide: whatever an earlier test left there, models:/ resolves here
     try:
         got = Path(mlflow.artifacts.download_artifacts("models:/autoqra-test-model@champion", dst_path=str(tmp_path / "dl")))
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     assert filecmp.cmp(got / "adapter_model.safetensors", adapter / "adapter_model.safetensors", shallow=False)
     again = tracking.download_model("autoqra-test-model", tmp_path / "dl2", uri=uri)
     assert (again / "sub" / "deeper" / "quant.json").read_text() == '{"bits": [2, 4, 8]}'
