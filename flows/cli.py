@@ -76,6 +76,16 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
     return run
 
 
+def _read_config_json(path: Path) -> dict:
+    """A CONFIG.json (a configuration, or a result entry holding one under "config"); errors name the file."""
+    if not path.is_file():
+        raise AutoQRAError(f"configuration file {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AutoQRAError(f"{path} is not valid JSON: {e}") from None
+
+
 def _run(fn):
     """Bad input -> message on stderr and exit 2; the flow's own failures keep their traceback."""
     try:
@@ -226,12 +236,7 @@ def evaluate(
     def go():
         from flows.search import evaluate_flow
 
-        if not config_json.is_file():
-            raise AutoQRAError(f"configuration file {config_json} not found")
-        try:
-            cfg = json.loads(config_json.read_text())
-        except json.JSONDecodeError as e:
-            raise AutoQRAError(f"{config_json} is not valid JSON: {e}") from None
+        cfg = _read_config_json(config_json)
         from autoqra_core.space import Config
 
         _preflight(model, dataset, None, search_config, seed).evaluable().validate(Config.from_dict(cfg.get("config", cfg)))
@@ -294,12 +299,7 @@ def estimate(
             space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | {bits})), tuple(sorted(set(space.ranks) | {rank})))
             cfg = space.uniform(bits, rank)
         elif config_json is not None:
-            if not config_json.is_file():
-                raise SpaceError(f"configuration file {config_json} not found")
-            try:
-                data = json.loads(config_json.read_text())
-            except json.JSONDecodeError as e:
-                raise SpaceError(f"{config_json} is not valid JSON: {e}") from None
+            data = _read_config_json(config_json)
             cfg = Config.from_dict(data.get("config", data))
             check_backend(back, cfg.bits)
             space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | set(cfg.bits))),
