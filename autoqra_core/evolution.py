@@ -107,7 +107,7 @@ class EvolutionSettings:
     transfer_prob: float = 0.5  # share of mutations that also take a level from another (layer, kind)
     tournament_size: int = 3
     elite: int = 2
-    prior_fraction: float = 0.5  # share of the initial population derived from the priors (at least one)
+    prior_fraction: float = 0.5  # share of the initial population derived from the priors (0: none, else >= 1)
     kappa: float = 1.0  # LCB = mean - kappa * std when screening
     surrogate_min_points: int = 5
 
@@ -286,7 +286,8 @@ def initial_population(
 ) -> list[Config]:
     """Prior-derived configs (up to ``prior_fraction`` of the population) plus repaired random ones."""
     size = settings.population_size
-    out = prior_configs(space, priors, cost, budget)[: max(1, round(size * settings.prior_fraction))]
+    n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
+    out = prior_configs(space, priors, cost, budget)[:n_prior]
     for _ in range(50 * size):
         if len(out) >= size:
             break

@@ -1,10 +1,10 @@
 """The whole search: stage 1 (evolution, multi-fidelity) then stage 2 (TuRBO at the top rung).
 
-``run_search`` is a loop over two pure steps. After every generation and every
-TuRBO iteration it hands the complete ``SearchState`` to ``on_checkpoint``; that
-state is plain data (``to_dict`` -> JSON -> ``from_dict``), and every random draw
-comes from seeds and generator states stored in it, so a search restored from a
-checkpoint ends with the same result as an uninterrupted one with the same seed
+``advance`` is one step of the method (a generation or a TuRBO iteration) and
+``run_search`` a loop over it; an orchestrator calls ``advance`` itself, one cached
+task per step. The ``SearchState`` between steps is plain data (``to_dict`` -> JSON
+-> ``from_dict``), and every random draw comes from seeds and generator states stored
+in it, so a search continued from any intermediate state ends with the same result as an uninterrupted one with the same seed
 (given an evaluate that returns the same results for the same (config, rung), e.g.
 because finished evaluations are cached).
 """
@@ -148,6 +148,47 @@ def result(state: SearchState, ladder: Ladder) -> SearchResult:
                         progress(state, ladder), state)
 
 
+def next_step(state: SearchState) -> str | None:
+    """What ``advance`` does next, as the method names it: 'generation g' (0 is the initial population),
+    'turbo t' (1-based), or None once the search is done."""
+    if state.stage == "evolution":
+        return f"generation {state.evolution.generation}"
+    if state.stage == "turbo":
+        return f"turbo {state.turbo.iteration + 1}"
+    return None
+
+
+def advance(
+    state: SearchState,
+    space: SearchSpace,
+    priors: Priors,
+    cost: Cost,
+    budget: int,
+    evaluate_many: EvaluateMany,
+    settings: SearchSettings = SearchSettings(),
+) -> SearchState:
+    """One step of the method, a pure function of (state, settings, evaluations): a generation, or a TuRBO
+    iteration. The last generation also ends stage 1 (``evolution.finish``) and centres TuRBO, so every step
+    is one unit an orchestrator can cache and replay."""
+    ladder = settings.ladder
+    if state.stage == "evolution":
+        ev = state.evolution
+        if ev.generation < settings.generations:
+            ev = evolution.step(ev, space, priors, cost, budget, evaluate_many, ladder, settings.evolution)
+        if ev.generation < settings.generations:
+            return replace(state, evolution=ev)
+        ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size)
+        if settings.turbo.iterations > 0 and best_evaluation(ev.history, ladder.top) is not None:
+            return SearchState("turbo", ev, turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed))
+        return SearchState("done", ev, None)
+    if state.stage == "turbo":
+        run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, evaluate_many,
+                         ladder.top, settings.turbo)
+        done = run.done or run.iteration >= settings.turbo.iterations
+        return SearchState("done" if done else "turbo", state.evolution, run)
+    return state
+
+
 def run_search(
     space: SearchSpace,
     priors: Priors,
@@ -158,33 +199,12 @@ def run_search(
     state: SearchState | None = None,
     on_checkpoint: Callable[[SearchState], None] | None = None,
 ) -> SearchResult:
-    """Run (or continue, from ``state``) stage 1 then stage 2; BudgetError at once if nothing fits."""
+    """Run (or continue, from ``state``) stage 1 then stage 2, step by step; BudgetError at once if nothing
+    fits. ``on_checkpoint`` sees the state after every step."""
     check_budget(space, cost, budget)
-    checkpoint = on_checkpoint or (lambda s: None)
     state = state or SearchState.new(settings.seed)
-    ladder = settings.ladder
-
-    if state.stage == "evolution":
-        while state.evolution.generation < settings.generations:
-            ev = evolution.step(state.evolution, space, priors, cost, budget, evaluate_many, ladder, settings.evolution)
-            state = replace(state, evolution=ev)
-            checkpoint(state)
-        ev = evolution.finish(state.evolution, ladder, evaluate_many, settings.turbo.batch_size)
-        if settings.turbo.iterations > 0 and best_evaluation(ev.history, ladder.top) is not None:
-            run = turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed)
-            state = SearchState("turbo", ev, run)
-        else:
-            state = SearchState("done", ev, None)
-        checkpoint(state)
-
-    if state.stage == "turbo":
-        run = state.turbo
-        while not run.done and run.iteration < settings.turbo.iterations:
-            run = turbo.step(run, space, priors, cost, budget, state.evolution.history, evaluate_many, ladder.top,
-                             settings.turbo)
-            state = replace(state, turbo=run)
-            checkpoint(state)
-        state = replace(state, stage="done")
-        checkpoint(state)
-
-    return result(state, ladder)
+    while state.stage != "done":
+        state = advance(state, space, priors, cost, budget, evaluate_many, settings)
+        if on_checkpoint:
+            on_checkpoint(state)
+    return result(state, settings.ladder)

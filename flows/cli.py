@@ -65,9 +65,9 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
 
     run = Run.prepare(model, dataset, budget, load_run_config(config), seed)
     if out is not None:
-        from flows.search import load_checkpoint
+        from flows.search import check_out
 
-        load_checkpoint(out.resolve(), run.params(budget))
+        check_out(out.resolve(), run.params(budget))
     check_tracking()
     if export:
         from infra.storage import open_store
@@ -118,7 +118,7 @@ def search(
     model: str = MODEL,
     dataset: str = DATASET,
     budget: str = typer.Option("uniform-4bit-r16", help="Bytes ('6GiB', '800MB') or a reference 'uniform-4bit-r16'."),
-    out: Path = typer.Option(Path("runs/search"), help="Output directory (result.json, plots, checkpoint)."),
+    out: Path = typer.Option(Path("runs/search"), help="Output directory (result.json, plots, search-state.json)."),
     seed: int = 0,
     config: Optional[Path] = CONFIG,
     baselines: bool = typer.Option(False, "--baselines/--no-baselines", help="Also run the baselines."),

@@ -81,9 +81,11 @@ class Run:
         return total_bytes(config, self.wb.shape, self.mem)
 
     def params(self, budget: str | int | None) -> dict:
-        """What makes two runs the same search (checked on resume)."""
+        """What makes two runs the same search: the cache key of its steps and the folder's guard. How it runs
+        (``execution``: runner, workers, cluster) is not part of it: a search resumes on more workers."""
         return {"model": self.model_id, "dataset": self.dataset_id, "budget_bytes": self.budget_bytes,
-                "seed": self.seed, "config": self.rc.model_dump(mode="json"), "code_version": self.code}
+                "seed": self.seed, "config": self.rc.model_dump(mode="json", exclude={"execution"}),
+                "code_version": self.code}
 
     def priors(self) -> Priors:
         return Priors.from_dict(priors_task(

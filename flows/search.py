@@ -1,46 +1,48 @@
-"""The flows: search (priors -> generations -> rungs -> TuRBO -> baselines -> test report -> export),
-baselines alone, and one configuration's evaluation. Checkpointed after every generation / TuRBO iteration.
-Every search decision reads the validation split; only the test report reads test."""
+"""The flows: search (priors -> generation 0..G-1 -> turbo 1..T -> baselines -> report -> export), baselines
+alone, and one configuration's evaluation. Every step is a cached Prefect task (``tasks.search``) whose
+evaluations are its nested task runs; a re-run replays finished steps from the cache, so Prefect's cache is
+the one resume mechanism. Every search decision reads the validation split; only the report reads test."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
-from autoqra_core.baselines import run_baselines
 from autoqra_core.errors import AutoQRAError
+from autoqra_core.fidelity import Evaluation
 from autoqra_core.protocol import equal_compute_count, history_tokens
-from autoqra_core.search import SearchState, result as search_result, run_search
+from autoqra_core.repair import check_budget
+from autoqra_core.search import SearchState, result as search_result
 from autoqra_core.space import Config
+from tasks.search import baselines_step, report_step, search_step, step_name, step_summary
 
 from .config import load_run_config
 from .export import export_flow
 from .report import Report
 from .run import Progress, Run, write_json
 
-CHECKPOINT = "checkpoint.json"
+STATE_FILE = "search-state.json"  # a readable snapshot after every step; resume never reads it
 
 
 class ResumeMismatch(AutoQRAError):
     pass
 
 
-def load_checkpoint(out: Path, params: dict) -> SearchState | None:
-    path = out / CHECKPOINT
+def check_out(out: Path, params: dict) -> None:
+    """A folder holds one search: refuse to write another one's results over it (nothing is read to resume)."""
+    path = out / STATE_FILE
     if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved["params"] != params:
-        diff = sorted(k for k in params if saved["params"].get(k) != params[k])
+        return
+    saved = json.loads(path.read_text()).get("params", {})
+    if saved != params:
+        diff = sorted(k for k in params if saved.get(k) != params[k])
         raise ResumeMismatch(
             f"{out} holds a search with other parameters (differs in: {', '.join(diff)}); "
             f"resume it with the same parameters, or use another --out (or delete {path}) to start afresh"
         )
-    return SearchState.from_dict(saved["state"])
 
 
 def _planned(run: Run, baselines: bool) -> int:
@@ -83,24 +85,25 @@ def search_flow(
     run = Run.prepare(model, dataset, budget, rc, seed)
     out_dir = Path(out).resolve()
     params = run.params(budget)
-    state = load_checkpoint(out_dir, params)
+    check_out(out_dir, params)
+    check_budget(run.space, run.cost, run.budget_bytes)
     report = Report.start(run, out_dir, kind="search")
-    log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes; "
-             f"{'resuming from ' + state.stage if state else 'new search'}")
+    log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes")
     pri = run.priors()
     settings = rc.search_settings(seed)
     progress = Progress(run, _planned(run, baselines))
-
-    def checkpoint(st: SearchState) -> None:
-        write_json(out_dir / CHECKPOINT, {"params": params, "state": st.to_dict()})
-        where = (f"evolution gen {st.evolution.generation}/{settings.generations}" if st.stage == "evolution"
-                 else f"turbo it {st.turbo.iteration}/{settings.turbo.iterations}" if st.turbo else st.stage)
-        progress.at(where)
-        report.checkpoint(search_result(st, run.ladder))
-
-    progress.at("evolution gen 0")
-    res = run_search(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
-                     settings, state, checkpoint)
+    evaluate = lambda p: run.evaluate_many(p, progress)  # noqa: E731
+    state = SearchState.new(seed)
+    while (name := step_name(state, settings)) is not None:
+        progress.at(name)
+        done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, run.space, run.cost,
+                           evaluate, return_state=True)
+        after = SearchState.from_dict(done.result())
+        _rename(done, f"{name.split(' (')[0]} ({step_summary(state, after)})")
+        write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
+        report.checkpoint(search_result(after, run.ladder))
+        state = after
+    res = search_result(state, run.ladder)
     base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
     if baselines:
         progress.at("baselines")
@@ -108,11 +111,9 @@ def search_flow(
         n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
         fixed = len(rc.baselines.uniform_bits) + 2
         progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
-        base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
-                             run.ladder.top, n_random=n_random, seed=seed, uniform_bits=rc.baselines.uniform_bits,
-                             rank=rc.baselines.rank, history=res.history)
+        base = _baselines(run, pri, params, evaluate, n_random, res.history)
         compute |= baseline_compute(base, n_random, run)
-    tests = _test_report(run, {"autoqra": res.best.config} if res.best else {}, base, progress)
+    tests = _test_report(run, params, {"autoqra": res.best.config} if res.best else {}, base, progress)
     result = report.finish(res, base, pri, tests, compute)
     if export and result["best"]:
         progress.at("export")
@@ -142,10 +143,9 @@ def baselines_flow(
     pri = run.priors()
     n_random = rc.baselines.n_random or n_random
     progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
-    base = run_baselines(run.space, pri, run.cost, run.budget_bytes, lambda p: run.evaluate_many(p, progress),
-                         run.ladder.top, n_random=n_random, seed=seed,
-                         uniform_bits=rc.baselines.uniform_bits, rank=rc.baselines.rank)
-    tests = _test_report(run, {}, base, progress)
+    params = run.params(budget)
+    base = _baselines(run, pri, params, lambda p: run.evaluate_many(p, progress), n_random, [])
+    tests = _test_report(run, params, {}, base, progress)
     return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
 
 
@@ -155,14 +155,32 @@ def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
 
 
-def _test_report(run: Run, best: dict, base: dict, progress: Progress) -> dict:
+def _baselines(run: Run, pri, params: dict, evaluate, n_random: int, history: list[Evaluation]) -> dict:
+    """The baselines as one task run (their evaluations nested in it); name -> Evaluation."""
+    rc = run.rc
+    out = baselines_step([e.to_dict() for e in history], run.ladder.top, n_random, pri.to_dict(), params, run.space,
+                         run.cost, evaluate, list(rc.baselines.uniform_bits), rc.baselines.rank, run.seed)
+    return {name: Evaluation.from_dict(e) for name, e in out.items()}
+
+
+def _test_report(run: Run, params: dict, best: dict, base: dict, progress: Progress) -> dict:
     """The winner and every baseline re-fine-tuned with fresh seeds and scored on test (``report.seeds``)."""
     methods = best | {name: e.config for name, e in base.items()}
     if not methods or run.rc.report.seeds == 0:
         return {}
-    progress.at("test report")
+    progress.at("report")
     progress.planned = progress.count + run.rc.report.seeds * len({c.key() for c in methods.values()})
-    return run.test_report(methods, progress)
+    return report_step({name: c.to_dict() for name, c in methods.items()}, run.rc.report.seeds, len(methods), params,
+                       lambda m: run.test_report(m, progress))
+
+
+def _rename(state, name: str) -> None:
+    """A step's task run, renamed once it is done with what it did ('generation 2 (6 children, 2 promoted)')."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_name(state.state_details.task_run_id, name)
+    except Exception as e:  # noqa: BLE001 - a name in the UI is not worth failing a search for
+        get_run_logger().debug(f"could not rename task run: {e}")
 
 
 @flow(name="autoqra-evaluate", log_prints=True, persist_result=True)

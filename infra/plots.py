@@ -94,6 +94,32 @@ def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title:
     return _save(fig, path)
 
 
+def plot_anytime(seeds: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Anytime curves, one panel per seed: best validation loss so far against cumulative fine-tuning tokens,
+    one line per method, the uniform-4bit-r16 loss dashed.
+
+    ``seeds``: ``{"seed", "target", "methods": {name: [{"tokens", "best"}, ...]}}``.
+    """
+    fig = Figure(figsize=(4.5 * len(seeds), 4))
+    axes = fig.subplots(1, len(seeds), squeeze=False)[0]
+    for ax, s in zip(axes, seeds):
+        for i, (name, points) in enumerate(s["methods"].items()):
+            pts = [p for p in points if _finite(p.get("best"))]
+            if pts:
+                ax.step([p["tokens"] / 1e3 for p in pts], [p["best"] for p in pts], where="post",
+                        color=_STAGE_COLOURS[i % len(_STAGE_COLOURS)], label=name, lw=2 if name == "autoqra" else 1)
+        if _finite(s.get("target")):
+            ax.axhline(s["target"], color="black", ls="--", lw=0.8, label="uniform-4bit-r16")
+        ax.set_xlabel("fine-tuning tokens (k)")
+        ax.set_title(f"seed {s['seed']}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("best validation loss (top rung)")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_pareto(
     evaluations: Sequence[Mapping[str, Any]],
     pareto: Sequence[Mapping[str, Any]],

@@ -31,6 +31,16 @@ def _count(task, task_run, state) -> None:
             f.write(task_run.name + "\n")
 
 
+def _name() -> str:
+    """'eval r1 4/16 2/8 ...' (rung, then bits/rank per layer); the test report's runs add split and seed."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    short = Config.from_dict(p["config"]).short()
+    extra = f" {p['split']} seed {p['train']['seed']}" if p.get("split", "validation") != "validation" else ""
+    return f"eval r{p['rung']}{extra} {short}"
+
+
 def _retry_unless_bad_input(task, task_run, state) -> bool:
     """Retry a crash once (it may be transient); an ``AutoQRAError`` (e.g. too little data at this rung) would
     fail the same way again."""
@@ -48,7 +58,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset",
     persist_result=True,
     retries=1,
-    task_run_name="eval r{rung} {split} {config_key}",
+    task_run_name=_name,
     on_completion=[_count] if os.environ.get(COUNTER_ENV) else [],  # Prefect logs every hook run: only when asked
 )
 def evaluate(

@@ -11,7 +11,7 @@ from autoqra_core.importance import compute_priors
 from .common import workbench
 
 
-@task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1)
+@task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1, task_run_name="priors")
 def priors(
     model: str,
     dataset: str,

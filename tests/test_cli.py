@@ -59,12 +59,12 @@ def test_evaluate_config_outside_the_space(home, tmp_path):
 def test_resume_with_other_parameters_is_refused(home, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "checkpoint.json").write_text(json.dumps({"params": {"seed": 99}, "state": {}}))
+    (out / "search-state.json").write_text(json.dumps({"params": {"seed": 99}, "state": {}}))
     r = autoqra("search", "--out", str(out), home=home)
     assert r.returncode == 2
     err = " ".join(r.stderr.split())
     assert "holds a search with other parameters" in err and "seed" in err
-    assert json.loads((out / "checkpoint.json").read_text())["params"] == {"seed": 99}  # nothing lost
+    assert json.loads((out / "search-state.json").read_text())["params"] == {"seed": 99}  # nothing lost
 
 
 def test_unreachable_tracking_server_fails_fast(home, tmp_path):

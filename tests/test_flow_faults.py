@@ -65,7 +65,7 @@ def test_servers_dying_mid_search_lose_nothing(prefect_env, tmp_path, monkeypatc
     saved = json.loads((out / "result.json").read_text())
     assert saved["best"] == result["best"] and result["best"] is not None
     assert len(saved["evaluations"]) >= 10
-    assert (out / "checkpoint.json").is_file()
+    assert (out / "search-state.json").is_file()
     # The export's fine-tune is done and on disk; only the upload failed, and the error says how to redo it.
     assert "Cannot reach S3 endpoint" in result["export_error"] and "autoqra export --run" in result["export_error"]
     assert (out / "export" / "autoqra-embedded" / "adapter" / "adapter_model.safetensors").is_file()

@@ -64,9 +64,9 @@ def test_killed_search_resumes_without_rerunning_finished_evaluations(tmp_path, 
         proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env1, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.time() + 600
-    # Kill in the second generation: after the first checkpoint, with a few evaluations finished past it.
+    # Kill in the second generation: after the first step, with a few evaluations finished past it.
     while time.time() < deadline and proc.poll() is None:
-        if (out / "checkpoint.json").exists() and len(counted(tmp_path / "first.txt")) >= 6:
+        if (out / "search-state.json").exists() and len(counted(tmp_path / "first.txt")) >= 6:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed: make it longer"
@@ -74,6 +74,7 @@ def test_killed_search_resumes_without_rerunning_finished_evaluations(tmp_path, 
     proc.wait()
     first = counted(tmp_path / "first.txt")
     assert not (out / "result.json").exists()
+    (out / "search-state.json").unlink()  # a snapshot for people: resume replays the steps from Prefect's cache
 
     env2 = cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "second.txt")})
     r = subprocess.run(search_cmd(out, tiny), cwd=ROOT, env=env2, capture_output=True, text=True, timeout=900)
@@ -193,6 +194,49 @@ with get_client(sync_client=True) as c:
 
 
 @pytest.mark.slow
+def test_flow_run_graph_shows_the_method_steps(served_search):
+    """Read through the Prefect API: the search's task runs are the method's steps in order (priors, generation
+    0..G-1, turbo 1..T, baselines, report, then the export subflow), and every evaluation is a nested task run of
+    the step that made it: new children at rung 0 and promotions in generations, the top rung in TuRBO, the
+    test split only in the report."""
+    got = json.loads(_prefect(served_search.env, """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+with get_client(sync_client=True) as c:
+    flows = {f.id: f.name for f in c.read_flows()}
+    runs = c.read_flow_runs()
+    search = next(r for r in runs if flows[r.flow_id] == "autoqra-search")
+    export = next(r for r in runs if flows[r.flow_id] == "autoqra-export")
+    tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[search.id])))
+    tasks.sort(key=lambda t: t.start_time or t.expected_start_time)
+    parent = {str(t.id): [str(p.id) for p in t.task_inputs.get("__parents__", [])] for t in tasks}
+    print(json.dumps({"tasks": [{"id": str(t.id), "name": t.name, "parents": parent[str(t.id)],
+                                 "state": t.state.type.value, "start": t.start_time.isoformat()} for t in tasks],
+                      "export_parent": str(export.parent_task_run_id), "export_start": export.start_time.isoformat()}))"""))
+    tasks = got["tasks"]
+    steps = [t for t in tasks if not t["name"].startswith("eval ")]
+    names = [t["name"].split(" (")[0] for t in steps]
+    assert names[0].startswith("priors")
+    assert names[1:] == ["generation 0", "generation 1", "turbo 1", "baselines", "report"], names
+    assert all(t["state"] == "COMPLETED" for t in steps)
+    assert steps[1]["name"] == "generation 0 (4 children, 1 promoted)", steps[1]["name"]
+    by_id = {t["id"]: t for t in tasks}
+    evals = [t for t in tasks if t["name"].startswith("eval ")]
+    made_by = {}
+    for e in evals:
+        (parent,) = e["parents"]  # exactly one step made it
+        made_by.setdefault(by_id[parent]["name"].split(" (")[0], []).append(e["name"])
+    assert set(made_by) == {"generation 0", "generation 1", "turbo 1", "baselines", "report"}
+    assert sum(n.startswith("eval r0 ") for n in made_by["generation 0"]) == 4
+    assert {n.split()[1] for n in made_by["generation 1"]} == {"r0", "r1"}
+    assert all(n.startswith("eval r1 ") and " test " not in n for n in made_by["turbo 1"] + made_by["baselines"])
+    assert made_by["report"] and all(n.startswith("eval r1 test seed ") for n in made_by["report"])
+    assert not any(" test " in n for step, ns in made_by.items() if step != "report" for n in ns)
+    assert got["export_start"] > steps[-1]["start"]  # the export subflow comes after the report
+
+
+@pytest.mark.slow
 def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
     """SIGKILL mid-search, then the same command: one parent run in MLflow (found again by its tags, not a local
     file), back from RUNNING to FINISHED with a note, and every evaluation logged exactly once as a child."""
@@ -207,13 +251,13 @@ def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
                                 start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if (out / "checkpoint.json").exists() and len(counted(tmp_path / "first.txt")) >= 9:
+        if (out / "search-state.json").exists() and len(counted(tmp_path / "first.txt")) >= 9:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed: make it longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    (out / "checkpoint.json").unlink()  # the parent run is found without it (the evaluations are still cached)
+    (out / "search-state.json").unlink()  # the parent run is found without it (the steps are still cached)
     mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name("autoqra").experiment_id
 

@@ -207,7 +207,7 @@ def test_prior_individuals_are_feasible_and_split_memory():
 
 
 def test_ga_improves_over_its_initial_population():
-    # Mostly random start (the prior-derived configs alone already sit near the good basin):
+    # Random start (the prior-derived configs alone already sit near the good basin):
     # this measures what the evolution itself adds.
     settings = dataclasses.replace(SETTINGS.evolution, prior_fraction=0.0)
     recorder = Recorder()

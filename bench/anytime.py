@@ -1,0 +1,234 @@
+"""Search efficiency, like the paper's Figure 5: best validation loss at the top rung against cumulative
+fine-tuning tokens, for AutoQRA, random search and ablations, over seeds; and the compute each needs to reach
+a target, as a ratio to random search. Validation only: no test row is read here.
+
+Every method gets T, the fine-tuning tokens (steps x batch x sequence, all rungs) that AutoQRA's default
+search spends with the same seed, and stops at the first step that reaches T:
+
+* ``autoqra``: the default search (it defines T);
+* ``no-priors``: uninformative priors (``Priors.uniform``: mutation weights, repair and fill order) and a
+  random initial population;
+* ``no-surrogate``: no screening (``offspring_multiplier`` 1: every generated child is evaluated);
+* ``no-turbo``: stage 1 only, more generations until T;
+* ``turbo-alone``: TuRBO from a random start: ``population_size`` random configurations at the top rung (a
+  one-rung ladder), then TuRBO batches until T;
+* ``random``: random configurations (repaired like the search's) at the top rung until T.
+
+Targets: the uniform-4bit-r16 baseline's validation loss (same seed), and random search's final best.
+Compute to target = tokens spent when the best-so-far first reaches it; ratio = that / random's.
+
+Evaluations run through the project's cached Prefect task (``Run.evaluate_many``): a (config, rung, seed)
+two methods share is charged to both but fine-tuned once, and a killed bench resumes where it stopped.
+
+    .venv/bin/python bench/anytime.py --seeds 0 1 2 [--model embedded] [--config cfg.yaml] [--work DIR]
+    .venv/bin/python bench/anytime.py --seeds 0 1 2 --report-only   # tables and plot from --work's JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ("autoqra", "no-priors", "no-surrogate", "no-turbo", "turbo-alone", "random")
+MANY = 1000  # "until T": the step count a method would never reach before its token budget
+
+
+def _env(work: Path, seed: int) -> None:
+    """One Prefect home per process (bench processes may run side by side), results under ``work``."""
+    home = work / f"home-seed{seed}"
+    (home / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes its home without parents
+    os.environ.update(AUTOQRA_HOME=str(home), PREFECT_HOME=str(home / "prefect"),
+                      PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(work / "prefect-results"),
+                      MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
+
+
+def curve(history, ladder) -> list[dict]:
+    """Per evaluation: cumulative tokens and best ok top-rung validation loss so far (None before the first)."""
+    out, tokens, best = [], 0, math.inf
+    for e in history:
+        tokens += ladder[e.fidelity].train_tokens
+        if e.ok and e.fidelity == ladder.top:
+            best = min(best, e.eval_loss)
+        out.append({"tokens": tokens, "best": best if math.isfinite(best) else None,
+                    "rung": e.fidelity, "loss": e.eval_loss if e.ok else None})
+    return out
+
+
+def tokens_to(points: list[dict], target: float) -> int | None:
+    """Tokens spent when the best-so-far first reaches ``target`` (None: never)."""
+    return next((p["tokens"] for p in points if p["best"] is not None and p["best"] <= target + 1e-12), None)
+
+
+def run_seed(seed: int, args) -> dict:
+    """Every method for one seed, inside one Prefect flow (its evaluations are cached task runs)."""
+    from prefect import flow
+
+    from autoqra_core.baselines import random_search, uniform_configs
+    from autoqra_core.fidelity import Ladder
+    from autoqra_core.importance import Priors
+    from autoqra_core.protocol import history_tokens
+    from autoqra_core.search import SearchState, advance
+    from flows.config import load_run_config
+    from flows.run import Run
+
+    @flow(name="bench-anytime")
+    def bench(seed: int) -> dict:
+        import random
+
+        rc = load_run_config(args.config)
+        run = Run.prepare(args.model, args.dataset, args.budget, rc, seed)
+        base = rc.search_settings(seed)
+        ladder, top = base.ladder, base.ladder.top
+        priors = run.priors()
+        evaluate = run.evaluate_many
+        out = {"seed": seed, "budget_bytes": run.budget_bytes, "top_rung_tokens": ladder[top].train_tokens,
+               "methods": {}}
+
+        def top_only(pairs):
+            """The one-rung ladder's rung 0 is the run's top rung (``Run.evaluate_many`` reads the run's ladder)."""
+            return [replace(e, fidelity=0) for e in evaluate([(c, top) for c, _ in pairs])]
+
+        def search(name: str, settings, pri, limit: float) -> list:
+            state, start = SearchState.new(seed), time.time()
+            ev = top_only if len(settings.ladder.rungs) == 1 else evaluate
+            while state.stage != "done" and history_tokens(state.history, settings.ladder) < limit:
+                state = advance(state, run.space, pri, run.cost, run.budget_bytes, ev, settings)
+            hist = state.history
+            print(f"seed {seed} {name}: {len(hist)} evaluations, {history_tokens(hist, settings.ladder):,} tokens, "
+                  f"{time.time() - start:.0f} s", flush=True)
+            return hist
+
+        ref = evaluate([(uniform_configs(run.space, (4,), rc.baselines.rank)[f"uniform-4bit-r{rc.baselines.rank}"],
+                         top)])[0]
+        out["uniform-4bit-r16"] = ref.eval_loss
+        hist = search("autoqra", base, priors, math.inf)
+        T = history_tokens(hist, ladder)
+        out["T"] = T
+        out["methods"]["autoqra"] = curve(hist, ladder)
+        uninformed = Priors.uniform(run.space.layers, tuple(b for b in run.space.bits if b < 16))
+        random_start = replace(base.evolution, prior_fraction=0.0)
+        many_turbo = replace(base.turbo, iterations=MANY)
+        variants = {
+            "no-priors": (replace(base, evolution=random_start, turbo=many_turbo), uninformed),
+            "no-surrogate": (replace(base, evolution=replace(base.evolution, offspring_multiplier=1),
+                                     turbo=many_turbo), priors),
+            "no-turbo": (replace(base, generations=MANY, turbo=replace(base.turbo, iterations=0)), priors),
+            "turbo-alone": (replace(base, generations=1, ladder=Ladder((ladder[top],), ladder.promote_fraction),
+                                    evolution=random_start, turbo=many_turbo), priors),
+        }
+        for name, (settings, pri) in variants.items():
+            if name in args.methods:
+                out["methods"][name] = curve(search(name, settings, pri, T), settings.ladder)
+        if "random" in args.methods:
+            n = math.ceil(T / ladder[top].train_tokens)
+            configs = random_search(run.space, priors, run.cost, run.budget_bytes, n, random.Random(f"anytime-{seed}"))
+            start = time.time()
+            hist = evaluate([(c, top) for c in configs])
+            print(f"seed {seed} random: {len(hist)} evaluations, {time.time() - start:.0f} s", flush=True)
+            out["methods"]["random"] = curve(hist, ladder)
+        return out
+
+    return bench(seed)
+
+
+def summarise(results: list[dict]) -> tuple[list[str], dict]:
+    """Markdown tables: final best per method and seed; tokens to each target as a ratio to random's."""
+    methods = [m for m in METHODS if all(m in r["methods"] for r in results)]
+    lines = ["| method | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± sd | tokens (mean) |",
+             "|---|" + "---:|" * (len(results) + 2)]
+    finals = {}
+    for m in methods:
+        vals = [r["methods"][m][-1]["best"] for r in results]
+        finals[m] = vals
+        ok = [v for v in vals if v is not None]
+        sd = statistics.stdev(ok) if len(ok) > 1 else 0.0
+        toks = statistics.fmean(r["methods"][m][-1]["tokens"] for r in results)
+        lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
+                     + f" | {statistics.fmean(ok):.4f} ± {sd:.4f} | {toks / 1e3:,.0f}k |")
+    ref = [r["uniform-4bit-r16"] for r in results]
+    lines.append("| *uniform-4bit-r16 (one fine-tune)* | " + " | ".join(f"{v:.4f}" for v in ref)
+                 + f" | {statistics.fmean(ref):.4f} ± {statistics.stdev(ref) if len(ref) > 1 else 0:.4f} | - |")
+    ratios = {}
+    for target_name in ("uniform-4bit-r16", "random's final best"):
+        lines += ["", f"Tokens to reach {target_name} (k tokens; ratio to random search's in brackets; "
+                      f"'-': not reached within T):", "",
+                  "| method | " + " | ".join(f"seed {r['seed']}" for r in results) + " | median ratio |",
+                  "|---|" + "---:|" * (len(results) + 1)]
+        for m in methods:
+            cells, rs = [], []
+            for r in results:
+                target = r["uniform-4bit-r16"] if target_name == "uniform-4bit-r16" else r["methods"]["random"][-1]["best"]
+                mine, theirs = tokens_to(r["methods"][m], target), tokens_to(r["methods"]["random"], target)
+                ratio = mine / theirs if mine is not None and theirs else None
+                if ratio is not None:
+                    rs.append(ratio)
+                cells.append("-" if mine is None else f"{mine / 1e3:,.0f}k" + (f" ({ratio:.2f})" if ratio else ""))
+            med = f"{statistics.median(rs):.2f} (n={len(rs)})" if rs else "-"
+            ratios[(target_name, m)] = rs
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {med} |")
+    return lines, finals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--dataset", default="embedded")
+    ap.add_argument("--budget", default="uniform-4bit-r16")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (two processes side by side: 1)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-anytime"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "anytime.md"))
+    ap.add_argument("--report-only", action="store_true", help="write the report from --work's seed JSON files")
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seeds:
+            _env(work, seed)
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            start = time.time()
+            res = run_seed(seed, args) | {"seconds": round(time.time() - start), "model": args.model,
+                                           "config": args.config}
+            (work / f"seed{seed}.json").write_text(json.dumps(res, indent=1))
+    results = [json.loads((work / f"seed{s}.json").read_text()) for s in args.seeds]
+    from infra.plots import plot_anytime
+
+    out = Path(args.out)
+    png = plot_anytime([{"seed": r["seed"], "target": r["uniform-4bit-r16"], "methods": r["methods"]} for r in results],
+                       out.with_suffix(".png"), title=f"{results[0].get('model', 'embedded')}: best validation loss "
+                                                      f"vs fine-tuning tokens")
+    table, _ = summarise(results)
+    cmd = "bench/anytime.py --seeds " + " ".join(map(str, args.seeds)) + (
+        f" --model {args.model}" if args.model != "embedded" else "") + (f" --config {args.config}" if args.config else "")
+    lines = [f"# Search efficiency: best validation loss vs fine-tuning tokens ({results[0].get('model', 'embedded')})",
+             "", f"Command: `.venv/bin/python {cmd}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time per seed: "
+             + ", ".join(f"{r.get('seconds', 0) / 60:.0f} min" for r in results) + ".", "",
+             f"Budget: uniform-4bit-r16. T (AutoQRA's tokens) per seed: "
+             + ", ".join(f"{r['T'] / 1e3:,.0f}k" for r in results)
+             + f" (one top-rung fine-tune = {results[0]['top_rung_tokens'] / 1e3:,.0f}k). Every number is a "
+               "validation loss at the top rung; the test split is not read.", "",
+             f"![anytime curves]({png.name})", "", "Final best validation loss within T:", ""] + table
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Prefect tasks for the method's steps: every generation and every TuRBO iteration, the baselines and the test
+report, each one task run whose evaluations are its nested task runs (the flow run's graph shows which step
+made which evaluation at which rung).
+
+A step takes the search state as plain data and returns the next state. It is cached by its inputs (step,
+state, settings, priors, and ``params``: budget, model/data fingerprints, run settings, code version) with its
+result persisted, so re-running a search replays finished steps from Prefect's cache and continues at the
+first unfinished one, whose finished evaluations are cached task runs too: Prefect's cache is the one resume
+mechanism. The callables a step needs (evaluation, cost) are passed in, out of the cache key: ``params``
+determines them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from autoqra_core.baselines import run_baselines
+from autoqra_core.fidelity import Evaluation
+from autoqra_core.importance import Priors
+from autoqra_core.search import SearchSettings, SearchState, advance, next_step
+from autoqra_core.space import Config, SearchSpace
+
+# What ``params`` determines (the space, the memory model, evaluation) is passed in but not hashed.
+STEP_CACHE = (INPUTS + TASK_SOURCE) - "space" - "cost" - "evaluate_many" - "test_report"
+
+
+def step_name(state: SearchState, settings: SearchSettings) -> str | None:
+    """'generation 3 (6 children)', 'turbo 2 (region 0.40)': the step ``advance`` takes next, as the UI shows it."""
+    name = next_step(state)
+    if name is None:
+        return None
+    if state.stage == "evolution":
+        n = settings.evolution.population_size if state.evolution.generation == 0 else settings.evolution.offspring
+        return f"{name} ({n} children)"
+    return f"{name} (region {state.turbo.state.length:.2f})"
+
+
+def step_summary(before: SearchState, after: SearchState) -> str:
+    """What a step did, for its run name once it is done: new evaluations at rung 0 and promoted above it."""
+    new = after.history[len(before.history):]
+    if before.stage == "turbo":
+        return f"{len(new)} evaluated"
+    fresh = sum(e.fidelity == 0 for e in new)
+    return f"{fresh} children, {len(new) - fresh} promoted"
+
+
+def population_table(state: SearchState, ladder_top: int) -> list[dict[str, Any]]:
+    """The population after a step (TuRBO: its evaluations so far), each at the highest rung it reached, and
+    the best top-rung configuration so far."""
+    reached: dict[str, Evaluation] = {}
+    for e in state.history:
+        if e.config.key() not in reached or e.fidelity >= reached[e.config.key()].fidelity:
+            reached[e.config.key()] = e
+    configs = (state.evolution.population if state.stage == "evolution" or state.turbo is None
+               else [e.config for e in state.turbo.history])
+    rows = [_row("population" if state.stage == "evolution" else "turbo", reached.get(c.key()), c) for c in configs]
+    top = [e for e in state.history if e.ok and e.fidelity == ladder_top]
+    if top:
+        best = min(top, key=lambda e: e.eval_loss)
+        rows.append(_row("best so far", best, best.config))
+    return rows
+
+
+def _row(role: str, e: Evaluation | None, config: Config) -> dict[str, Any]:
+    return {"role": role, "bits/rank per layer": " ".join(f"{b}/{r}" for b, r in zip(config.bits, config.ranks)),
+            "rung": None if e is None else e.fidelity,
+            "loss": None if e is None or not e.ok else round(e.eval_loss, 4),
+            "status": "-" if e is None else e.status, "key": config.key()[:10]}
+
+
+@task(name="search step", cache_policy=STEP_CACHE, persist_result=True, task_run_name="{step}")
+def search_step(step: str, state: dict, settings: dict, priors: dict, params: dict, space: SearchSpace,
+                cost: Callable[[Config], int], evaluate_many: Callable) -> dict:
+    """One generation or TuRBO iteration (``autoqra_core.search.advance``); ``step`` names the task run."""
+    settings_ = SearchSettings.from_dict(settings)
+    before = SearchState.from_dict(state)
+    after = advance(before, space, Priors.from_dict(priors), cost, params["budget_bytes"], evaluate_many, settings_)
+    create_table_artifact(population_table(after, settings_.ladder.top),
+                          description=f"**{step}**: {step_summary(before, after)}; the population (TuRBO: its "
+                                      f"evaluations) at the highest rung each reached, and the best so far")
+    return after.to_dict()
+
+
+@task(name="baselines", cache_policy=STEP_CACHE, persist_result=True, task_run_name="baselines ({n_random} random)")
+def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, params: dict, space: SearchSpace,
+                   cost: Callable[[Config], int], evaluate_many: Callable, uniform_bits: list[int],
+                   rank: int, seed: int) -> dict:
+    """Every baseline at ``rung`` (pairs the search already ran are reused): name -> Evaluation.to_dict()."""
+    base = run_baselines(space, Priors.from_dict(priors), cost, params["budget_bytes"], evaluate_many, rung,
+                         n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
+                         history=[Evaluation.from_dict(e) for e in history])
+    return {name: e.to_dict() for name, e in base.items()}
+
+
+@task(name="report", cache_policy=STEP_CACHE, persist_result=True,
+      task_run_name="report ({seeds} seeds x {n_methods} methods, test split)")
+def report_step(methods: dict[str, dict], seeds: int, n_methods: int, params: dict, test_report: Callable) -> dict:
+    """Each method re-fine-tuned with fresh seeds and scored on test: name -> SeedScores."""
+    return test_report({name: Config.from_dict(c) for name, c in methods.items()})
