@@ -15,8 +15,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .evolution import EvaluateMany, evaluate_new
-from .fidelity import Evaluation
+from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .importance import Priors
 from .repair import Cost, repair
 from .space import UNQUANTIZED, Config, SearchSpace

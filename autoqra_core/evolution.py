@@ -34,64 +34,12 @@ from typing import Callable, Iterator, Sequence
 
 from deap import base, creator, tools
 
-from .errors import CandidateFailed
-from .fidelity import Evaluation, Ladder
+from .evaluation import EvaluateMany, Evaluation, best_evaluation, evaluate_new
+from .fidelity import Ladder
 from .importance import Priors
 from .repair import Cost, fill, minimal, repair
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
-
-EvaluateMany = Callable[[list[tuple[Config, int]]], list[Evaluation]]
-Evaluate = Callable[[Config, int], Evaluation]
-
-
-# --- evaluation plumbing -------------------------------------------------------------------
-
-
-def batched(evaluate: Evaluate, cost: Cost | None = None) -> EvaluateMany:
-    """Adapt a one-at-a-time ``evaluate(config, rung)`` to the batch interface, in order.
-
-    A ``CandidateFailed`` raised by ``evaluate`` becomes a failed Evaluation, so the search goes on.
-    """
-
-    def evaluate_many(pairs: list[tuple[Config, int]]) -> list[Evaluation]:
-        out = []
-        for config, rung in pairs:
-            try:
-                out.append(evaluate(config, rung))
-            except CandidateFailed as e:
-                mem = cost(config) if cost else 0
-                out.append(Evaluation(config, rung, math.inf, mem, status="failed", reason=e.reason))
-        return out
-
-    return evaluate_many
-
-
-def evaluate_new(
-    pairs: Sequence[tuple[Config, int]], history: Sequence[Evaluation], evaluate_many: EvaluateMany
-) -> list[Evaluation]:
-    """Evaluate, as one batch, the pairs not already in ``history`` (nor repeated in ``pairs``)."""
-    seen = {(e.config.key(), e.fidelity) for e in history}
-    todo = []
-    for config, rung in pairs:
-        if (config.key(), rung) not in seen:
-            seen.add((config.key(), rung))
-            todo.append((config, rung))
-    if not todo:
-        return []
-    results = list(evaluate_many(todo))
-    if len(results) != len(todo) or any(
-        (r.config.key(), r.fidelity) != (c.key(), k) for r, (c, k) in zip(results, todo)
-    ):
-        raise ValueError("evaluate_many must return one Evaluation per (config, rung), in the order given")
-    return results
-
-
-def best_evaluation(history: Sequence[Evaluation], rung: int) -> Evaluation | None:
-    """Lowest-loss ok evaluation at ``rung`` (first one on ties), or None."""
-    ok = [e for e in history if e.ok and e.fidelity == rung]
-    return min(ok, key=lambda e: e.eval_loss) if ok else None
-
 
 # --- settings and state --------------------------------------------------------------------
 

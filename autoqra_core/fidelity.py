@@ -1,4 +1,4 @@
-"""Fidelities: how much fine-tuning one evaluation gets, and what an evaluation returns.
+"""Fidelities: how much fine-tuning one evaluation gets.
 
 The search spends little on many candidates and much on few: rung 0 is a short
 fine-tune on a fraction of the data, the top rung is the full fidelity at which
@@ -8,10 +8,7 @@ decide which ones to promote (successive halving).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-
-from .space import Config
 
 
 @dataclass(frozen=True)
@@ -49,52 +46,3 @@ class Ladder:
     @classmethod
     def from_dict(cls, d: dict) -> "Ladder":
         return cls(tuple(Fidelity(**r) for r in d["rungs"]), float(d.get("promote_fraction", 1 / 3)))
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One configuration fine-tuned and scored at one rung. Failed ones keep their reason."""
-
-    config: Config
-    fidelity: int
-    eval_loss: float  # held-out loss after fine-tuning; +inf when failed
-    memory_bytes: int
-    status: str = "ok"  # "ok" | "failed"
-    reason: str | None = None
-    accuracy: float | None = None
-    train_loss: float | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok" and math.isfinite(self.eval_loss)
-
-    def to_dict(self) -> dict:
-        d = {
-            "config": self.config.to_dict(),
-            "fidelity": self.fidelity,
-            "eval_loss": self.eval_loss if math.isfinite(self.eval_loss) else None,
-            "memory_bytes": self.memory_bytes,
-            "status": self.status,
-            "accuracy": self.accuracy,
-            "train_loss": self.train_loss,
-            "seconds": round(self.seconds, 3),
-        }
-        if self.reason:
-            d["reason"] = self.reason
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Evaluation":
-        loss = d.get("eval_loss")
-        return cls(
-            config=Config.from_dict(d["config"]),
-            fidelity=int(d["fidelity"]),
-            eval_loss=math.inf if loss is None else float(loss),
-            memory_bytes=int(d["memory_bytes"]),
-            status=d.get("status", "ok"),
-            reason=d.get("reason"),
-            accuracy=d.get("accuracy"),
-            train_loss=d.get("train_loss"),
-            seconds=float(d.get("seconds", 0.0)),
-        )

@@ -23,7 +23,8 @@ from torch import nn
 from .data import EvalSet, Task, batches, eval_set, train_blocks
 from .device import model_device, release
 from .errors import CandidateFailed
-from .fidelity import Evaluation, Fidelity
+from .evaluation import Evaluation
+from .fidelity import Fidelity
 from .memory import SCORE_BATCH_SIZE, format_bytes
 from .model import LayerMap
 from .packed import PackedCache

@@ -16,7 +16,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from .fidelity import Evaluation, Ladder
+from .evaluation import Evaluation
+from .fidelity import Ladder
 
 REFERENCES = ("uniform-4bit-r16", "random")  # every method is compared, seed by seed, with these
 

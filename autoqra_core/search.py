@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 from . import evolution, turbo
-from .evolution import EvaluateMany, EvolutionSettings, EvolutionState, best_evaluation
-from .fidelity import Evaluation, Fidelity, Ladder
+from .evaluation import EvaluateMany, Evaluation, best_evaluation
+from .evolution import EvolutionSettings, EvolutionState
+from .fidelity import Fidelity, Ladder
 from .importance import Priors
 from .repair import Cost, check_budget
 from .space import SearchSpace

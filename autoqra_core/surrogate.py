@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.ensemble import RandomForestRegressor
 
-from .fidelity import Evaluation
+from .evaluation import Evaluation
 from .space import Config, SearchSpace
 
 

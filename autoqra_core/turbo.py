@@ -41,8 +41,7 @@ from botorch.models import SingleTaskGP
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch.quasirandom import SobolEngine
 
-from .evolution import EvaluateMany, best_evaluation, evaluate_new
-from .fidelity import Evaluation
+from .evaluation import EvaluateMany, Evaluation, best_evaluation, evaluate_new
 from .importance import Priors
 from .repair import Cost, repair
 from .space import Config, SearchSpace

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from autoqra_core.fidelity import Evaluation
+from autoqra_core.evaluation import Evaluation
 from autoqra_core.importance import Priors
 from autoqra_core.memory import format_bytes
 from autoqra_core.protocol import SeedScores, compare, fmt_mean_sd
@@ -90,7 +90,7 @@ class Report:
             self.down = True
             get_run_logger().warning(
                 f"MLflow logging failed at {self.uri} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                f" {what}; results are cached and checkpointed, the search goes on. Missed evaluations are logged "
+                f" {what}; results are cached, the search goes on. Missed evaluations are logged "
                 f"when the server answers again, or by re-running the same command (it continues this MLflow run)")
             return False
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.fidelity import Evaluation, Ladder
+from autoqra_core.evaluation import Evaluation
+from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds

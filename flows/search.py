@@ -12,7 +12,7 @@ from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
-from autoqra_core.fidelity import Evaluation
+from autoqra_core.evaluation import Evaluation
 from autoqra_core.protocol import equal_compute_count, history_tokens
 from autoqra_core.repair import check_budget
 from autoqra_core.search import SearchState, result as search_result

@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from autoqra_core.baselines import run_baselines
-from autoqra_core.fidelity import Evaluation
+from autoqra_core.evaluation import Evaluation
 from autoqra_core.importance import Priors
 from autoqra_core.search import SearchSettings, SearchState, advance, next_step
 from autoqra_core.space import Config, SearchSpace

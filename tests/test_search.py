@@ -22,7 +22,8 @@ import pytest
 
 from autoqra_core import baselines, evolution, protocol, turbo
 from autoqra_core.errors import BudgetError, CandidateFailed
-from autoqra_core.fidelity import Evaluation, Fidelity, Ladder
+from autoqra_core.evaluation import Evaluation, batched, best_evaluation
+from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.repair import fill, minimal, repair
 from autoqra_core.search import SearchSettings, SearchState, pareto_front, run_search
@@ -108,7 +109,7 @@ class Recorder:
     def __init__(self, fn=evaluate):
         self.calls: list[tuple[str, int]] = []
         self.batches = 0
-        self.fn = evolution.batched(fn, cost)
+        self.fn = batched(fn, cost)
 
     def __call__(self, pairs):
         self.batches += 1
@@ -215,7 +216,7 @@ def test_ga_improves_over_its_initial_population():
     final = evolution.run_stage1(SPACE, PRIORS, cost, BUDGET, recorder, LADDER, generations=6,
                                  settings=settings, seed=2, on_generation=states.append)
     initial = min(true_loss(e.config) for e in states[0].history if e.fidelity == 0)
-    best = evolution.best_evaluation(final.history, LADDER.top)
+    best = best_evaluation(final.history, LADDER.top)
     assert true_loss(best.config) < initial
     assert len(final.population) == SETTINGS.evolution.population_size
     assert len({c.key() for c in final.population}) == len(final.population)
