@@ -78,7 +78,7 @@ def finetune(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Con
 def score_on_test(model: nn.Module, tokenizer, task: Task, fid: Fidelity) -> tuple[float, float | None]:
     """(loss, accuracy) on the test split: the numbers an export reports."""
     return score(model, eval_set(task, tokenizer, fid.eval_examples, fid.seq_len, split="test"),
-                 batch_size=fid.batch_size)
+                 batch_size=fid.batch_size, body_rows=score_rows(fid.batch_size, fid.seq_len))
 
 
 def summary(values: list[float | None]) -> tuple[float | None, float | None]:

@@ -17,11 +17,11 @@ process really allocates (checked against tensor storage in tests and, on a GPU,
 * the logits: in the compute dtype, their fp32 upcast (on a 16-bit dtype), the fp32
   log-softmax autograd keeps and the fp32 gradient of the logits in backward;
 * the transient dequantized weight of a packed layer (one at a time, compute dtype);
-* the scoring pass (``finetune.score``: ``score_batch_size`` rows of up to seq_len
-  tokens, no grad) as a separate peak: with a 128k vocabulary its fp32 logits alone
-  are gigabytes. A search scores in batches of its training batch size, so scoring
-  (no gradients, nothing saved) stays below the training step and the budget keeps
-  paying for ranks; ``autoqra estimate --score-batch-size`` shows larger ones.
+* the scoring pass (``finetune.score``, no grad) as a separate peak: the model's body on
+  ``score_rows`` rows (``SCORE_TOKENS`` tokens, at least one training batch), its LM head
+  on training-sized batches, since with a 128k vocabulary fp32 logits alone are gigabytes.
+  So scoring (no gradients, nothing saved) stays below the training step and the budget
+  keeps paying for ranks; ``autoqra estimate --score-batch-size`` shows other body sizes.
 
 The total is the peak of the two phases, ``max(training step, scoring)``: on a GPU,
 what ``torch.cuda.max_memory_allocated`` reports. Not in it (reported apart by
@@ -41,6 +41,13 @@ from .errors import BudgetError
 from .space import UNQUANTIZED, Config, SearchSpace
 
 SCORE_BATCH_SIZE = 64  # rows per scoring forward of a bare finetune.score call (fit scores in training batches)
+SCORE_TOKENS = 4096  # tokens per forward of the model's body when a search scores (64 rows of 64 tokens)
+
+
+def score_rows(batch_size: int, seq_len: int) -> int:
+    """Rows per body forward when scoring: ``SCORE_TOKENS`` tokens' worth, at least one training batch, in whole
+    batches (the LM head runs one training batch at a time)."""
+    return max(1, SCORE_TOKENS // (seq_len * batch_size)) * batch_size
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PACKED = ("hqq", "bnb")  # backends that dequantize a weight per forward (sim keeps it dequantized)
 
@@ -92,7 +99,7 @@ class MemorySettings:
     batch_size: int = 8
     seq_len: int = 128
     grad_checkpointing: bool = False
-    score_batch_size: int | None = None  # rows per scoring forward; None: batch_size (as finetune.fit scores)
+    score_batch_size: int | None = None  # rows per body forward when scoring; None: score_rows (as finetune.fit)
 
 
 def settings_for(device: str, backend: str, group_size: int, batch_size: int, seq_len: int,
@@ -227,7 +234,7 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
             if layer.bits >= UNQUANTIZED:
                 unq += m.numel * s.base_bytes
             lora += layer.rank * (m.in_features + m.out_features)
-    score_rows = s.score_batch_size or s.batch_size
+    body_rows = s.score_batch_size or score_rows(s.batch_size, s.seq_len)
     return MemoryBreakdown(
         weights=weights,
         metadata=meta,
@@ -239,8 +246,8 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
         logits=logits_bytes(s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=True)
         if any(layer.rank > 0 for layer in config.layers) else 0,
         dequantized=dequantized_bytes(config, shape, s),
-        scoring=logits_bytes(score_rows * s.seq_len, shape.vocab_size, s.act_bytes, backward=False)
-        + score_rows * s.seq_len * (2 * shape.hidden_size + 3 * shape.intermediate_size) * s.act_bytes,
+        scoring=logits_bytes(s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=False)
+        + body_rows * s.seq_len * (2 * shape.hidden_size + 3 * shape.intermediate_size) * s.act_bytes,
     )
 
 

@@ -17,7 +17,7 @@ from autoqra_core.protocol import equal_compute_count, history_tokens
 from autoqra_core.repair import check_budget
 from autoqra_core.search import SearchState, result as search_result
 from autoqra_core.space import Config
-from tasks.search import baselines_step, report_step, search_step, step_name, step_summary
+from tasks.search import Live, baselines_step, lend, report_step, search_step, step_name, step_summary
 
 from .config import load_run_config
 from .export import export_flow
@@ -92,12 +92,12 @@ def search_flow(
     pri = run.priors()
     settings = rc.search_settings(seed)
     progress = Progress(run, _planned(run, baselines))
-    evaluate = lambda p: run.evaluate_many(p, progress)  # noqa: E731
+    live = lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
+                     lambda m: run.test_report(m, progress)))
     state = SearchState.new(seed)
     while (name := step_name(state, settings)) is not None:
         progress.at(name)
-        done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, run.space, run.cost,
-                           evaluate, return_state=True)
+        done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
         after = SearchState.from_dict(done.result())
         _rename(done, f"{name.split(' (')[0]} ({step_summary(state, after)})")
         write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
@@ -111,9 +111,9 @@ def search_flow(
         n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
         fixed = len(rc.baselines.uniform_bits) + 2
         progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
-        base = _baselines(run, pri, params, evaluate, n_random, res.history)
+        base = _baselines(run, pri, params, live, n_random, res.history)
         compute |= baseline_compute(base, n_random, run)
-    tests = _test_report(run, params, {"autoqra": res.best.config} if res.best else {}, base, progress)
+    tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     result = report.finish(res, base, pri, tests, compute)
     if export and result["best"]:
         progress.at("export")
@@ -144,8 +144,10 @@ def baselines_flow(
     n_random = rc.baselines.n_random or n_random
     progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
     params = run.params(budget)
-    base = _baselines(run, pri, params, lambda p: run.evaluate_many(p, progress), n_random, [])
-    tests = _test_report(run, params, {}, base, progress)
+    live = lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
+                     lambda m: run.test_report(m, progress)))
+    base = _baselines(run, pri, params, live, n_random, [])
+    tests = _test_report(run, params, live, {}, base, progress)
     return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
 
 
@@ -155,15 +157,15 @@ def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
 
 
-def _baselines(run: Run, pri, params: dict, evaluate, n_random: int, history: list[Evaluation]) -> dict:
+def _baselines(run: Run, pri, params: dict, live: str, n_random: int, history: list[Evaluation]) -> dict:
     """The baselines as one task run (their evaluations nested in it); name -> Evaluation."""
     rc = run.rc
-    out = baselines_step([e.to_dict() for e in history], run.ladder.top, n_random, pri.to_dict(), params, run.space,
-                         run.cost, evaluate, list(rc.baselines.uniform_bits), rc.baselines.rank, run.seed)
+    out = baselines_step([e.to_dict() for e in history], run.ladder.top, n_random, pri.to_dict(), params, live,
+                         list(rc.baselines.uniform_bits), rc.baselines.rank, run.seed)
     return {name: Evaluation.from_dict(e) for name, e in out.items()}
 
 
-def _test_report(run: Run, params: dict, best: dict, base: dict, progress: Progress) -> dict:
+def _test_report(run: Run, params: dict, live: str, best: dict, base: dict, progress: Progress) -> dict:
     """The winner and every baseline re-fine-tuned with fresh seeds and scored on test (``report.seeds``)."""
     methods = best | {name: e.config for name, e in base.items()}
     if not methods or run.rc.report.seeds == 0:
@@ -171,7 +173,7 @@ def _test_report(run: Run, params: dict, best: dict, base: dict, progress: Progr
     progress.at("report")
     progress.planned = progress.count + run.rc.report.seeds * len({c.key() for c in methods.values()})
     return report_step({name: c.to_dict() for name, c in methods.items()}, run.rc.report.seeds, len(methods), params,
-                       lambda m: run.test_report(m, progress))
+                       live)
 
 
 def _rename(state, name: str) -> None:

@@ -6,12 +6,15 @@ A step takes the search state as plain data and returns the next state. It is ca
 state, settings, priors, and ``params``: budget, model/data fingerprints, run settings, code version) with its
 result persisted, so re-running a search replays finished steps from Prefect's cache and continues at the
 first unfinished one, whose finished evaluations are cached task runs too: Prefect's cache is the one resume
-mechanism. The callables a step needs (evaluation, cost) are passed in, out of the cache key: ``params``
-determines them.
+mechanism. What a step needs besides data (the space, the cost, the evaluation functions) it borrows by a
+handle from the flow that lent it (``lend``), out of the cache key (``params`` determines them): task
+parameters must stay plain data, since a parallel runner ships the parent step's context to its workers.
 """
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from prefect import task
@@ -24,8 +27,28 @@ from autoqra_core.importance import Priors
 from autoqra_core.search import SearchSettings, SearchState, advance, next_step
 from autoqra_core.space import Config, SearchSpace
 
-# What ``params`` determines (the space, the memory model, evaluation) is passed in but not hashed.
-STEP_CACHE = (INPUTS + TASK_SOURCE) - "space" - "cost" - "evaluate_many" - "test_report"
+STEP_CACHE = (INPUTS + TASK_SOURCE) - "live"  # the handle changes per process; what it lends, ``params`` fixes
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a run's steps call, in the flow's process: the space, the memory model, and evaluation."""
+
+    space: SearchSpace
+    cost: Callable[[Config], int]
+    evaluate_many: Callable
+    test_report: Callable | None = None
+
+
+_LENT: dict[str, Live] = {}
+
+
+def lend(live: Live) -> str:
+    """A handle for ``live``, valid in this process (steps run in the flow's process, their evaluations
+    wherever the task runner puts them)."""
+    handle = uuid.uuid4().hex
+    _LENT[handle] = live
+    return handle
 
 
 def step_name(state: SearchState, settings: SearchSettings) -> str | None:
@@ -73,12 +96,13 @@ def _row(role: str, e: Evaluation | None, config: Config) -> dict[str, Any]:
 
 
 @task(name="search step", cache_policy=STEP_CACHE, persist_result=True, task_run_name="{step}")
-def search_step(step: str, state: dict, settings: dict, priors: dict, params: dict, space: SearchSpace,
-                cost: Callable[[Config], int], evaluate_many: Callable) -> dict:
+def search_step(step: str, state: dict, settings: dict, priors: dict, params: dict, live: str) -> dict:
     """One generation or TuRBO iteration (``autoqra_core.search.advance``); ``step`` names the task run."""
     settings_ = SearchSettings.from_dict(settings)
     before = SearchState.from_dict(state)
-    after = advance(before, space, Priors.from_dict(priors), cost, params["budget_bytes"], evaluate_many, settings_)
+    lv = _LENT[live]
+    after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
+                    settings_)
     create_table_artifact(population_table(after, settings_.ladder.top),
                           description=f"**{step}**: {step_summary(before, after)}; the population (TuRBO: its "
                                       f"evaluations) at the highest rung each reached, and the best so far")
@@ -86,11 +110,11 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
 
 
 @task(name="baselines", cache_policy=STEP_CACHE, persist_result=True, task_run_name="baselines ({n_random} random)")
-def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, params: dict, space: SearchSpace,
-                   cost: Callable[[Config], int], evaluate_many: Callable, uniform_bits: list[int],
-                   rank: int, seed: int) -> dict:
+def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, params: dict, live: str,
+                   uniform_bits: list[int], rank: int, seed: int) -> dict:
     """Every baseline at ``rung`` (pairs the search already ran are reused): name -> Evaluation.to_dict()."""
-    base = run_baselines(space, Priors.from_dict(priors), cost, params["budget_bytes"], evaluate_many, rung,
+    lv = _LENT[live]
+    base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many, rung,
                          n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
                          history=[Evaluation.from_dict(e) for e in history])
     return {name: e.to_dict() for name, e in base.items()}
@@ -98,6 +122,6 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
 
 @task(name="report", cache_policy=STEP_CACHE, persist_result=True,
       task_run_name="report ({seeds} seeds x {n_methods} methods, test split)")
-def report_step(methods: dict[str, dict], seeds: int, n_methods: int, params: dict, test_report: Callable) -> dict:
+def report_step(methods: dict[str, dict], seeds: int, n_methods: int, params: dict, live: str) -> dict:
     """Each method re-fine-tuned with fresh seeds and scored on test: name -> SeedScores."""
-    return test_report({name: Config.from_dict(c) for name, c in methods.items()})
+    return _LENT[live].test_report({name: Config.from_dict(c) for name, c in methods.items()})

@@ -125,6 +125,28 @@ def test_simulated_backend_matches_packed_hqq(embedded):
     assert score(packed, ev) == pytest.approx(score(sim, ev), rel=1e-4)
 
 
+def test_scoring_runs_the_body_in_large_batches_with_the_same_numbers(embedded):
+    """The body on 64 rows, the LM head on 8: the numbers of an 8-row full forward. A model whose logits are not
+    head(body(x)) (here: scaled by a hook, like softcapping) is scored by its full forward instead."""
+    base, tok, task, lmap = embedded
+    cfg = SearchSpace(lmap.names).uniform(4, 16)
+    model = build(base, cfg, lmap, QuantSettings("hqq"), TrainSettings(seed=0))
+    ev = eval_set(task, tok, 40, 64)
+    plain = score(model, ev, batch_size=8)
+    split = score(model, ev, batch_size=8, body_rows=64)
+    assert split[0] == pytest.approx(plain[0], rel=1e-5) and split[1] == plain[1]
+    def scale(module, inputs, out) -> None:
+        out.logits.mul_(2.0)
+
+    hook = model.register_forward_hook(scale)
+    try:
+        scaled = score(model, ev, batch_size=8)
+        assert scaled[0] != pytest.approx(plain[0], rel=1e-3)  # the hook changes the numbers...
+        assert score(model, ev, batch_size=8, body_rows=64)[0] == pytest.approx(scaled[0], rel=1e-5)  # ...split too
+    finally:
+        hook.remove()
+
+
 def test_rank_pattern_gives_each_layer_its_rank(embedded):
     base, _, _, lmap = embedded
     ranks = [0, 4, 8, 16, 32, 64]
