@@ -29,6 +29,7 @@ from torch import nn
 from .data import Task, batches, eval_set, train_blocks
 from .fidelity import Fidelity
 from .finetune import TrainSettings, build, score, train
+from .memory import score_rows
 from .model import LayerMap
 from .quantize import QuantSettings, quantize_model
 from .space import Config

@@ -260,7 +260,7 @@ def estimate(
     backend: str = typer.Option("auto", help="sim | hqq | bnb | auto (hqq on cuda, sim on cpu, as the search)."),
     group_size: int = typer.Option(64, "--group-size"),
     score_batch_size: Optional[int] = typer.Option(None, "--score-batch-size",
-                                                   help="Rows per scoring forward (default: the training batch size, as the search scores)."),
+                                                   help="Rows per forward of the model body when scoring (default: 4096 tokens' worth, as the search scores)."),
     budget: Optional[str] = typer.Option(None, help="'24GiB' or 'uniform-4bit-r16': say what fits."),
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
