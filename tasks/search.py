@@ -14,12 +14,14 @@ parameters must stay plain data, since a parallel runner ships the parent step's
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.transactions import CommitMode, transaction
 
 from autoqra_core.baselines import run_baselines
 from autoqra_core.evaluation import Evaluation
@@ -41,6 +43,14 @@ class Live:
 
 
 _LENT: dict[str, Live] = {}
+
+
+@contextmanager
+def _each_evaluation_commits() -> Iterator[None]:
+    """Prefect commits a nested task run's cached result with its parent's transaction (lazily): a search killed
+    mid-step would lose every evaluation that step had finished. Inside a step, each commits as it ends."""
+    with transaction(commit_mode=CommitMode.EAGER):
+        yield
 
 
 def lend(live: Live) -> str:
@@ -101,8 +111,9 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
     settings_ = SearchSettings.from_dict(settings)
     before = SearchState.from_dict(state)
     lv = _LENT[live]
-    after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
-                    settings_)
+    with _each_evaluation_commits():
+        after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"],
+                        lv.evaluate_many, settings_)
     create_table_artifact(population_table(after, settings_.ladder.top),
                           description=f"**{step}**: {step_summary(before, after)}; the population (TuRBO: its "
                                       f"evaluations) at the highest rung each reached, and the best so far")
@@ -114,9 +125,10 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
                    uniform_bits: list[int], rank: int, seed: int) -> dict:
     """Every baseline at ``rung`` (pairs the search already ran are reused): name -> Evaluation.to_dict()."""
     lv = _LENT[live]
-    base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many, rung,
-                         n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
-                         history=[Evaluation.from_dict(e) for e in history])
+    with _each_evaluation_commits():
+        base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
+                             rung, n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
+                             history=[Evaluation.from_dict(e) for e in history])
     return {name: e.to_dict() for name, e in base.items()}
 
 
@@ -124,4 +136,5 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
       task_run_name="report ({seeds} seeds x {n_methods} methods, test split)")
 def report_step(methods: dict[str, dict], seeds: int, n_methods: int, params: dict, live: str) -> dict:
     """Each method re-fine-tuned with fresh seeds and scored on test: name -> SeedScores."""
-    return _LENT[live].test_report({name: Config.from_dict(c) for name, c in methods.items()})
+    with _each_evaluation_commits():
+        return _LENT[live].test_report({name: Config.from_dict(c) for name, c in methods.items()})

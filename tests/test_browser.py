@@ -77,7 +77,7 @@ def test_prefect_ui_shows_the_search_flow_run(served_search, page):
     assert run["name"] in text and "autoqra-search" in text and "Completed" in text
     # The method's steps, as task runs a person can read (the graph above is a canvas: no text to assert on).
     page.get_by_text("Task Runs", exact=True).first.click()
-    for step in ("generation 0", "generation 1", "turbo 1", "baselines", "report"):
+    for step in ("generation 0", "generation 1", "turbo 1", "report"):
         _see(page, step, "prefect-task-runs.png")
     page.screenshot(path=SHOTS / "prefect-task-runs.png", full_page=True)
 
