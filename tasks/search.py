@@ -61,6 +61,12 @@ def lend(live: Live) -> str:
     return handle
 
 
+def borrow(handle: str) -> Live:
+    """What ``lend`` lent. Task bodies call this rather than read ``_LENT``: a parallel runner pickles the parent
+    step's task by value with the globals its body reads, and the lent objects (models, locks) do not pickle."""
+    return _LENT[handle]
+
+
 def step_name(state: SearchState, settings: SearchSettings) -> str | None:
     """'generation 3 (6 children)', 'turbo 2 (region 0.40)': the step ``advance`` takes next, as the UI shows it."""
     name = next_step(state)
@@ -110,7 +116,7 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
     """One generation or TuRBO iteration (``autoqra_core.search.advance``); ``step`` names the task run."""
     settings_ = SearchSettings.from_dict(settings)
     before = SearchState.from_dict(state)
-    lv = _LENT[live]
+    lv = borrow(live)
     with _each_evaluation_commits():
         after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"],
                         lv.evaluate_many, settings_)
@@ -124,7 +130,7 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
 def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, params: dict, live: str,
                    uniform_bits: list[int], rank: int, seed: int) -> dict:
     """Every baseline at ``rung`` (pairs the search already ran are reused): name -> Evaluation.to_dict()."""
-    lv = _LENT[live]
+    lv = borrow(live)
     with _each_evaluation_commits():
         base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
                              rung, n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
@@ -137,4 +143,4 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
 def report_step(methods: dict[str, dict], seeds: int, n_methods: int, params: dict, live: str) -> dict:
     """Each method re-fine-tuned with fresh seeds and scored on test: name -> SeedScores."""
     with _each_evaluation_commits():
-        return _LENT[live].test_report({name: Config.from_dict(c) for name, c in methods.items()})
+        return borrow(live).test_report({name: Config.from_dict(c) for name, c in methods.items()})
