@@ -184,7 +184,7 @@ def registered(tmp_path_factory):
     run = home / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({
-        "model": str(EMBEDDED_MODEL), "dataset": str(EMBEDDED_DATA), "budget_bytes": 50_000_000, "seed": 0,
+        "model": str(EMBEDDED_MODEL), "dataset": str(EMBEDDED_DATA), "budget_bytes": 100_000_000, "seed": 0,
         "settings": settings.model_dump(mode="json"), "best": {"config": cfg.to_dict(), "eval_loss": 3.0}}))
     from flows.export import export_flow
 
