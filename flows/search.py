@@ -94,12 +94,12 @@ def search_flow(
     progress = Progress(run, _planned(run, baselines))
     live = lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
                      lambda m: run.test_report(m, progress)))
-    state = SearchState.new(seed)
+    state, renames = SearchState.new(seed), []
     while (name := step_name(state, settings)) is not None:
         progress.at(name)
         done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
         after = SearchState.from_dict(done.result())
-        _rename(done, f"{name.split(' (')[0]} ({step_summary(state, after)})")
+        renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
         write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
         report.checkpoint(search_result(after, run.ladder))
         state = after
@@ -114,6 +114,7 @@ def search_flow(
         base = _baselines(run, pri, params, live, n_random, res.history)
         compute |= baseline_compute(base, n_random, run)
     tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
+    _rename(renames)
     result = report.finish(res, base, pri, tests, compute)
     if export and result["best"]:
         progress.at("export")
@@ -176,13 +177,16 @@ def _test_report(run: Run, params: dict, live: str, best: dict, base: dict, prog
                        live)
 
 
-def _rename(state, name: str) -> None:
-    """A step's task run, renamed once it is done with what it did ('generation 2 (6 children, 2 promoted)')."""
+def _rename(renames: list) -> None:
+    """Each step's task run renamed with what it did ('generation 2 (6 children, 2 promoted)'), at the end: the
+    server records a task run's own updates asynchronously, and a rename sent right after the step could be
+    overwritten by them."""
     try:
         with get_client(sync_client=True) as client:
-            client.set_task_run_name(state.state_details.task_run_id, name)
+            for task_run_id, name in renames:
+                client.set_task_run_name(task_run_id, name)
     except Exception as e:  # noqa: BLE001 - a name in the UI is not worth failing a search for
-        get_run_logger().debug(f"could not rename task run: {e}")
+        get_run_logger().debug(f"could not rename task runs: {e}")
 
 
 @flow(name="autoqra-evaluate", log_prints=True, persist_result=True)

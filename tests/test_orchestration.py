@@ -219,7 +219,8 @@ with get_client(sync_client=True) as c:
     names = [t["name"].split(" (")[0] for t in steps]
     assert names == ["priors", "generation 0", "generation 1", "turbo 1", "report"], names  # no --baselines
     assert all(t["state"] == "COMPLETED" for t in steps)
-    assert steps[1]["name"] == "generation 0 (4 children, 1 promoted)", steps[1]["name"]
+    assert [t["name"] for t in steps[1:4]] == ["generation 0 (4 children, 1 promoted)",
+                                              "generation 1 (3 children, 1 promoted)", "turbo 1 (2 evaluated)"]
     by_id = {t["id"]: t for t in tasks}
     evals = [t for t in tasks if t["name"].startswith("eval ")]
     made_by = {}
