@@ -205,7 +205,8 @@ def main() -> None:
                 torch.set_num_threads(args.threads)
             start = time.time()
             res = run_seed(seed, args) | {"seconds": round(time.time() - start), "model": args.model,
-                                           "config": args.config}
+                                           "config": args.config, "threads": args.threads,
+                                           "methods_run": list(args.methods)}
             (work / f"seed{seed}.json").write_text(json.dumps(res, indent=1))
     results = [json.loads((work / f"seed{s}.json").read_text()) for s in args.seeds]
     from infra.plots import plot_anytime
@@ -217,6 +218,8 @@ def main() -> None:
     table, _ = summarise(results)
     cmd = "bench/anytime.py --seeds " + " ".join(map(str, args.seeds)) + (
         f" --model {args.model}" if args.model != "embedded" else "") + (f" --config {args.config}" if args.config else "")
+    if args.report_only:
+        cmd += " --report-only"  # the seeds' own commands and methods: in their JSON files and the README
     lines = [f"# Search efficiency: best validation loss vs fine-tuning tokens ({results[0].get('model', 'embedded')})",
              "", f"Command: `.venv/bin/python {cmd}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time per seed: "
