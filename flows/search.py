@@ -92,8 +92,7 @@ def search_flow(
     pri = run.priors()
     settings = rc.search_settings(seed)
     progress = Progress(run, _planned(run, baselines))
-    live = lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
-                     lambda m: run.test_report(m, progress)))
+    live = _lend(run, progress)
     state, renames = SearchState.new(seed), []
     while (name := step_name(state, settings)) is not None:
         progress.at(name)
@@ -145,8 +144,7 @@ def baselines_flow(
     n_random = rc.baselines.n_random or n_random
     progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
     params = run.params(budget)
-    live = lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
-                     lambda m: run.test_report(m, progress)))
+    live = _lend(run, progress)
     base = _baselines(run, pri, params, live, n_random, [])
     tests = _test_report(run, params, live, {}, base, progress)
     return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
@@ -156,6 +154,12 @@ def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     """Fine-tuning tokens each baseline spent choosing its configuration: random search all its fine-tunes,
     a fixed recipe none."""
     return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
+
+
+def _lend(run: Run, progress: Progress) -> str:
+    """What this run's steps call (space, cost, evaluation with progress), lent for the flow's duration."""
+    return lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
+                     lambda m: run.test_report(m, progress)))
 
 
 def _baselines(run: Run, pri, params: dict, live: str, n_random: int, history: list[Evaluation]) -> dict:
