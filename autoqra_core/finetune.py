@@ -136,6 +136,23 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (body, head) if isinstance(body, nn.Module) and isinstance(head, nn.Module) else None
 
 
+def _scored_nll(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, head: nn.Module,
+                chunk: int) -> torch.Tensor:
+    """Per-row summed NLL of the scored tokens, the LM head run only where a token is scored.
+
+    A multiple-choice row scores a few choice tokens after a long prompt: the head (the vocabulary-sized
+    matmul and softmax, the costliest part of a small model's scoring) on those positions only, ``chunk``
+    positions at a time (no more logits than a training batch's)."""
+    pos = mask.to(hidden.device)  # [rows, width-1]: position t predicts token t+1
+    h, target = hidden[:, :-1][pos], ids[:, 1:][pos]
+    row = pos.nonzero()[:, 0].cpu()
+    nll = torch.empty(len(target))
+    for k in range(0, len(target), chunk):
+        logits = head(h[k : k + chunk]).float()
+        nll[k : k + chunk] = torch.nn.functional.cross_entropy(logits, target[k : k + chunk], reduction="none").cpu()
+    return torch.zeros(len(ids)).index_add_(0, row, nll)
+
+
 @torch.no_grad()
 def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
           body_rows: int | None = None) -> tuple[float, float | None]:
@@ -144,7 +161,8 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     The model's body runs on ``body_rows`` rows at a time (default ``batch_size``) and the LM head on
     ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay training-sized
     while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a CPU). The
-    split is used only where it reproduces the full forward (checked on the first batch)."""
+    split is used only where it reproduces the full forward (checked on the first batch); the head then
+    runs only on the positions that are scored."""
     model.eval()
     device = model_device(model)
     nll_sum = torch.zeros(len(ev.input_ids))
@@ -162,11 +180,13 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
         rows = order[i : i + step]
         width = int(lengths[rows].max())
         ids = ev.input_ids[rows, :width].to(device)
-        hidden = split[0](input_ids=ids).last_hidden_state if split is not None else None
+        if split is not None:
+            nll_sum[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids,
+                                        ev.target_mask[rows, 1:width], split[1], batch_size * width)
+            continue
         for j in range(0, len(rows), batch_size):
             sub, sub_ids = rows[j : j + batch_size], ids[j : j + batch_size]
-            logits = (split[1](hidden[j : j + batch_size]) if split is not None else model(input_ids=sub_ids).logits)
-            logits = logits[:, :-1].float()
+            logits = model(input_ids=sub_ids).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sub_ids[:, 1:], reduction="none").cpu()
             del logits
             nll_sum[sub] = (nll * ev.target_mask[sub, 1:width]).sum(1)
