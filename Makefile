@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/autoqra search --budget uniform-4bit-r16 --out demo-output --seed 0 --baselines
+	$(BIN)/autoqra search --budget uniform-4bit-r16 --out demo-output --seed 0 --baselines --config infra/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

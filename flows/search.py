@@ -6,6 +6,7 @@ the one resume mechanism. Every search decision reads the validation split; only
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from prefect import flow, get_client
@@ -92,27 +93,27 @@ def search_flow(
     pri = run.priors()
     settings = rc.search_settings(seed)
     progress = Progress(run, _planned(run, baselines))
-    live = _lend(run, progress)
-    state, renames = SearchState.new(seed), []
-    while (name := step_name(state, settings)) is not None:
-        progress.at(name)
-        done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
-        after = SearchState.from_dict(done.result())
-        renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
-        write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
-        report.checkpoint(search_result(after, run.ladder))
-        state = after
-    res = search_result(state, run.ladder)
-    base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
-    if baselines:
-        progress.at("baselines")
-        # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
-        n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
-        fixed = len(rc.baselines.uniform_bits) + 2
-        progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
-        base = _baselines(run, pri, params, live, n_random, res.history)
-        compute |= baseline_compute(base, n_random, run)
-    tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
+    with _lend(run, progress) as live:
+        state, renames = SearchState.new(seed), []
+        while (name := step_name(state, settings)) is not None:
+            progress.at(name)
+            done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
+            after = SearchState.from_dict(done.result())
+            renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
+            write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
+            report.checkpoint(search_result(after, run.ladder))
+            state = after
+        res = search_result(state, run.ladder)
+        base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
+        if baselines:
+            progress.at("baselines")
+            # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
+            n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
+            fixed = len(rc.baselines.uniform_bits) + 2
+            progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
+            base = _baselines(run, pri, params, live, n_random, res.history)
+            compute |= baseline_compute(base, n_random, run)
+        tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     _rename(renames)
     result = report.finish(res, base, pri, tests, compute)
     if export and result["best"]:
@@ -144,9 +145,9 @@ def baselines_flow(
     n_random = rc.baselines.n_random or n_random
     progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
     params = run.params(budget)
-    live = _lend(run, progress)
-    base = _baselines(run, pri, params, live, n_random, [])
-    tests = _test_report(run, params, live, {}, base, progress)
+    with _lend(run, progress) as live:
+        base = _baselines(run, pri, params, live, n_random, [])
+        tests = _test_report(run, params, live, {}, base, progress)
     return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
 
 
@@ -156,8 +157,8 @@ def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
 
 
-def _lend(run: Run, progress: Progress) -> str:
-    """What this run's steps call (space, cost, evaluation with progress), lent for the flow's duration."""
+def _lend(run: Run, progress: Progress) -> AbstractContextManager[str]:
+    """What this run's steps call (space, cost, evaluation with progress), lent while the steps run."""
     return lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
                      lambda m: run.test_report(m, progress)))
 

@@ -53,12 +53,17 @@ def _each_evaluation_commits() -> Iterator[None]:
         yield
 
 
-def lend(live: Live) -> str:
-    """A handle for ``live``, valid in this process (steps run in the flow's process, their evaluations
-    wherever the task runner puts them)."""
+@contextmanager
+def lend(live: Live) -> Iterator[str]:
+    """A handle for ``live``, valid in this process while the ``with`` block runs (steps run in the flow's
+    process, their evaluations wherever the task runner puts them). Released at the end: a long-lived process
+    (a worker, the test suite) running many flows would otherwise keep every finished run's model alive."""
     handle = uuid.uuid4().hex
     _LENT[handle] = live
-    return handle
+    try:
+        yield handle
+    finally:
+        del _LENT[handle]
 
 
 def borrow(handle: str) -> Live:

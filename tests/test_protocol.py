@@ -159,6 +159,8 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     vs = a["best"]["test"]["vs"]
     assert set(vs) == {"uniform-4bit-r16", "random"} and vs["random"]["seeds"] == [3, 4]
     assert (tmp_path / "a" / "out" / "test.png").is_file()
+    from tasks.search import _LENT
+    assert not _LENT  # each flow released what it lent its steps (the loaded model, the packed weights)
 
 
 # --- the real pretrained model ---------------------------------------------------------------------

@@ -72,6 +72,15 @@ def test_readme_documents_the_real_defaults():
     check(documented, real, "")
 
 
+@pytest.mark.parametrize("path", ["infra/demo.yaml", "bench/smollm2.yaml"])
+def test_shipped_settings_files_load_and_change_only_what_they_say(path):
+    """The settings files that `make demo` and the smollm2 bench pass: valid against the schema, and every
+    section they do not name keeps its default (a renamed field would otherwise fail only at the end of a demo)."""
+    written = yaml.safe_load((ROOT / path).read_text())
+    cfg, default = load_run_config(ROOT / path).model_dump(mode="json"), RunConfig().model_dump(mode="json")
+    assert {k for k in cfg if cfg[k] != default[k]} <= set(written)
+
+
 def test_progress_plan_matches_a_search_at_the_defaults():
     """The progress line's planned count, for the default settings, against a real search (the synthetic
     objective, 8 layers) with the baselines: never fewer than done (the demo once logged "46/44 evaluations")."""

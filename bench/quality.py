@@ -1,0 +1,81 @@
+"""The test report of one search (its ``result.json``) as a markdown table: every method's memory, the
+fine-tuning tokens it spent choosing its configuration, its validation loss (what the search decided on) and
+its test loss and accuracy over the report seeds, with the paired differences to uniform-4bit-r16 and random.
+
+    .venv/bin/python bench/quality.py RUN_DIR [--out bench/results/NAME.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoqra_core.memory import format_bytes  # noqa: E402
+from autoqra_core.protocol import REFERENCES, fmt_mean_sd  # noqa: E402
+
+
+def _diff(t: dict, ref: str, key: str) -> str:
+    d = (t.get("vs") or {}).get(ref)
+    if not d or d.get("n", 0) == 0:
+        return "-"
+    wins = f" ({d['loss_wins']}/{d['n']} lower)" if key == "loss" else ""
+    return f"{d[f'{key}_diff_mean']:+.4f} ± {d[f'{key}_diff_sd']:.4f}{wins}"
+
+
+def table(result: dict) -> list[str]:
+    budget = result["budget_bytes"]
+    rows = [("autoqra", result["best"])] + list(result["baselines"].items())
+    head = ["method", "memory", "within budget", "tokens to choose", "validation loss", "test loss",
+            "test accuracy"] + [f"Δ loss vs {r}" for r in REFERENCES] + [f"Δ accuracy vs {r}" for r in REFERENCES]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows:
+        if not e:
+            continue
+        t = e.get("test") or {}
+        val = e.get("eval_loss")
+        cells = [f"**{name}**" if name == "autoqra" else name, format_bytes(e["memory_bytes"]),
+                 "yes" if e["memory_bytes"] <= budget else "**no**", f"{e.get('train_tokens') or 0:,}",
+                 "-" if val is None else f"{val:.4f}",
+                 fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")), fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3)]
+        cells += [_diff(t, r, "loss") for r in REFERENCES] + [_diff(t, r, "accuracy") for r in REFERENCES]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path, help="a search's --out folder (with result.json)")
+    ap.add_argument("--out", type=Path, help="markdown file to write (default: print)")
+    args = ap.parse_args()
+    r = json.loads((args.run / "result.json").read_text())
+    p = r["protocol"]
+    best = r["best"]
+    lines = [
+        f"# Test report: `{Path(r['model']).name}` on `{Path(r['dataset']).name}`, search seed {r['seed']}",
+        "",
+        f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores. Budget {format_bytes(r['budget_bytes'])} "
+        f"(memory in the top rung's training shape). {r['search_evaluations']} search evaluations. "
+        f"Selection on `{p['selection_split']}` ({p['validation_examples']} rows at the top rung), report on "
+        f"`{p['report_split']}` ({p['test_examples']} rows), training seeds {p['report_seeds']} (never used by "
+        "the search). Δ: paired by seed, mean ± sd of the per-seed differences (negative loss / positive "
+        "accuracy favour the row's method).",
+        "",
+        *table(r),
+        "",
+        "AutoQRA's configuration (bits/rank per layer): "
+        + " ".join(f"{l['bits']}/{l['rank']}" for l in best["config"]["layers"]),
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
