@@ -2,7 +2,7 @@
 fine-tuning tokens it spent choosing its configuration, its validation loss (what the search decided on) and
 its test loss and accuracy over the report seeds, with the paired differences to uniform-4bit-r16 and random.
 
-    .venv/bin/python bench/quality.py RUN_DIR [--out bench/results/NAME.md]
+    .venv/bin/python bench/quality.py RUN_DIR [--out bench/results/NAME.md] [--command "how RUN_DIR was made"]
 """
 
 from __future__ import annotations
@@ -52,13 +52,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path, help="a search's --out folder (with result.json)")
     ap.add_argument("--out", type=Path, help="markdown file to write (default: print)")
+    ap.add_argument("--command", help="the command that made RUN_DIR, recorded with the table")
     args = ap.parse_args()
     r = json.loads((args.run / "result.json").read_text())
     p = r["protocol"]
     best = r["best"]
+    model = Path(r["model"])
     lines = [
-        f"# Test report: `{Path(r['model']).name}` on `{Path(r['dataset']).name}`, search seed {r['seed']}",
+        f"# Test report: `{model.parent.name if model.name == 'model' else model.name}` on `{Path(r['dataset']).name}`, search seed {r['seed']}",
         "",
+        *([f"Run: `{args.command}`  "] if args.command else []),
+        f"Table: `.venv/bin/python bench/quality.py {args.run}`  ",
         f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores. Budget {format_bytes(r['budget_bytes'])} "
         f"(memory in the top rung's training shape). {r['search_evaluations']} search evaluations. "
         f"Selection on `{p['selection_split']}` ({p['validation_examples']} rows at the top rung), report on "
