@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def main() -> None:
         "",
         *([f"Run: `{args.command}`  "] if args.command else []),
         f"Table: `.venv/bin/python bench/quality.py {args.run}`  ",
-        f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores. Budget {format_bytes(r['budget_bytes'])} "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Budget {format_bytes(r['budget_bytes'])} "
         f"(memory in the top rung's training shape). {r['search_evaluations']} search evaluations. "
         f"Selection on `{p['selection_split']}` ({p['validation_examples']} rows at the top rung), report on "
         f"`{p['report_split']}` ({p['test_examples']} rows), training seeds {p['report_seeds']} (never used by "
