@@ -160,6 +160,14 @@ def summarise(results: list[dict]) -> tuple[list[str], dict]:
     ref = [r["uniform-4bit-r16"] for r in results]
     lines.append("| *uniform-4bit-r16 (one fine-tune)* | " + " | ".join(f"{v:.4f}" for v in ref)
                  + f" | {statistics.fmean(ref):.4f} ± {statistics.stdev(ref) if len(ref) > 1 else 0:.4f} | - |")
+    lines += ["", "AutoQRA minus each method, paired by seed (negative: AutoQRA lower):", "",
+              "| method | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± sd | AutoQRA lower |",
+              "|---|" + "---:|" * (len(results) + 2)]
+    for m in methods[1:]:
+        d = [a - b for a, b in zip(finals["autoqra"], finals[m]) if a is not None and b is not None]
+        if d:
+            lines.append(f"| {m} | " + " | ".join(f"{x:+.4f}" for x in d) + f" | {statistics.fmean(d):+.4f} ± "
+                         f"{statistics.stdev(d) if len(d) > 1 else 0:.4f} | {sum(x < 0 for x in d)}/{len(d)} |")
     ratios = {}
     for target_name in ("uniform-4bit-r16", "random's final best"):
         lines += ["", f"Tokens to reach {target_name} (k tokens; ratio to random search's in brackets; "
@@ -223,7 +231,11 @@ def main() -> None:
     lines = [f"# Search efficiency: best validation loss vs fine-tuning tokens ({results[0].get('model', 'embedded')})",
              "", f"Command: `.venv/bin/python {cmd}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time per seed: "
-             + ", ".join(f"{r.get('seconds', 0) / 60:.0f} min" for r in results) + ".", "",
+             + ", ".join(f"{r.get('seconds', 0) / 60:.0f} min" for r in results) + ".  ",
+             "Per seed (from its JSON): " + "; ".join(
+                 f"seed {r['seed']}: {', '.join(r.get('methods_run') or METHODS)}, torch threads "
+                 f"{r.get('threads') or 'default'}" + (f", config {r['config']}" if r.get("config") else "")
+                 for r in results) + ".", "",
              f"Budget: uniform-4bit-r16. T (AutoQRA's tokens) per seed: "
              + ", ".join(f"{r['T'] / 1e3:,.0f}k" for r in results)
              + f" (one top-rung fine-tune = {results[0]['top_rung_tokens'] / 1e3:,.0f}k). Every number is a "
