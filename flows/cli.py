@@ -17,7 +17,7 @@ stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, MLflow
 app.add_typer(stack_app, name="stack")
 
 MODEL = typer.Option("embedded", "--model", help="Local checkpoint directory, hub id, 'embedded' or 'smollm2-135m'.")
-DATASET = typer.Option("embedded", "--dataset", help="Directory with train/test.jsonl, a .jsonl/.txt file, or 'embedded'.")
+DATASET = typer.Option("embedded", "--dataset", help="Directory with train/test.jsonl, a .jsonl/.txt file, 'embedded' (WordNet) or 'addition'.")
 CONFIG = typer.Option(None, "--config", help="Search settings (YAML): space, quant, train, search, baselines.")
 STORE = typer.Option(None, "--store", help="Object store URL for the export (default: the AUTOQRA_STORE setting).")
 SETTINGS = typer.Option(None, "--settings", help="Settings file (YAML) overriding MLFLOW_TRACKING_URI, AUTOQRA_STORE...")

@@ -22,7 +22,7 @@ from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.pretrained import NAMED_MODELS, named_model_path
-from infra.settings import Settings, embedded_dataset_path, embedded_model_path
+from infra.settings import EMBEDDED_DATASETS, Settings, embedded_dataset_path, embedded_model_path
 from tasks.common import Workbench, code_version, fingerprint, workbench
 from tasks.evaluate import evaluate
 from tasks.priors import priors as priors_task
@@ -31,10 +31,13 @@ from .config import RunConfig
 
 
 def resolve(name: str, kind: str) -> str:
-    """'embedded' -> the shipped model/dataset; a named pretrained model ('smollm2-135m') -> its converted
-    checkpoint under AUTOQRA_HOME; a path -> its absolute form; anything else -> a hub id."""
-    if name == "embedded":
-        return str(embedded_model_path() if kind == "model" else embedded_dataset_path())
+    """'embedded' -> the shipped model/dataset; a shipped task by name ('addition') -> its folder; a named
+    pretrained model ('smollm2-135m') -> its converted checkpoint under AUTOQRA_HOME; a path -> its absolute
+    form; anything else -> a hub id."""
+    if kind == "model" and name == "embedded":
+        return str(embedded_model_path())
+    if kind == "dataset" and name in EMBEDDED_DATASETS:
+        return str(embedded_dataset_path(name))
     if kind == "model" and name in NAMED_MODELS:
         return str(named_model_path(name, Settings.load().home))
     p = Path(name).expanduser()

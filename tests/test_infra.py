@@ -65,6 +65,23 @@ def test_embedded_paths() -> None:
     assert embedded_dataset_path().name == "wordnet" and embedded_dataset_path().is_dir()
 
 
+def test_shipped_addition_task_resolves_loads_and_rebuilds_identically() -> None:
+    """``--dataset addition`` is the shipped two-digit addition task, and ``build.py --tasks addition`` would
+    write exactly the committed rows (so what was benchmarked is what ships)."""
+    from autoqra_core.data import load_task
+    from flows.run import resolve
+    from infra.embedded.build import TASKS
+
+    assert resolve("embedded", "dataset") == str(embedded_dataset_path()) == resolve("wordnet", "dataset")
+    path = resolve("addition", "dataset")
+    assert path == str(embedded_dataset_path("addition"))
+    task = load_task(path)
+    assert task.labelled and (len(task.train), len(task.held_out("validation")), len(task.held_out("test"))) == (6482, 600, 856)
+    for split, rows in zip(("train", "validation", "test"), TASKS["addition"]((20000, 600, 1000))):
+        shipped = [json.loads(line) for line in (Path(path) / f"{split}.jsonl").read_text().splitlines()]
+        assert shipped == rows
+
+
 # --- storage ----------------------------------------------------------------------------------
 
 
@@ -315,3 +332,34 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     for path in paths:
         data = Path(path).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_candidate_tasks_keep_held_out_words_out_of_training() -> None:
+    """bench/tasks.py's candidate tasks: every label points at the answer, no distractor is another answer of the
+    same subject, and no subject (antonym pair, addition pair in either order) appears in two splits, so a
+    held-out question is never trained on."""
+    from infra.embedded.build import addition_rows, choice_rows
+
+    pairs = [(f"w{i}", f"h{i % 37}") for i in range(3000)] + [(f"w{i}", f"g{i % 41}") for i in range(300)]
+    answers = {}
+    for a, b in pairs:
+        answers.setdefault(a, set()).add(" " + b)
+    antonyms = [(f"a{i}", f"b{i}") for i in range(1500)]
+    antonyms += [(b, a) for a, b in antonyms]
+    everything = (10**6,) * 3
+    hypernym = choice_rows(pairs, "{} is a kind of", everything)
+    for rows, key in ((hypernym, lambda r: r["prompt"].split()[0]),
+                      (choice_rows(antonyms, "The opposite of {} is", everything, by_pair=True),
+                       lambda r: frozenset((r["prompt"].split()[3], r["choices"][r["label"]].strip()))),
+                      (addition_rows(everything), lambda r: frozenset(r["prompt"].rstrip(" =").split(" + ")))):
+        splits = [{key(r) for r in split} for split in rows]
+        assert all(len(s) > 0 for s in splits)
+        assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+        assert all(len(set(r["choices"])) == 4 and 0 <= r["label"] < 4 for split in rows for r in split)
+    assert sum(map(len, hypernym)) == len(pairs)
+    for r in (r for split in hypernym for r in split):
+        assert r["choices"][r["label"]] in answers[r["prompt"].split()[0]]
+        assert answers[r["prompt"].split()[0]].isdisjoint(c for i, c in enumerate(r["choices"]) if i != r["label"])
+    for r in addition_rows(everything)[1]:
+        a, b = map(int, r["prompt"].rstrip(" =").split(" + "))
+        assert int(r["choices"][r["label"]]) == a + b

@@ -10,12 +10,15 @@ model. Two *different* offline English texts are used:
   choice test ("which definition belongs to this word?") scored by log-likelihood.
   Train, validation and test are split by headword, so no held-out word is trained on.
 
+``TASKS`` also builds the other candidate tasks this machine's files allow (WordNet hypernyms and antonyms,
+two-digit addition); ``bench/tasks.py`` compares them on a real model to justify the default.
+
 Usage (build-time only; needs ``apt-get install python3.11-doc wordnet-base``)::
 
     .venv/bin/python infra/embedded/build.py --minutes 14
 
 Writes ``infra/embedded/model/`` (config, fp16 safetensors, tokenizer) and
-``infra/embedded/wordnet/{train,validation,test}.jsonl`` (``--skip-model``: only these).
+``infra/embedded/{wordnet,addition}/{train,validation,test}.jsonl`` (``--skip-model``: only these).
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def docs_corpus() -> list[str]:
     return paragraphs
 
 
+def bucket(key: str) -> float:
+    """A key's place in [0, 1): test below 0.1, validation below 0.2, train above, whatever the other rows are."""
+    return int(hashlib.sha1(key.lower().encode()).hexdigest()[:8], 16) / 16**8
+
+
 def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, test) rows: {"prompt": "word:", "choices": [4 glosses], "label": i}."""
     entries: list[tuple[str, str, str]] = []  # (pos, word, definition)
@@ -70,9 +78,6 @@ def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) ->
             if 10 <= len(definition) <= 120 and word.isascii() and definition.isascii():
                 entries.append((pos, word, definition))
     # Split by headword hash: a word is in exactly one of train, validation and test.
-    def bucket(word: str) -> float:
-        return int(hashlib.sha1(word.lower().encode()).hexdigest()[:8], 16) / 16**8
-
     rng = random.Random(seed)
     rng.shuffle(entries)
     test_pool = [e for e in entries if bucket(e[1]) < 0.1]
@@ -92,6 +97,106 @@ def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) ->
         return out
 
     return rows(train_pool, n_train), rows(validation_pool, n_validation), rows(test_pool, n_test)
+
+
+def _synsets(pos: str) -> dict[str, tuple[list[str], list[tuple[str, ...]]]]:
+    """WordNet's data.POS as offset -> (lemmas, pointers (symbol, offset, pos, source/target lemma numbers))."""
+    out = {}
+    for line in (WORDNET / f"data.{pos}").read_text(errors="ignore").splitlines():
+        if line.startswith("  ") or "|" not in line:
+            continue
+        f = line.split("|", 1)[0].split()
+        n = int(f[3], 16)
+        lemmas = [re.sub(r"\(.*\)$", "", f[4 + 2 * i]).replace("_", " ") for i in range(n)]
+        k = 4 + 2 * n
+        out[f[0]] = (lemmas, [tuple(f[k + 1 + 4 * j: k + 5 + 4 * j]) for j in range(int(f[k]))])
+    return out
+
+
+def hypernym_pairs() -> list[tuple[str, str]]:
+    """(noun, its hypernym's first lemma): "a plum is a kind of position" (instance-of links left out)."""
+    nouns = _synsets("noun")
+    pairs = {(lemmas[0], nouns[off][0][0]) for lemmas, ptrs in nouns.values() for sym, off, _, _ in ptrs
+             if sym == "@" and lemmas[0].isascii()}
+    return sorted(pairs)
+
+
+def antonym_pairs() -> list[tuple[str, str]]:
+    """(word, its antonym) over every part of speech; both directions of a pair are kept (split together)."""
+    pairs = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        syn = _synsets(pos)
+        for lemmas, ptrs in syn.values():
+            for sym, off, p, st in ptrs:
+                if sym == "!" and p[0] == pos[0] and off in syn:
+                    pairs.add((lemmas[int(st[:2], 16) - 1], syn[off][0][int(st[2:], 16) - 1]))
+    return sorted((a, b) for a, b in pairs if a.isascii() and b.isascii())
+
+
+def choice_rows(pairs: list[tuple[str, str]], prompt: str, n: tuple[int, int, int], seed: int = 0,
+                by_pair: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) 4-way rows from (subject, answer) pairs, split by the subject's hash (no held-out
+    word is trained on), or by the unordered pair's (``by_pair``: an antonym pair and its reverse land together);
+    distractors are answers of other pairs in the same split that are not an answer of this subject."""
+    rng = random.Random(seed)
+    answers: dict[str, set[str]] = {}
+    for a, b in pairs:
+        answers.setdefault(a, set()).add(b)
+    shuffled = list(pairs)
+    rng.shuffle(shuffled)
+    pools = ([], [], [])
+    for a, b in shuffled:
+        u = bucket("|".join(sorted((a, b))) if by_pair else a)
+        pools[0 if u >= 0.2 else 1 if u >= 0.1 else 2].append((a, b))
+    out = []
+    for pool, count in zip(pools, n):
+        names = sorted({b for _, b in pool})
+        rows = []
+        for a, b in pool[:count]:
+            wrong = rng.sample([x for x in names if x not in answers[a] and x != a][:5000], 3)
+            choices = [b] + wrong
+            rng.shuffle(choices)
+            rows.append({"prompt": prompt.format(a), "choices": [" " + c for c in choices], "label": choices.index(b)})
+        out.append(rows)
+    return out[0], out[1], out[2]
+
+
+def addition_rows(n: tuple[int, int, int], seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Two-digit additions ("47 + 38 =") with near-miss choices (the sum +-1, +-10), split by the unordered pair."""
+    rng = random.Random(seed)
+    pools = ([], [], [])
+    for a in range(10, 100):
+        for b in range(10, 100):
+            u = bucket(f"{min(a, b)}+{max(a, b)}")
+            pools[0 if u >= 0.2 else 1 if u >= 0.1 else 2].append((a, b))
+    out = []
+    for pool, count in zip(pools, n):
+        rng.shuffle(pool)
+        rows = []
+        for a, b in pool[:count]:
+            choices = [a + b] + [a + b + d for d in rng.sample((-10, -1, 1, 10), 3)]
+            rng.shuffle(choices)
+            rows.append({"prompt": f"{a} + {b} =", "choices": [f" {c}" for c in choices], "label": choices.index(a + b)})
+        out.append(rows)
+    return out[0], out[1], out[2]
+
+
+# Candidate tasks built from files on this machine (bench/tasks.py compares them on a real model).
+TASKS = {
+    "wordnet": lambda n, seed=0: wordnet_rows(*n, seed=seed),
+    "hypernym": lambda n, seed=0: choice_rows(hypernym_pairs(), "{} is a kind of", n, seed),
+    "antonym": lambda n, seed=0: choice_rows(antonym_pairs(), "The opposite of {} is", n, seed, by_pair=True),
+    "addition": addition_rows,
+}
+
+
+def write_task(rows: tuple[list[dict], list[dict], list[dict]], out: Path) -> None:
+    """``out/{train,validation,test}.jsonl``, the layout ``--dataset PATH`` reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in zip(("train", "validation", "test"), rows):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in split:
+                f.write(json.dumps(r) + "\n")
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
@@ -164,20 +269,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=14.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-model", action="store_true", help="only rebuild the WordNet task")
+    ap.add_argument("--skip-model", action="store_true", help="only rebuild the tasks")
+    ap.add_argument("--tasks", nargs="+", default=["wordnet", "addition"], choices=list(TASKS),
+                    help="tasks to write into infra/embedded/NAME (shipped: wordnet, addition)")
     ap.add_argument("--resume", action="store_true", help="continue pretraining the existing checkpoint")
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
 
-    splits = dict(zip(("train", "validation", "test"),
-                      wordnet_rows(n_train=20000, n_validation=600, n_test=1000, seed=args.seed)))
-    wn = HERE / "wordnet"
-    wn.mkdir(exist_ok=True)
-    for name, rows in splits.items():
-        with open(wn / f"{name}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print("wordnet: " + ", ".join(f"{len(rows)} {name}" for name, rows in splits.items()) + " rows")
+    for task in args.tasks:
+        splits = TASKS[task]((20000, 600, 1000), seed=args.seed)
+        write_task(splits, HERE / task)
+        print(f"{task}: " + ", ".join(f"{len(rows)} {name}" for name, rows in zip(("train", "validation", "test"), splits))
+              + " rows")
     if args.skip_model:
         return
     corpus = docs_corpus()
