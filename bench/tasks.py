@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SIZES = (20000, 600, 1000)  # train, validation, test rows (fewer where a task has fewer pairs)
 BITS = (8, 4, 3, 2)
 
 
@@ -53,8 +52,9 @@ def run_task(name: str, path: Path, args) -> dict:
                 out.setdefault(m, []).append({"seed": seed, "loss": e.eval_loss if e.ok else None,
                                               "accuracy": e.accuracy, "reason": e.reason})
             print(f"{name} seed {seed}: {len(evals)} fine-tunes in {time.time() - start:.0f} s", flush=True)
+        task = run.wb.task
         return {"methods": out, "questions": run.ladder[run.ladder.top].eval_examples,
-                "rows": {s: sum(1 for _ in open(path / f"{s}.jsonl")) for s in ("train", "validation", "test")}}
+                "rows": {"train": len(task.train), **{s: len(task.held_out(s)) for s in ("validation", "test")}}}
 
     return bench()
 
@@ -107,7 +107,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")  # a busy machine starts it slowly
 
-    from infra.embedded.build import TASKS, write_task
+    from infra.embedded.build import SIZES, TASKS, write_task
     from infra.settings import EMBEDDED_DATASETS, embedded_dataset_path
 
     rel = os.path.relpath(args.config, ROOT)

@@ -70,14 +70,14 @@ def test_shipped_addition_task_resolves_loads_and_rebuilds_identically() -> None
     write exactly the committed rows (so what was benchmarked is what ships)."""
     from autoqra_core.data import load_task
     from flows.run import resolve
-    from infra.embedded.build import TASKS
+    from infra.embedded.build import SIZES, TASKS
 
     assert resolve("embedded", "dataset") == str(embedded_dataset_path()) == resolve("wordnet", "dataset")
     path = resolve("addition", "dataset")
     assert path == str(embedded_dataset_path("addition"))
     task = load_task(path)
     assert task.labelled and (len(task.train), len(task.held_out("validation")), len(task.held_out("test"))) == (6482, 600, 856)
-    for split, rows in zip(("train", "validation", "test"), TASKS["addition"]((20000, 600, 1000))):
+    for split, rows in zip(("train", "validation", "test"), TASKS["addition"](SIZES)):
         shipped = [json.loads(line) for line in (Path(path) / f"{split}.jsonl").read_text().splitlines()]
         assert shipped == rows
 

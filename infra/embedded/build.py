@@ -58,9 +58,14 @@ def docs_corpus() -> list[str]:
     return paragraphs
 
 
-def bucket(key: str) -> float:
-    """A key's place in [0, 1): test below 0.1, validation below 0.2, train above, whatever the other rows are."""
-    return int(hashlib.sha1(key.lower().encode()).hexdigest()[:8], 16) / 16**8
+SPLIT_NAMES = ("train", "validation", "test")
+SIZES = (20000, 600, 1000)  # rows written per split (fewer where a task has fewer)
+
+
+def split_of(key: str) -> int:
+    """0 (train), 1 (validation) or 2 (test) from the key's hash: 80/10/10, whatever the other rows are."""
+    u = int(hashlib.sha1(key.lower().encode()).hexdigest()[:8], 16) / 16**8
+    return 0 if u >= 0.2 else 1 if u >= 0.1 else 2
 
 
 def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
@@ -80,9 +85,7 @@ def wordnet_rows(n_train: int, n_validation: int, n_test: int, seed: int = 0) ->
     # Split by headword hash: a word is in exactly one of train, validation and test.
     rng = random.Random(seed)
     rng.shuffle(entries)
-    test_pool = [e for e in entries if bucket(e[1]) < 0.1]
-    validation_pool = [e for e in entries if 0.1 <= bucket(e[1]) < 0.2]
-    train_pool = [e for e in entries if bucket(e[1]) >= 0.2]
+    train_pool, validation_pool, test_pool = ([e for e in entries if split_of(e[1]) == i] for i in range(3))
 
     def rows(pool: list[tuple[str, str, str]], n: int) -> list[dict]:
         by_pos: dict[str, list[str]] = {}
@@ -146,8 +149,7 @@ def choice_rows(pairs: list[tuple[str, str]], prompt: str, n: tuple[int, int, in
     rng.shuffle(shuffled)
     pools = ([], [], [])
     for a, b in shuffled:
-        u = bucket("|".join(sorted((a, b))) if by_pair else a)
-        pools[0 if u >= 0.2 else 1 if u >= 0.1 else 2].append((a, b))
+        pools[split_of("|".join(sorted((a, b))) if by_pair else a)].append((a, b))
     out = []
     for pool, count in zip(pools, n):
         names = sorted({b for _, b in pool})
@@ -167,8 +169,7 @@ def addition_rows(n: tuple[int, int, int], seed: int = 0) -> tuple[list[dict], l
     pools = ([], [], [])
     for a in range(10, 100):
         for b in range(10, 100):
-            u = bucket(f"{min(a, b)}+{max(a, b)}")
-            pools[0 if u >= 0.2 else 1 if u >= 0.1 else 2].append((a, b))
+            pools[split_of(f"{min(a, b)}+{max(a, b)}")].append((a, b))
     out = []
     for pool, count in zip(pools, n):
         rng.shuffle(pool)
@@ -193,7 +194,7 @@ TASKS = {
 def write_task(rows: tuple[list[dict], list[dict], list[dict]], out: Path) -> None:
     """``out/{train,validation,test}.jsonl``, the layout ``--dataset PATH`` reads."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in zip(("train", "validation", "test"), rows):
+    for name, split in zip(SPLIT_NAMES, rows):
         with open(out / f"{name}.jsonl", "w") as f:
             for r in split:
                 f.write(json.dumps(r) + "\n")
@@ -277,10 +278,9 @@ def main() -> None:
     args = ap.parse_args()
 
     for task in args.tasks:
-        splits = TASKS[task]((20000, 600, 1000), seed=args.seed)
+        splits = TASKS[task](SIZES, seed=args.seed)
         write_task(splits, HERE / task)
-        print(f"{task}: " + ", ".join(f"{len(rows)} {name}" for name, rows in zip(("train", "validation", "test"), splits))
-              + " rows")
+        print(f"{task}: " + ", ".join(f"{len(rows)} {name}" for name, rows in zip(SPLIT_NAMES, splits)) + " rows")
     if args.skip_model:
         return
     corpus = docs_corpus()
