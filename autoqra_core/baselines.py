@@ -2,6 +2,9 @@
 
 * ``uniform-{b}bit-r{r}``: the same bits and rank everywhere (QLoRA-style), taken
   as they are (not repaired): they are reference points, their memory is reported;
+* ``uniform-best``: what a careful engineer tries by hand: for each bit-width the largest
+  uniform rank that fits the budget, the best of those on validation (mean over the seeds
+  they share);
 * ``sequential``: the two-step recipe the method argues against: bits first, by
   quantization error per byte under the budget (with a uniform rank reserved), then
   one uniform rank raised as far as the rest allows;
@@ -21,8 +24,36 @@ from .repair import Cost, repair
 from .space import UNQUANTIZED, Config, SearchSpace
 
 
+REFERENCE = (4, 16)  # uniform 4-bit QLoRA with rank 16: the recipe the search has to beat
+
+
 def uniform_name(bits: int, rank: int) -> str:
     return f"uniform-{bits}bit-r{rank}"
+
+
+def uniform_best_candidates(space: SearchSpace, cost: Cost, budget: int) -> dict[str, Config]:
+    """For each bit-width of the space, the uniform recipe at the largest rank level that fits (none if none fits)."""
+    out = {}
+    for b in space.bits:
+        r = next((r for r in reversed(space.ranks) if cost(space.uniform(b, r)) <= budget), None)
+        if r is not None:
+            out[uniform_name(b, r)] = space.uniform(b, r)
+    return out
+
+
+def uniform_best(candidates: dict[str, Config], history: Sequence[Evaluation], rung: int,
+                 seeds: Sequence[int]) -> Evaluation | None:
+    """The best candidate on validation: the lowest mean over the seeds every finished candidate was run on."""
+    from .racing import mean_loss, summary, table  # noqa: F401
+
+    tab = table(history, rung, seeds)
+    runs = [tab[c.key()] for c in candidates.values() if c.key() in tab]
+    if not runs:
+        return None
+    shared = [s for s in seeds if all(s in r for r in runs)] or [seeds[0]]
+    ranked = [r for r in runs if all(s in r for s in shared)]
+    best = min(ranked, key=lambda r: (mean_loss(r, shared), next(iter(r.values())).config.key()))
+    return summary([best[s] for s in shared])
 
 
 def uniform_configs(space: SearchSpace, bits: Sequence[int] = (2, 3, 4, 8), rank: int = 16) -> dict[str, Config]:
@@ -99,6 +130,7 @@ def baseline_configs(
 ) -> dict[str, list[Config]]:
     """Every baseline's configurations by name (one each, ``n_random`` for "random")."""
     out = {name: [c] for name, c in uniform_configs(space, uniform_bits, rank).items()}
+    out["uniform-best"] = list(uniform_best_candidates(space, cost, budget).values())
     out["sequential"] = [sequential(space, priors, cost, budget, rank)]
     # Its own stream: with random.Random(seed) it would redraw the search's random initial individuals.
     out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(f"random-baseline-{seed}"))
@@ -119,20 +151,39 @@ def run_baselines(
     uniform_bits: Sequence[int] = (2, 3, 4, 8),
     rank: int = 16,
     history: Sequence[Evaluation] = (),
+    seeds: Sequence[int] = (0,),
 ) -> dict[str, Evaluation]:
-    """Evaluate every baseline at ``rung`` in one batch; per name the evaluation (random: its best, else its first).
+    """Evaluate every baseline at ``rung`` on ``seeds[0]`` in one batch; per name its evaluation (random: its best
+    single draw; uniform-best: ``uniform_best``), a mean over seeds where the history holds replicates of it
+    (e.g. the search raced uniform-4bit-r16).
 
-    Pairs already in ``history`` (e.g. the search's) are reused, not re-run.
+    Requests already in ``history`` (e.g. the search's) are reused, not re-run.
     """
+    from .racing import summary, table
+
     configs = baseline_configs(space, priors, cost, budget, n_random=n_random, seed=seed,
                                uniform_bits=uniform_bits, rank=rank)
-    pairs = [(c, rung) for cs in configs.values() for c in cs]
+    requests = [(c, rung, seeds[0]) for cs in configs.values() for c in cs]
     known = list(history)
-    known += evaluate_new(pairs, known, evaluate_many)
-    by_key = {e.config.key(): e for e in known if e.fidelity == rung}
+    known += evaluate_new(requests, known, evaluate_many)
+    tab = table(known, rung, seeds)
+
+    def measured(c: Config) -> Evaluation:
+        runs = tab[c.key()]
+        failed = [e for e in runs.values() if not e.ok]
+        return failed[0] if failed else summary([runs[s] for s in seeds if s in runs])
+
     out = {}
     for name, cs in configs.items():
-        evals = [by_key[c.key()] for c in cs]
+        if name == "uniform-best":
+            best = uniform_best({c.key(): c for c in cs}, known, rung, seeds)
+            if best is not None:
+                out[name] = best
+            continue
+        if name == "random":  # one draw each: what random search selects, with its winner's curse
+            evals = [tab[c.key()][seeds[0]] for c in cs]
+        else:
+            evals = [measured(c) for c in cs]
         ok = [e for e in evals if e.ok]
         out[name] = min(ok, key=lambda e: e.eval_loss) if ok else evals[0]
     return out

@@ -1,9 +1,11 @@
 """What an evaluation returns, and how the search asks for evaluations.
 
-An ``Evaluation`` is one configuration fine-tuned and scored at one rung. The search
-never fine-tunes anything itself: it hands batches of (config, rung) pairs to an
-``EvaluateMany`` (a cached Prefect task in the flows, a synthetic function in tests) and
-records what comes back, never asking for the same pair twice.
+An ``Evaluation`` is one configuration fine-tuned with one training seed and scored at one
+rung. The search never fine-tunes anything itself: it hands batches of ``Request``s
+(config, rung, seed) to an ``EvaluateMany`` (a cached Prefect task in the flows, a synthetic
+function in tests) and records what comes back, never asking for the same request twice.
+The seed sets the data order and the LoRA initialisation: the same (config, rung) with
+another seed is a replicate, a second measurement of the same noisy quantity.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from .space import Config
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One configuration fine-tuned and scored at one rung. Failed ones keep their reason."""
+    """One configuration fine-tuned (training seed ``seed``) and scored at one rung. Failed ones keep their reason.
+
+    ``replicates`` > 1 marks a summary: ``eval_loss`` and ``accuracy`` are then means over that many seeds
+    (``racing.summary``), as the search's winner is reported."""
 
     config: Config
     fidelity: int
@@ -29,6 +34,12 @@ class Evaluation:
     accuracy: float | None = None
     train_loss: float | None = None
     seconds: float = 0.0
+    seed: int = 0
+    replicates: int = 1
+
+    @property
+    def request(self) -> "Request":
+        return (self.config, self.fidelity, self.seed)
 
     @property
     def ok(self) -> bool:
@@ -44,7 +55,10 @@ class Evaluation:
             "accuracy": self.accuracy,
             "train_loss": self.train_loss,
             "seconds": round(self.seconds, 3),
+            "seed": self.seed,
         }
+        if self.replicates != 1:
+            d["replicates"] = self.replicates
         if self.reason:
             d["reason"] = self.reason
         return d
@@ -62,53 +76,52 @@ class Evaluation:
             accuracy=d.get("accuracy"),
             train_loss=d.get("train_loss"),
             seconds=float(d.get("seconds", 0.0)),
+            seed=int(d.get("seed", 0)),
+            replicates=int(d.get("replicates", 1)),
         )
 
 
-EvaluateMany = Callable[[list[tuple[Config, int]]], list[Evaluation]]
-Evaluate = Callable[[Config, int], Evaluation]
+Request = tuple[Config, int, int]  # (config, rung, training seed)
+EvaluateMany = Callable[[list[Request]], list[Evaluation]]
+Evaluate = Callable[[Config, int, int], Evaluation]
 
 
 def batched(evaluate: Evaluate, cost: Callable[[Config], int] | None = None) -> EvaluateMany:
-    """Adapt a one-at-a-time ``evaluate(config, rung)`` to the batch interface, in order.
+    """Adapt a one-at-a-time ``evaluate(config, rung, seed)`` to the batch interface, in order.
 
     A ``CandidateFailed`` raised by ``evaluate`` becomes a failed Evaluation, so the search goes on.
     """
 
-    def evaluate_many(pairs: list[tuple[Config, int]]) -> list[Evaluation]:
+    def evaluate_many(requests: list[Request]) -> list[Evaluation]:
         out = []
-        for config, rung in pairs:
+        for config, rung, seed in requests:
             try:
-                out.append(evaluate(config, rung))
+                out.append(evaluate(config, rung, seed))
             except CandidateFailed as e:
                 mem = cost(config) if cost else 0
-                out.append(Evaluation(config, rung, math.inf, mem, status="failed", reason=e.reason))
+                out.append(Evaluation(config, rung, math.inf, mem, status="failed", reason=e.reason, seed=seed))
         return out
 
     return evaluate_many
 
 
+def request_key(config: Config, rung: int, seed: int) -> tuple[str, int, int]:
+    return config.key(), rung, seed
+
+
 def evaluate_new(
-    pairs: Sequence[tuple[Config, int]], history: Sequence[Evaluation], evaluate_many: EvaluateMany
+    requests: Sequence[Request], history: Sequence[Evaluation], evaluate_many: EvaluateMany
 ) -> list[Evaluation]:
-    """Evaluate, as one batch, the pairs not already in ``history`` (nor repeated in ``pairs``)."""
-    seen = {(e.config.key(), e.fidelity) for e in history}
+    """Evaluate, as one batch, the requests not already in ``history`` (nor repeated in ``requests``)."""
+    seen = {request_key(*e.request) for e in history}
     todo = []
-    for config, rung in pairs:
-        if (config.key(), rung) not in seen:
-            seen.add((config.key(), rung))
-            todo.append((config, rung))
+    for req in requests:
+        if request_key(*req) not in seen:
+            seen.add(request_key(*req))
+            todo.append(req)
     if not todo:
         return []
     results = list(evaluate_many(todo))
-    if len(results) != len(todo) or any(
-        (r.config.key(), r.fidelity) != (c.key(), k) for r, (c, k) in zip(results, todo)
-    ):
-        raise ValueError("evaluate_many must return one Evaluation per (config, rung), in the order given")
+    if len(results) != len(todo) or any(request_key(*r.request) != request_key(*q) for r, q in zip(results, todo)):
+        raise ValueError("evaluate_many must return one Evaluation per (config, rung, seed), in the order given")
     return results
-
-
-def best_evaluation(history: Sequence[Evaluation], rung: int) -> Evaluation | None:
-    """Lowest-loss ok evaluation at ``rung`` (first one on ties), or None."""
-    ok = [e for e in history if e.ok and e.fidelity == rung]
-    return min(ok, key=lambda e: e.eval_loss) if ok else None

@@ -11,15 +11,25 @@ One generation (``step``):
    best ``promote_fraction`` of everything seen at that rung is promoted one rung up
    (asynchronous successive halving: the pool grows each generation, so a good
    child of an early generation can still be promoted later);
-4. selection (mu + lambda): elites by score, then tournaments without replacement
-   over the rest, configs deduplicated by key. A config's score is its loss at the
-   highest rung it reached, shifted to the top rung by the surrogate's rung offsets.
+4. intensification: every configuration new at the top rung is raced against the
+   incumbent on further seeds (``racing``);
+5. selection (mu + lambda): elites by score, then tournaments without replacement
+   over the population, the children and everything that reached the top rung, configs
+   deduplicated by key. A config's score is its loss at the highest rung it reached (the
+   mean over its seeds at the top), shifted to the top rung by the surrogate's rung offsets.
 
 The first ``step`` builds the initial population instead of varying: prior-derived
 configs (memory split between bits and rank in several proportions, sensitive layers
-first) plus random ones, all repaired.
+first) plus random ones, all repaired. It also starts at full fidelity: the references
+(uniform-4bit-r16 where it fits, the best prior-derived config, and for each bit-width
+the largest uniform rank that fits) run at the top rung and are raced, so an incumbent at
+least as good as every reference exists after the first generation (Hyperband's
+full-fidelity bracket plays the same role).
 
-No (config, rung) pair is evaluated twice. The state is plain data (JSON-able
+Random draws and mutations reach a (layer, bits) pair whose measured damage is
+catastrophic (``Priors.catastrophic``) only with probability ``catastrophic_prob``.
+
+No (config, rung, seed) is evaluated twice. The state is plain data (JSON-able
 with ``to_dict``) and checkpointed after every generation.
 """
 
@@ -34,9 +44,12 @@ from typing import Callable, Iterator, Sequence
 
 from deap import base, creator, tools
 
-from .evaluation import EvaluateMany, Evaluation, best_evaluation, evaluate_new
+from .baselines import REFERENCE, uniform_best_candidates
+from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .fidelity import Ladder
 from .importance import Priors
+from .protocol import race_seeds
+from .racing import RaceSettings, incumbent, intensify
 from .repair import Cost, fill, minimal, repair
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
@@ -58,6 +71,9 @@ class EvolutionSettings:
     prior_fraction: float = 0.5  # share of the initial population derived from the priors (0: none, else >= 1)
     kappa: float = 1.0  # LCB = mean - kappa * std when screening
     surrogate_min_points: int = 5
+    full_fidelity_start: bool = True  # generation 0 also runs the references at the top rung
+    catastrophic_ratio: float = 1.0  # see ``Priors.catastrophic``
+    catastrophic_prob: float = 0.1  # chance a random draw or a mutation may land on a catastrophic pair
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -139,18 +155,30 @@ def using_rng(rng: random.Random) -> Iterator[None]:
         random.setstate(saved)
 
 
-def _move(ind, space: SearchSpace, layer: int, kind: str, direction: int) -> bool:
-    """Move one layer's bits or rank one level; False (and no change) at the end of the ladder."""
+def _move(ind, space: SearchSpace, layer: int, kind: str, direction: int, avoid: frozenset = frozenset(),
+          prob: float = 1.0) -> bool:
+    """Move one layer's bits or rank one level; False (and no change) at the end of the ladder, or (but with
+    probability ``prob``) onto a (layer, bits) pair in ``avoid``."""
     bits, rank = ind[layer]
     levels, value = (space.bits, bits) if kind == "bits" else (space.ranks, rank)
     j = levels.index(value) + direction
     if not 0 <= j < len(levels):
         return False
+    if kind == "bits" and (layer, levels[j]) in avoid and random.random() >= prob:
+        return False
     ind[layer] = (levels[j], rank) if kind == "bits" else (bits, levels[j])
     return True
 
 
-def mutate(ind, space: SearchSpace, layer_weights: Sequence[float], transfer_prob: float = 0.5):
+def random_config(space: SearchSpace, rng: random.Random, avoid: frozenset = frozenset(), prob: float = 1.0) -> Config:
+    """Uniform levels per layer, except that a (layer, bits) pair in ``avoid`` keeps only ``prob`` of its weight."""
+    bits = [rng.choices(space.bits, weights=[prob if (l, b) in avoid else 1.0 for b in space.bits])[0]
+            for l in range(len(space))]
+    return space.config(bits, [rng.choice(space.ranks) for _ in space.layers])
+
+
+def mutate(ind, space: SearchSpace, layer_weights: Sequence[float], transfer_prob: float = 0.5,
+           avoid: frozenset = frozenset(), prob: float = 1.0):
     """One level of bits or rank up or down on one layer (drawn by ``layer_weights``); with
     ``transfer_prob``, also the opposite step on another (layer, kind) drawn the same way.
 
@@ -163,15 +191,15 @@ def mutate(ind, space: SearchSpace, layer_weights: Sequence[float], transfer_pro
         return (ind,)
     layer = random.choices(range(len(ind)), weights=layer_weights)[0]
     kind, direction = random.choice(kinds), random.choice((-1, 1))
-    if not _move(ind, space, layer, kind, direction):
+    if not _move(ind, space, layer, kind, direction, avoid, prob):
         direction = -direction
-        _move(ind, space, layer, kind, direction)
+        _move(ind, space, layer, kind, direction, avoid, prob)
     touched = [layer]
     if random.random() < transfer_prob:
         other, other_kind = random.choices(range(len(ind)), weights=layer_weights)[0], random.choice(kinds)
         if (other, other_kind) == (layer, kind) and len(kinds) > 1:
             other_kind = kinds[1 - kinds.index(kind)]
-        if (other, other_kind) != (layer, kind) and _move(ind, space, other, other_kind, -direction):
+        if (other, other_kind) != (layer, kind) and _move(ind, space, other, other_kind, -direction, avoid, prob):
             touched.append(other)
     ind.touched = tuple(touched)
     del ind.fitness.values
@@ -185,7 +213,8 @@ def make_toolbox(space: SearchSpace, priors: Priors, settings: EvolutionSettings
     weights = [0.5 / n + 0.5 * w for w in priors.importance()]
     toolbox = base.Toolbox()
     toolbox.register("mate", tools.cxUniform, indpb=0.5)
-    toolbox.register("mutate", mutate, space=space, layer_weights=weights, transfer_prob=settings.transfer_prob)
+    toolbox.register("mutate", mutate, space=space, layer_weights=weights, transfer_prob=settings.transfer_prob,
+                     avoid=priors.catastrophic(settings.catastrophic_ratio), prob=settings.catastrophic_prob)
     toolbox.register("select", tools.selTournament, tournsize=settings.tournament_size)
     return toolbox
 
@@ -236,13 +265,23 @@ def initial_population(
     size = settings.population_size
     n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
     out = prior_configs(space, priors, cost, budget)[:n_prior]
+    avoid = priors.catastrophic(settings.catastrophic_ratio)
     for _ in range(50 * size):
         if len(out) >= size:
             break
-        c = repair(space.random(rng), space, priors, cost, budget)
+        c = repair(random_config(space, rng, avoid, settings.catastrophic_prob), space, priors, cost, budget)
         if c not in out:
             out.append(c)
     return out
+
+
+def references(space: SearchSpace, priors: Priors, cost: Cost, budget: int) -> list[Config]:
+    """What generation 0 runs at the top rung: uniform-4bit-r16 (where it fits and is in the space), the best
+    prior-derived configuration, and for each bit-width the largest uniform rank that fits."""
+    ref = space.uniform(*REFERENCE)
+    out = [ref] if REFERENCE[0] in space.bits and REFERENCE[1] in space.ranks and cost(ref) <= budget else []
+    out += prior_configs(space, priors, cost, budget)[:1] + list(uniform_best_candidates(space, cost, budget).values())
+    return list({c.key(): c for c in out}.values())
 
 
 def vary(
@@ -294,11 +333,12 @@ def promotions(history: Sequence[Evaluation], rung: int, fraction: float) -> lis
     return [e.config for e in ranked[:n] if e.config.key() not in done]
 
 
-def climb(history: list[Evaluation], ladder: Ladder, evaluate_many: EvaluateMany) -> list[Evaluation]:
-    """Successive halving: promote rung by rung (one batch per rung); returns the new evaluations."""
+def climb(history: list[Evaluation], ladder: Ladder, evaluate_many: EvaluateMany, seed: int = 0) -> list[Evaluation]:
+    """Successive halving: promote rung by rung (one batch per rung, training seed ``seed``); returns the new
+    evaluations."""
     new: list[Evaluation] = []
     for rung in range(ladder.top):
-        batch = [(c, rung + 1) for c in promotions(history + new, rung, ladder.promote_fraction)]
+        batch = [(c, rung + 1, seed) for c in promotions(history + new, rung, ladder.promote_fraction)]
         new += evaluate_new(batch, history + new, evaluate_many)
     return new
 
@@ -312,15 +352,21 @@ def step(
     evaluate_many: EvaluateMany,
     ladder: Ladder,
     settings: EvolutionSettings = EvolutionSettings(),
+    race: RaceSettings = RaceSettings(),
 ) -> EvolutionState:
     """One generation (the first one builds the initial population). Returns a new state."""
     rng = _rng(state.rng)
     history = list(state.history)
     toolbox = make_toolbox(space, priors, settings)
+    seeds = race_seeds(state.seed, race.max_config_calls)
     scores = corrected_losses(history, ladder.top)
+    avoid = priors.catastrophic(settings.catastrophic_ratio)
+    refs: list[Config] = []
 
     if not state.population:
         children = initial_population(space, priors, cost, budget, settings, rng)
+        if settings.full_fidelity_start and ladder.top > 0:
+            refs = references(space, priors, cost, budget)
     else:
         parents = [individual(c, scores.get(c.key(), math.inf)) for c in state.population]
         seen = {e.config.key() for e in history} | {c.key() for c in state.population}
@@ -335,7 +381,7 @@ def step(
         for _ in range(50 * want):  # a converged population may yield few new children: top up at random
             if len(children) >= want:
                 break
-            c = repair(space.random(rng), space, priors, cost, budget)
+            c = repair(random_config(space, rng, avoid, settings.catastrophic_prob), space, priors, cost, budget)
             if c.key() not in seen:
                 seen.add(c.key())
                 children.append(c)
@@ -343,30 +389,39 @@ def step(
                                   min_points=settings.surrogate_min_points)
         children = screen(surrogate, children, settings.offspring, settings.kappa)
 
-    history += evaluate_new([(c, 0) for c in children], history, evaluate_many)
-    history += climb(history, ladder, evaluate_many)
+    at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
+    history += evaluate_new([(c, ladder.top, seeds[0]) for c in refs] + [(c, 0, seeds[0]) for c in children],
+                            history, evaluate_many)
+    history += climb(history, ladder, evaluate_many, seeds[0])
+    new_at_top = list({e.config.key(): e.config for e in history
+                       if e.fidelity == ladder.top and e.config.key() not in at_top}.values())
+    history += intensify(history, new_at_top, ladder.top, seeds, evaluate_many, race)
 
     scores = corrected_losses(history, ladder.top)
+    finished = [e.config for e in history if e.fidelity == ladder.top]  # every top-rung config may be chosen
     with using_rng(rng):
         population = select_population(
-            list(state.population) + children, scores, settings.population_size, settings.elite, toolbox
+            list(state.population) + children + finished, scores, settings.population_size, settings.elite, toolbox
         )
     return EvolutionState(population, history, state.generation + 1, _rng_state(rng), state.seed)
 
 
 def finish(
-    state: EvolutionState, ladder: Ladder, evaluate_many: EvaluateMany, batch: int = 2
+    state: EvolutionState, ladder: Ladder, evaluate_many: EvaluateMany, batch: int = 2,
+    race: RaceSettings = RaceSettings(),
 ) -> EvolutionState:
     """Make sure stage 1 ends with an ok top-rung evaluation (TuRBO needs a centre):
     if none, run the best-scored configs at the top rung, ``batch`` at a time, until one is ok."""
     history = list(state.history)
+    seeds = race_seeds(state.seed, race.max_config_calls)
     scores = corrected_losses(history, ladder.top)
     at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
     unfinished = {e.config for e in history if e.config.key() not in at_top}
     candidates = sorted(unfinished, key=lambda c: (scores[c.key()], c.key()))
-    while best_evaluation(history, ladder.top) is None and candidates:
+    while incumbent(history, ladder.top, seeds) is None and candidates:
         todo, candidates = candidates[:batch], candidates[batch:]
-        history += evaluate_new([(c, ladder.top) for c in todo], history, evaluate_many)
+        history += evaluate_new([(c, ladder.top, seeds[0]) for c in todo], history, evaluate_many)
+        history += intensify(history, todo, ladder.top, seeds, evaluate_many, race)
     return EvolutionState(list(state.population), history, state.generation, state.rng, state.seed)
 
 
@@ -382,11 +437,12 @@ def run_stage1(
     state: EvolutionState | None = None,
     seed: int = 0,
     on_generation: Callable[[EvolutionState], None] | None = None,
+    race: RaceSettings = RaceSettings(),
 ) -> EvolutionState:
     """Run generations until ``state.generation == generations`` (the initial population counts as one)."""
     state = state or EvolutionState.new(seed)
     while state.generation < generations:
-        state = step(state, space, priors, cost, budget, evaluate_many, ladder, settings)
+        state = step(state, space, priors, cost, budget, evaluate_many, ladder, settings, race)
         if on_generation:
             on_generation(state)
     return state

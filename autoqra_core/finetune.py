@@ -262,13 +262,13 @@ def evaluate_config(
         if "out of memory" in reason:
             reason = f"{reason} (predicted {memory_bytes} bytes = {format_bytes(memory_bytes)})"
         return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=reason,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, seed=t.seed)
     finally:
         release(q.device)
     return Evaluation(
         config, rung, loss, memory_bytes, accuracy=acc,
         train_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, seed=t.seed,
     )
 
 

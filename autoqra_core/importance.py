@@ -1,14 +1,19 @@
 """Importance priors: how much each layer matters, from a few calibration batches.
 
-Two signals, both cheap next to a fine-tune:
+Three signals, all cheap next to a fine-tune (forward passes, one backward per batch):
 * sensitivity: the empirical Fisher (mean squared gradient of the loss w.r.t. the
   layer's weights, times the squared weights: a first-order estimate of the loss
   change if the layer were perturbed in proportion to its size);
 * quantization error at each bit-width: ||(W - Q_b(W)) X|| / ||W X|| over the
-  calibration activations X, i.e. how much the layer's output moves.
+  calibration activations X, i.e. how much the layer's output moves;
+* measured damage: the calibration loss increase with only layer l quantized to b bits
+  (one forward pass per (layer, bits) and batch). Fisher x error is linear in the error and
+  misprices low bits (2-bit loses several times more than it predicts); where it is measured,
+  the damage is this number.
 
-They warm-start the search (more bits/rank to sensitive layers) and order repair
-(lower the least important layers first).
+They warm-start the search (more bits/rank to sensitive layers), order repair (lower the
+least important layers first), and mark (layer, bits) pairs whose damage is catastrophic, so
+random draws and mutations rarely waste a fine-tune on them.
 """
 
 from __future__ import annotations
@@ -21,34 +26,57 @@ class Priors:
     layers: tuple[str, ...]
     sensitivity: tuple[float, ...]  # normalised to sum to 1
     quant_error: dict[int, tuple[float, ...]]  # bits -> per-layer relative output error
+    measured: dict[int, tuple[float, ...]] | None = None  # bits -> per-layer calibration loss increase (nats)
 
     def importance(self) -> tuple[float, ...]:
-        """One score per layer (sums to 1): sensitivity, weighted by how much low bits hurt that layer."""
-        low = min(self.quant_error) if self.quant_error else None
-        raw = [
-            s * (1.0 + (self.quant_error[low][i] if low is not None else 0.0)) for i, s in enumerate(self.sensitivity)
-        ]
+        """One score per layer (sums to 1): how much the lowest bit-width hurts it (measured where known, else
+        sensitivity weighted by the quantization error)."""
+        if self.measured:
+            low = min(self.measured)
+            raw = [max(d, 0.0) + 1e-12 for d in self.measured[low]]
+        else:
+            low = min(self.quant_error) if self.quant_error else None
+            raw = [s * (1.0 + (self.quant_error[low][i] if low is not None else 0.0))
+                   for i, s in enumerate(self.sensitivity)]
         total = sum(raw) or 1.0
         return tuple(r / total for r in raw)
 
     def damage(self, layer: int, bits: int) -> float:
-        """Expected harm of putting ``layer`` at ``bits``: sensitivity x quantization error (0 if unquantized)."""
+        """Expected harm of putting ``layer`` at ``bits`` (0 if unquantized): the measured loss increase where
+        known (floored at 0: a small gain is calibration noise), else sensitivity x quantization error."""
+        if self.measured and bits in self.measured:
+            return max(self.measured[bits][layer], 0.0)
         err = self.quant_error.get(bits)
         return self.sensitivity[layer] * (err[layer] if err else 0.0)
 
+    def catastrophic(self, ratio: float = 1.0) -> frozenset[tuple[int, int]]:
+        """(layer, bits) pairs whose measured damage alone exceeds ``ratio`` x the summed damage of every layer at
+        the middle measured bit-width (4 in the default space): one layer hurting more than quantizing the whole
+        model there. Empty without measured damage."""
+        if not self.measured:
+            return frozenset()
+        levels = sorted(self.measured)
+        ref = sum(max(d, 0.0) for d in self.measured[levels[len(levels) // 2]])
+        return frozenset((l, b) for b in levels for l, d in enumerate(self.measured[b]) if d > ratio * ref)
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "layers": list(self.layers),
             "sensitivity": list(self.sensitivity),
             "quant_error": {str(b): list(v) for b, v in self.quant_error.items()},
         }
+        if self.measured:
+            d["measured"] = {str(b): list(v) for b, v in self.measured.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Priors":
+        measured = d.get("measured")
         return cls(
             tuple(d["layers"]),
             tuple(float(x) for x in d["sensitivity"]),
             {int(b): tuple(float(x) for x in v) for b, v in d["quant_error"].items()},
+            {int(b): tuple(float(x) for x in v) for b, v in measured.items()} if measured else None,
         )
 
     @classmethod
@@ -59,8 +87,9 @@ class Priors:
 
 
 def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = 64,
-                   max_tokens: int = 1024) -> Priors:
-    """Fisher sensitivity and activation-weighted quantization error per layer, from calibration batches.
+                   max_tokens: int = 1024, damage_batches: int = 2) -> Priors:
+    """Fisher sensitivity, activation-weighted quantization error and measured damage per layer, from calibration
+    batches (the first ``damage_batches`` of them for the damage; 0: not measured).
 
     ``model`` is the unquantized base (not modified); ``calibration`` a list of [batch, seq] token tensors.
     """
@@ -114,4 +143,35 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
                     num[b] += float(((x @ dequantized_weight(lin.weight, b, q).T - ref) ** 2).sum())
             for b in errors:
                 errors[b].append((num[b] / max(den, 1e-30)) ** 0.5)
-    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()})
+    measured = (measure_damage(model, lmap, calibration[:damage_batches], tuple(errors), q)
+                if damage_batches > 0 and errors else None)
+    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()}, measured)
+
+
+def measure_damage(model, lmap, calibration: list, bits: tuple[int, ...], q) -> dict[int, tuple[float, ...]]:
+    """Calibration loss increase with only one layer quantized (quantize-dequantize with ``q``), per (bits, layer).
+    The layer's weights are swapped in place and restored; no gradient, no training."""
+    import torch
+
+    from .quantize import dequantized_weight
+
+    mods = dict(model.named_modules())
+    model.eval()
+
+    def loss() -> float:
+        return sum(float(model(input_ids=x, labels=x).loss) for x in calibration) / len(calibration)
+
+    out: dict[int, list[float]] = {b: [] for b in bits}
+    with torch.no_grad():
+        clean = loss()
+        for _, ms in lmap.layers:
+            weights = {m: mods[m].weight.data for m in ms}
+            for b in bits:
+                try:
+                    for m, w in weights.items():
+                        mods[m].weight.data = dequantized_weight(w, b, q).to(w.dtype)
+                    out[b].append(loss() - clean)
+                finally:
+                    for m, w in weights.items():
+                        mods[m].weight.data = w
+    return {b: tuple(v) for b, v in out.items()}

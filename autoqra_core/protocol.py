@@ -22,8 +22,19 @@ from .fidelity import Ladder
 REFERENCES = ("uniform-4bit-r16", "random")  # every method is compared, seed by seed, with these
 
 
+SEED_STRIDE = 10_000  # race seeds are search_seed + k * SEED_STRIDE; report seeds lie strictly between
+
+
+def race_seeds(search_seed: int, n: int) -> list[int]:
+    """The training seeds the search fine-tunes with, in racing order: the first is the search's own seed
+    (every rung), the others are the top rung's replicates. Disjoint from ``report_seeds``."""
+    return [search_seed + k * SEED_STRIDE for k in range(max(1, n))]
+
+
 def report_seeds(search_seed: int, n: int) -> list[int]:
-    """Fresh training seeds for the test report: never the seed the search fine-tuned with."""
+    """Fresh training seeds for the test report: never a seed the search fine-tuned with (``race_seeds``)."""
+    if n >= SEED_STRIDE:
+        raise ValueError(f"at most {SEED_STRIDE - 1} report seeds")
     return [search_seed + 1 + k for k in range(n)]
 
 

@@ -1,11 +1,12 @@
-"""The whole search: stage 1 (evolution, multi-fidelity) then stage 2 (TuRBO at the top rung).
+"""The whole search: stage 1 (evolution, multi-fidelity) then stage 2 (TuRBO at the top rung), every
+configuration that reaches the top rung raced against the incumbent on further seeds (``racing``).
 
 ``advance`` is one step of the method (a generation or a TuRBO iteration) and
 ``run_search`` a loop over it; an orchestrator calls ``advance`` itself, one cached
 task per step. The ``SearchState`` between steps is plain data (``to_dict`` -> JSON
 -> ``from_dict``), and every random draw comes from seeds and generator states stored
 in it, so a search continued from any intermediate state ends with the same result as an uninterrupted one with the same seed
-(given an evaluate that returns the same results for the same (config, rung), e.g.
+(given an evaluate that returns the same results for the same (config, rung, seed), e.g.
 because finished evaluations are cached).
 """
 
@@ -16,10 +17,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 from . import evolution, turbo
-from .evaluation import EvaluateMany, Evaluation, best_evaluation
+from .evaluation import EvaluateMany, Evaluation
 from .evolution import EvolutionSettings, EvolutionState
 from .fidelity import Fidelity, Ladder
 from .importance import Priors
+from .protocol import race_seeds
+from .racing import RaceSettings, incumbent, standings
 from .repair import Cost, check_budget
 from .space import SearchSpace
 from .turbo import TurboRun, TurboSettings
@@ -41,6 +44,12 @@ class SearchSettings:
     ladder: Ladder = field(default_factory=default_ladder)
     evolution: EvolutionSettings = EvolutionSettings()  # population size, offspring multiplier, ...
     turbo: TurboSettings = TurboSettings()  # iterations, batch size, trust region
+    race: RaceSettings = RaceSettings()  # intensification at the top rung
+
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds the search races with (the first one at every rung)."""
+        return race_seeds(self.seed, self.race.max_config_calls)
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +58,7 @@ class SearchSettings:
             "ladder": self.ladder.to_dict(),
             "evolution": asdict(self.evolution),
             "turbo": asdict(self.turbo),
+            "race": asdict(self.race),
         }
 
     @classmethod
@@ -59,6 +69,7 @@ class SearchSettings:
             ladder=Ladder.from_dict(d["ladder"]) if "ladder" in d else default_ladder(),
             evolution=EvolutionSettings(**d.get("evolution", {})),
             turbo=TurboSettings(**d.get("turbo", {})),
+            race=RaceSettings(**d.get("race", {})),
         )
 
 
@@ -92,7 +103,9 @@ class SearchState:
 
 @dataclass(frozen=True)
 class ProgressPoint:
-    """Best top-rung loss after ``evaluations`` fine-tunes (``steps`` optimizer steps in all)."""
+    """The incumbent's top-rung loss (its mean over its seeds) after ``evaluations`` fine-tunes (``steps``
+    optimizer steps in all): what the search would return if stopped there. It can rise when a lucky
+    incumbent's replicates bring its mean back to its true level."""
 
     evaluations: int
     steps: int
@@ -102,7 +115,7 @@ class ProgressPoint:
 
 @dataclass
 class SearchResult:
-    best: Evaluation | None  # best ok evaluation at the top rung
+    best: Evaluation | None  # the incumbent at the top rung: its mean over the race's seeds
     history: list[Evaluation]
     pareto: list[Evaluation]  # top rung only: memory_bytes vs eval_loss, non-dominated
     progress: list[ProgressPoint]
@@ -118,35 +131,40 @@ class SearchResult:
         }
 
 
-def pareto_front(history: Sequence[Evaluation], rung: int) -> list[Evaluation]:
-    """Ok evaluations at ``rung`` no other one beats on both memory and loss, by increasing memory.
+def pareto_front(history: Sequence[Evaluation], rung: int, seeds: Sequence[int] | None = None) -> list[Evaluation]:
+    """Configurations at ``rung`` (means over their ``seeds``; default: every seed in the history) no other one
+    beats on both memory and loss, by increasing memory.
 
     Top rung only: lower rungs' losses are biased (short fine-tunes) and not comparable.
     """
+    seeds = sorted({e.seed for e in history}) if seeds is None else seeds
     front: list[Evaluation] = []
-    for e in sorted((e for e in history if e.ok and e.fidelity == rung), key=lambda e: (e.memory_bytes, e.eval_loss)):
+    for e in sorted((e for e in standings(history, rung, seeds) if e.ok), key=lambda e: (e.memory_bytes, e.eval_loss)):
         if not front or e.eval_loss < front[-1].eval_loss:
             front.append(e)
     return front
 
 
-def progress(state: SearchState, ladder: Ladder) -> list[ProgressPoint]:
-    """Best-so-far curve over all evaluations, each labelled with the stage that made it."""
-    out, best, steps = [], math.inf, 0
+def progress(state: SearchState, ladder: Ladder, seeds: Sequence[int]) -> list[ProgressPoint]:
+    """The incumbent's curve over all evaluations, each labelled with the stage that made it."""
+    out, steps = [], 0
     labelled = [("evolution", e) for e in state.evolution.history]
     labelled += [("turbo", e) for e in (state.turbo.history if state.turbo else [])]
+    so_far: list[Evaluation] = []
+    inc = None
     for i, (stage, e) in enumerate(labelled, 1):
         steps += ladder[e.fidelity].steps
-        if e.ok and e.fidelity == ladder.top:
-            best = min(best, e.eval_loss)
-        out.append(ProgressPoint(i, steps, stage, best if math.isfinite(best) else None))
+        so_far.append(e)
+        if e.fidelity == ladder.top:
+            inc = incumbent(so_far, ladder.top, seeds)
+        out.append(ProgressPoint(i, steps, stage, inc.eval_loss if inc else None))
     return out
 
 
-def result(state: SearchState, ladder: Ladder) -> SearchResult:
-    history = state.history
-    return SearchResult(best_evaluation(history, ladder.top), history, pareto_front(history, ladder.top),
-                        progress(state, ladder), state)
+def result(state: SearchState, settings: SearchSettings) -> SearchResult:
+    history, ladder, seeds = state.history, settings.ladder, settings.seeds
+    return SearchResult(incumbent(history, ladder.top, seeds), history, pareto_front(history, ladder.top, seeds),
+                        progress(state, ladder, seeds), state)
 
 
 def next_step(state: SearchState) -> str | None:
@@ -171,20 +189,20 @@ def advance(
     """One step of the method, a pure function of (state, settings, evaluations): a generation, or a TuRBO
     iteration. The last generation also ends stage 1 (``evolution.finish``) and centres TuRBO, so every step
     is one unit an orchestrator can cache and replay."""
-    ladder = settings.ladder
+    ladder, race = settings.ladder, settings.race
     if state.stage == "evolution":
         ev = state.evolution
         if ev.generation < settings.generations:
-            ev = evolution.step(ev, space, priors, cost, budget, evaluate_many, ladder, settings.evolution)
+            ev = evolution.step(ev, space, priors, cost, budget, evaluate_many, ladder, settings.evolution, race)
         if ev.generation < settings.generations:
             return replace(state, evolution=ev)
-        ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size)
-        if settings.turbo.iterations > 0 and best_evaluation(ev.history, ladder.top) is not None:
+        ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size, race)
+        if settings.turbo.iterations > 0 and incumbent(ev.history, ladder.top, settings.seeds) is not None:
             return SearchState("turbo", ev, turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed))
         return SearchState("done", ev, None)
     if state.stage == "turbo":
         run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, evaluate_many,
-                         ladder.top, settings.turbo)
+                         ladder.top, settings.turbo, race)
         done = run.done or run.iteration >= settings.turbo.iterations
         return SearchState("done" if done else "turbo", state.evolution, run)
     return state
@@ -208,4 +226,4 @@ def run_search(
         state = advance(state, space, priors, cost, budget, evaluate_many, settings)
         if on_checkpoint:
             on_checkpoint(state)
-    return result(state, settings.ladder)
+    return result(state, settings)

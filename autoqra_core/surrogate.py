@@ -45,15 +45,21 @@ def encode(space: SearchSpace, config: Config) -> np.ndarray:
     return out
 
 
+def _means(history: Sequence[Evaluation]) -> dict[str, dict[int, float]]:
+    """Per config key and rung: the mean loss over its seeds there (inf if any of them failed)."""
+    runs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in history:
+        runs[e.config.key()][e.fidelity].append(e.eval_loss if e.ok else math.inf)
+    return {k: {r: sum(v) / len(v) for r, v in by_rung.items()} for k, by_rung in runs.items()}
+
+
 def rung_offsets(history: Sequence[Evaluation], top: int) -> dict[int, float]:
     """Estimated (top-rung loss - rung-k loss) for every rung k, from configs seen at adjacent rungs."""
-    by_key: dict[str, dict[int, float]] = defaultdict(dict)
-    for e in history:
-        if e.ok:
-            by_key[e.config.key()][e.fidelity] = e.eval_loss
+    by_key = _means(history)
     step = {}
     for k in range(top):
-        diffs = [r[k + 1] - r[k] for r in by_key.values() if k in r and k + 1 in r]
+        diffs = [r[k + 1] - r[k] for r in by_key.values() if k in r and k + 1 in r
+                 and math.isfinite(r[k]) and math.isfinite(r[k + 1])]
         step[k] = median(diffs) if diffs else 0.0
     offsets = {top: 0.0}
     for k in range(top - 1, -1, -1):
@@ -62,20 +68,18 @@ def rung_offsets(history: Sequence[Evaluation], top: int) -> dict[int, float]:
 
 
 def corrected_losses(history: Sequence[Evaluation], top: int) -> dict[str, float]:
-    """Per config key: loss at the highest rung it reached, shifted to the top rung (inf if that run failed).
+    """Per config key: its mean loss at the highest rung it reached (over its seeds there), shifted to the top
+    rung (inf if a run there failed).
 
     This is what stage-1 selection ranks on: a config seen only at rung 0 competes
-    with one finished at the top rung through the rung offset.
+    with one finished (and raced) at the top rung through the rung offset.
     """
     offsets = rung_offsets(history, top)
-    highest: dict[str, Evaluation] = {}
-    for e in history:
-        key = e.config.key()
-        if key not in highest or e.fidelity > highest[key].fidelity:
-            highest[key] = e
-    return {
-        key: (e.eval_loss + offsets.get(e.fidelity, 0.0)) if e.ok else math.inf for key, e in highest.items()
-    }
+    out = {}
+    for key, by_rung in _means(history).items():
+        rung = max(by_rung)
+        out[key] = by_rung[rung] + offsets.get(rung, 0.0)
+    return out
 
 
 @dataclass

@@ -11,10 +11,16 @@ budget-constrained space:
   of the centre are *rounded to the allowed levels and repaired first*, deduplicated
   against history, and Thompson sampling picks the batch among those (so the batch is
   made of distinct, feasible, never-evaluated configurations);
-* evaluation at the top rung; the region doubles after ``success_tolerance``
+* evaluation at the top rung, each new configuration raced against the incumbent on
+  further seeds (``racing``); the region doubles after ``success_tolerance``
   consecutive improvements, halves after ``failure_tolerance`` consecutive misses;
   below ``length_min`` a restart re-centres on the best top-rung configuration not
   yet used as a centre, up to ``max_restarts`` times, after which the stage stops.
+
+Noise-aware, as the reference code itself warns an argmin centre is not: every replicate is
+a row of the GP's data, which fits the noise (a homoscedastic likelihood); the centre is the
+evaluated configuration with the lowest *posterior mean*, and a batch is a success only when
+its best posterior mean improves on the centre's by more than the fitted noise sd.
 
 Two departures from the tutorial, both because the space is a grid of levels:
 * ``length_min`` is 0.5**3, not 0.5**7: once the region is smaller than about one level
@@ -41,8 +47,10 @@ from botorch.models import SingleTaskGP
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch.quasirandom import SobolEngine
 
-from .evaluation import EvaluateMany, Evaluation, best_evaluation, evaluate_new
+from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .importance import Priors
+from .protocol import race_seeds
+from .racing import RaceSettings, intensify
 from .repair import Cost, repair
 from .space import Config, SearchSpace
 from .surrogate import encode
@@ -100,14 +108,10 @@ class TurboState:
         return cls(**{**d, "best_value": math.inf if d["best_value"] is None else d["best_value"]})
 
 
-def update_state(state: TurboState, losses: Sequence[float]) -> TurboState:
-    """TuRBO's rule: count a batch as a success if it beats the best by a relative 1e-3."""
-    best_new = min(losses, default=math.inf)
-    threshold = state.best_value - 1e-3 * abs(state.best_value) if math.isfinite(state.best_value) else math.inf
-    if best_new < threshold:
-        success, failure = state.success_counter + 1, 0
-    else:
-        success, failure = 0, state.failure_counter + 1
+def update_state(state: TurboState, improved: bool, best_value: float) -> TurboState:
+    """TuRBO's rule, the success decided by the caller (``noisy_success``): grow after ``success_tolerance``
+    successes in a row, shrink after ``failure_tolerance`` misses; ``best_value`` is the centre's value now."""
+    success, failure = (state.success_counter + 1, 0) if improved else (0, state.failure_counter + 1)
     length = state.length
     if success == state.success_tolerance:
         length, success = min(2.0 * length, state.length_max), 0
@@ -118,7 +122,7 @@ def update_state(state: TurboState, losses: Sequence[float]) -> TurboState:
         length=length,
         success_counter=success,
         failure_counter=failure,
-        best_value=min(state.best_value, best_new),
+        best_value=best_value,
         restart_triggered=length < state.length_min,
     )
 
@@ -171,12 +175,16 @@ class TurboRun:
 
 
 def start(space: SearchSpace, warm: Sequence[Evaluation], top: int, settings: TurboSettings, seed: int = 0) -> TurboRun:
-    """A run centred at the best ok top-rung evaluation of ``warm`` (stage 1's history)."""
-    best = best_evaluation(warm, top)
-    if best is None:
+    """A run centred at the ok top-rung configuration of ``warm`` (stage 1's history) with the lowest posterior
+    mean (the lowest mean over its seeds where the GP cannot be fitted)."""
+    data = [e for e in warm if e.fidelity == top]
+    if not any(e.ok for e in data):
         raise ValueError("TuRBO needs at least one ok top-rung evaluation to centre on")
-    state = TurboState.new(2 * len(space), settings, best.eval_loss)
-    return TurboRun(state, best.config, used_centers=[best.config.key()], seed=seed)
+    with _one_thread():
+        fit = posterior_means(space, data)
+    center = min(fit.means, key=lambda k: (fit.means[k], k))
+    state = TurboState.new(2 * len(space), settings, fit.means[center])
+    return TurboRun(state, fit.configs[center], used_centers=[center], seed=seed)
 
 
 @contextmanager
@@ -191,12 +199,17 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+GP_FIT_ITERATIONS = 50
+
+
 def _fit_gp(X: torch.Tensor, Y: torch.Tensor) -> SingleTaskGP | None:
-    if len(X) < 2:
+    if len(X) < 2 or len({tuple(x) for x in X.tolist()}) < 2:
         return None
     model = SingleTaskGP(X, Y)
     try:
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        # L-BFGS capped: tens of points, and a converged fit costs several times more for the same proposals.
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model),
+                         optimizer_kwargs={"options": {"maxiter": GP_FIT_ITERATIONS}})
     except ModelFittingError:
         return None  # propose without the GP (Sobol order) rather than stop the search
     return model
@@ -208,6 +221,58 @@ def gp_data(data: Sequence[Evaluation]) -> list[tuple[Config, float]]:
     ok = [e.eval_loss for e in data if e.ok]
     worst = max(ok, default=math.inf)
     return [(e.config, e.eval_loss if e.ok else worst) for e in data if e.ok or math.isfinite(worst)]
+
+
+def _xy(space: SearchSpace, data: Sequence[Evaluation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GP's rows: one per evaluation (replicates are rows at the same point), losses negated (BoTorch maximizes)."""
+    points = gp_data(data)
+    X = torch.tensor(np.stack([encode(space, c) for c, _ in points]), dtype=torch.double)
+    return X, -torch.tensor([[y] for _, y in points], dtype=torch.double)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Posterior means (losses) of the evaluated configurations and the fitted noise sd (0 without a GP)."""
+
+    configs: dict[str, Config]
+    means: dict[str, float]
+    noise_sd: float
+
+
+def posterior_means(space: SearchSpace, data: Sequence[Evaluation]) -> Fit:
+    """Fit the GP on ``data`` (top-rung evaluations, replicates included) and read its posterior mean at every ok
+    evaluated configuration and its noise. Without a GP (too few points, a failed fit): each config's mean over its
+    seeds, noise 0."""
+    ok = [e for e in data if e.ok]
+    configs = {e.config.key(): e.config for e in ok}
+    raw: dict[str, list[float]] = {}
+    for e in ok:
+        raw.setdefault(e.config.key(), []).append(e.eval_loss)
+    means = {k: float(np.mean(v)) for k, v in raw.items()}
+    if not ok:
+        return Fit({}, {}, 0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _fit_gp(*_xy(space, data))
+    if model is None:
+        return Fit(configs, means, 0.0)
+    X = torch.tensor(np.stack([encode(space, c) for c in configs.values()]), dtype=torch.double)
+    with torch.no_grad():
+        post = model.posterior(X)
+        noisy = model.posterior(X, observation_noise=True)
+        mu = (-post.mean.squeeze(-1)).tolist()
+        noise = float((noisy.variance - post.variance).clamp(min=0).mean().sqrt())
+    return Fit(configs, dict(zip(configs, mu)), noise)
+
+
+def noisy_success(fit: Fit, center: Config, batch: Sequence[Config]) -> tuple[bool, Config, float]:
+    """(success, new centre, its posterior mean): the batch succeeds when its best posterior mean is below the
+    centre's by more than the fitted noise sd; the centre moves to the lowest posterior mean of the two."""
+    here = fit.means.get(center.key(), math.inf)
+    best = min((c for c in batch if c.key() in fit.means), key=lambda c: fit.means[c.key()], default=None)
+    if best is None or fit.means[best.key()] >= here:
+        return False, center, here
+    return fit.means[best.key()] < here - fit.noise_sd, best, fit.means[best.key()]
 
 
 def propose(
@@ -224,10 +289,7 @@ def propose(
     dim = 2 * len(space)
     with torch.random.fork_rng(), _one_thread():
         torch.manual_seed(run.seed * 100_003 + run.iteration)
-        points = gp_data(data)
-        X = torch.tensor(np.stack([encode(space, c) for c, _ in points]), dtype=torch.double)
-        Y = -torch.tensor([[y] for _, y in points], dtype=torch.double)  # BoTorch maximizes
-        model = _fit_gp(X, Y)
+        model = _fit_gp(*_xy(space, data))
 
         x_center = torch.tensor(encode(space, run.center), dtype=torch.double)
         weights = torch.ones(dim, dtype=torch.double)
@@ -270,15 +332,17 @@ def propose(
     return [pool[index[tuple(row)]] for row in X_next.tolist()]
 
 
-def _restart(run: TurboRun, data: Sequence[Evaluation], settings: TurboSettings) -> TurboRun:
-    """Re-centre on the best top-rung config not used as a centre yet, or stop."""
-    fresh = sorted((e for e in data if e.ok and e.config.key() not in run.used_centers), key=lambda e: e.eval_loss)
+def _restart(run: TurboRun, space: SearchSpace, data: Sequence[Evaluation], settings: TurboSettings) -> TurboRun:
+    """Re-centre on the top-rung config with the lowest posterior mean not used as a centre yet, or stop."""
+    with _one_thread():
+        fit = posterior_means(space, data)
+    fresh = sorted((k for k in fit.means if k not in run.used_centers), key=lambda k: (fit.means[k], k))
     if run.restarts >= settings.max_restarts or not fresh:
         return replace(run, done=True)
     best = fresh[0]
-    state = TurboState.new(run.state.dim, settings, best.eval_loss)
-    return replace(run, state=state, center=best.config, restarts=run.restarts + 1,
-                   used_centers=run.used_centers + [best.config.key()])
+    state = TurboState.new(run.state.dim, settings, fit.means[best])
+    return replace(run, state=state, center=fit.configs[best], restarts=run.restarts + 1,
+                   used_centers=run.used_centers + [best])
 
 
 def step(
@@ -291,24 +355,28 @@ def step(
     evaluate_many: EvaluateMany,
     top: int,
     settings: TurboSettings = TurboSettings(),
+    race: RaceSettings = RaceSettings(),
 ) -> TurboRun:
-    """One TuRBO iteration: propose a batch, evaluate it at the top rung, update the region."""
+    """One TuRBO iteration: propose a batch, evaluate it at the top rung, race it, update the region from the
+    refitted GP (``noisy_success``). A failed evaluation is a miss, not ignored."""
     if run.done:
         return run
     data = [e for e in list(warm) + run.history if e.fidelity == top]
     if run.state.restart_triggered:
-        run = _restart(run, data, settings)
+        run = _restart(run, space, data, settings)
         if run.done:
             return run
     batch = propose(run, space, priors, cost, budget, data, settings)
-    new = evaluate_new([(c, top) for c in batch], list(warm) + run.history, evaluate_many)
-    losses = [e.eval_loss if e.ok else math.inf for e in new]  # a failed evaluation is a miss, not ignored
-    center = run.center
-    if losses and min(losses) < run.state.best_value:
-        center = min((e for e in new if e.ok), key=lambda e: e.eval_loss).config
+    seeds = race_seeds(run.seed, race.max_config_calls)
+    known = list(warm) + run.history
+    new = evaluate_new([(c, top, seeds[0]) for c in batch], known, evaluate_many)
+    new += intensify(known + new, batch, top, seeds, evaluate_many, race)
+    with _one_thread():
+        fit = posterior_means(space, data + [e for e in new if e.fidelity == top])
+    improved, center, value = noisy_success(fit, run.center, batch)
     return replace(
         run,
-        state=update_state(run.state, losses),
+        state=update_state(run.state, improved, value),
         center=center,
         history=run.history + new,
         iteration=run.iteration + 1,
@@ -327,11 +395,12 @@ def run_stage2(
     run: TurboRun | None = None,
     seed: int = 0,
     on_iteration=None,
+    race: RaceSettings = RaceSettings(),
 ) -> TurboRun:
     """Iterate until ``settings.iterations`` batches are done or the restarts are used up."""
     run = run or start(space, warm, top, settings, seed)
     while not run.done and run.iteration < settings.iterations:
-        run = step(run, space, priors, cost, budget, warm, evaluate_many, top, settings)
+        run = step(run, space, priors, cost, budget, warm, evaluate_many, top, settings, race)
         if on_iteration:
             on_iteration(run)
     return run

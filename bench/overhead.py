@@ -64,7 +64,7 @@ def main() -> None:
             evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, c, run.ladder[rung], rung, run.cost(c),
                             rc.quant_settings(), rc.train_settings(0))
         direct = time.perf_counter() - start
-        via = through_prefect([(c, rung) for c in cfgs])
+        via = through_prefect([(c, rung, run.seed) for c in cfgs])
         per_eval = direct / args.n
         overhead = (via - direct) / args.n
         rows.append((rung, run.ladder[rung].steps, per_eval, via / args.n, overhead, 100 * overhead / per_eval))

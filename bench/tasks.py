@@ -47,7 +47,7 @@ def run_task(name: str, path: Path, args) -> dict:
             run = Run.prepare(args.model, str(path), None, rc, seed)
             methods = {"fp-lora": fp_lora(run.space, rc.baselines.rank)} | uniform_configs(run.space, BITS, rc.baselines.rank)
             start = time.time()
-            evals = run.evaluate_many([(c, run.ladder.top) for c in methods.values()])
+            evals = run.evaluate_many([(c, run.ladder.top, run.seed) for c in methods.values()])
             for m, e in zip(methods, evals):
                 out.setdefault(m, []).append({"seed": seed, "loss": e.eval_loss if e.ok else None,
                                               "accuracy": e.accuracy, "reason": e.reason})

@@ -23,6 +23,7 @@ from autoqra_core.device import resolve_device
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.memory import MemorySettings, settings_for
 from autoqra_core.quantize import QuantSettings, check_placement
+from autoqra_core.racing import RaceSettings
 from autoqra_core.search import SearchSettings, default_ladder
 from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
 from autoqra_core.turbo import TurboSettings
@@ -121,6 +122,9 @@ class EvolutionSection(_Strict):
     prior_fraction: float = Field(_default(EvolutionSettings, "prior_fraction"), ge=0, le=1)
     kappa: float = Field(_default(EvolutionSettings, "kappa"), ge=0)
     surrogate_min_points: int = Field(_default(EvolutionSettings, "surrogate_min_points"), ge=2)
+    full_fidelity_start: bool = _default(EvolutionSettings, "full_fidelity_start")
+    catastrophic_ratio: float = Field(_default(EvolutionSettings, "catastrophic_ratio"), gt=0)
+    catastrophic_prob: float = Field(_default(EvolutionSettings, "catastrophic_prob"), ge=0, le=1)
 
 
 class TurboSection(_Strict):
@@ -138,12 +142,22 @@ class TurboSection(_Strict):
     perturb_dims: float = Field(_default(TurboSettings, "perturb_dims"), gt=0)
 
 
+class RaceSection(_Strict):
+    """Intensification at the top rung (``autoqra_core.racing.RaceSettings``); ``max_config_calls: 1`` turns it off."""
+
+    max_config_calls: int = Field(_default(RaceSettings, "max_config_calls"), ge=1, le=100)
+    margin: float = Field(_default(RaceSettings, "margin"), ge=0)
+    min_dof: int = Field(_default(RaceSettings, "min_dof"), ge=1)
+    noise_sd: float | None = Field(_default(RaceSettings, "noise_sd"), gt=0)
+
+
 class SearchSection(_Strict):
     generations: int = Field(_default(SearchSettings, "generations"), ge=1)
     rungs: list[RungSection] = Field(default_factory=_default_rungs, min_length=1)
     promote_fraction: float = Field(default_ladder().promote_fraction, gt=0, le=1)
     evolution: EvolutionSection = EvolutionSection()
     turbo: TurboSection = TurboSection()
+    race: RaceSection = RaceSection()
 
 
 class BaselineSection(_Strict):
@@ -204,7 +218,8 @@ class RunConfig(_Strict):
     def search_settings(self, seed: int) -> SearchSettings:
         return SearchSettings(seed=seed, generations=self.search.generations, ladder=self.ladder(),
                               evolution=EvolutionSettings(**self.search.evolution.model_dump()),
-                              turbo=TurboSettings(**self.search.turbo.model_dump()))
+                              turbo=TurboSettings(**self.search.turbo.model_dump()),
+                              race=RaceSettings(**self.search.race.model_dump()))
 
     def quant_settings(self) -> QuantSettings:
         return QuantSettings(**self.quant.model_dump())

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.evaluation import Evaluation
+from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
@@ -98,41 +98,41 @@ class Run:
             self.seed, self.code,
         ))
 
-    def evaluate_many(self, pairs: list[tuple[Config, int]], progress: "Progress | None" = None, *,
-                      seed: int | None = None, split: str = "validation") -> list[Evaluation]:
-        """Fan the batch out as cached task runs; an evaluation that raises is a failed one, with its reason.
+    def evaluate_many(self, requests: list[Request], progress: "Progress | None" = None, *,
+                      split: str = "validation") -> list[Evaluation]:
+        """Fan the batch of (config, rung, training seed) out as cached task runs; an evaluation that raises is a
+        failed one, with its reason.
 
         Any error inside one evaluation, an ``AutoQRAError`` included (e.g. a ``DatasetError`` at a rung whose data
         fraction is too small), fails that evaluation only: the run's own inputs were checked before any work
         (``Run.prepare``, the CLI's preflight), so what is left is specific to a (config, rung).
-        The search scores ``validation`` with the run's seed; the test report passes ``split="test"``, its own
-        ``seed``, and scores ``report.test_examples`` rows."""
-        if not pairs:
+        The search scores ``validation`` with its race seeds; the test report passes ``split="test"`` with its own
+        seeds and scores ``report.test_examples`` rows."""
+        if not requests:
             return []
-        fidelities = [self.ladder[r] for _, r in pairs]
+        fidelities = [self.ladder[r] for _, r, _ in requests]
         if split == "test":
             fidelities = [replace(f, eval_examples=self.rc.report.test_examples or len(self.wb.task.test)) for f in fidelities]
-        train = self.rc.train_settings(self.seed if seed is None else seed)
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
-                      quant=self.rc.quant.model_dump(), train=train.__dict__,
-                      granularity=self.rc.space.granularity, layers=list(self.rc.space.layers or []),
-                      code_version=self.code, split=split)
-        per = dict(config=[c.to_dict() for c, _ in pairs], config_key=[c.key() for c, _ in pairs],
-                   rung=[r for _, r in pairs], fidelity=[f.__dict__ for f in fidelities],
-                   memory_bytes=[self.cost(c) for c, _ in pairs])
+                      quant=self.rc.quant.model_dump(), granularity=self.rc.space.granularity,
+                      layers=list(self.rc.space.layers or []), code_version=self.code, split=split)
+        per = dict(config=[c.to_dict() for c, _, _ in requests], config_key=[c.key() for c, _, _ in requests],
+                   rung=[r for _, r, _ in requests], fidelity=[f.__dict__ for f in fidelities],
+                   memory_bytes=[self.cost(c) for c, _, _ in requests],
+                   train=[self.rc.train_settings(s).__dict__ for _, _, s in requests])
         ex = self.rc.execution
         if ex.task_runner == "thread" and ex.workers == 1:
             # One at a time in the flow's own thread: on a CPU, torch's OpenMP pool runs ~15% slower when
             # called from a worker thread (bench/results/overhead.md). Still task runs: cached, retried, tracked.
-            calls = [partial(evaluate, **common, **{k: v[i] for k, v in per.items()}) for i in range(len(pairs))]
+            calls = [partial(evaluate, **common, **{k: v[i] for k, v in per.items()}) for i in range(len(requests))]
         else:
             calls = [f.result for f in evaluate.map(**{k: unmapped(v) for k, v in common.items()}, **per)]
         out = []
-        for (config, rung), call in zip(pairs, calls):
+        for (config, rung, seed), call in zip(requests, calls):
             try:
                 ev = Evaluation.from_dict(call())
             except Exception as e:  # noqa: BLE001 - any error of one candidate is recorded, the search goes on
-                ev = Evaluation(config, rung, math.inf, self.cost(config), status="failed",
+                ev = Evaluation(config, rung, math.inf, self.cost(config), status="failed", seed=seed,
                                 reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
             out.append(ev)
             if progress:
@@ -147,7 +147,7 @@ class Run:
         unique = list({c.key(): c for c in methods.values()}.values())
         by_seed = {}
         for s in seeds:
-            evals = self.evaluate_many([(c, self.ladder.top) for c in unique], progress, seed=s, split="test")
+            evals = self.evaluate_many([(c, self.ladder.top, s) for c in unique], progress, split="test")
             by_seed[s] = {c.key(): e for c, e in zip(unique, evals)}
         return {name: SeedScores.from_evaluations(seeds, [by_seed[s][c.key()] for s in seeds])
                 for name, c in methods.items()}

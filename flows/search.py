@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
+from autoqra_core.baselines import uniform_best_candidates
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.protocol import equal_compute_count, history_tokens
@@ -57,13 +58,17 @@ def _planned(run: Run, baselines: bool) -> int:
         seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
         for r in range(1, len(seen)):
             seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
+    seen[-1] += len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0  # the references
     turbo = s.turbo.iterations * s.turbo.batch_size
-    total, methods = sum(seen) + turbo, 1
+    # Replicates: about half the top-rung configurations raced to a second seed (an estimate, made exact as it runs).
+    replicates = (seen[-1] + turbo) * (s.race.max_config_calls - 1) // 2
+    total, methods = sum(seen) + turbo + replicates, 1
     if baselines:
-        tokens = sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen)) + turbo * run.ladder[-1].train_tokens
+        tokens = (sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen))
+                  + (turbo + replicates) * run.ladder[-1].train_tokens)
         n_random = run.rc.baselines.n_random or equal_compute_count(tokens, run.ladder)
         total += len(run.rc.baselines.uniform_bits) + 2 + n_random
-        methods += len(run.rc.baselines.uniform_bits) + 3
+        methods += len(run.rc.baselines.uniform_bits) + 4
     return total + run.rc.report.seeds * methods
 
 
@@ -101,9 +106,9 @@ def search_flow(
             after = SearchState.from_dict(done.result())
             renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
             write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
-            report.checkpoint(search_result(after, run.ladder))
+            report.checkpoint(search_result(after, settings))
             state = after
-        res = search_result(state, run.ladder)
+        res = search_result(state, settings)
         base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
         if baselines:
             progress.at("baselines")
@@ -111,7 +116,7 @@ def search_flow(
             n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
             fixed = len(rc.baselines.uniform_bits) + 2
             progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
-            base = _baselines(run, pri, params, live, n_random, res.history)
+            base = _baselines(run, pri, params, live, n_random, res.history, settings.seeds)
             compute |= baseline_compute(base, n_random, run)
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     _rename(renames)
@@ -146,15 +151,20 @@ def baselines_flow(
     progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
     params = run.params(budget)
     with _lend(run, progress) as live:
-        base = _baselines(run, pri, params, live, n_random, [])
+        base = _baselines(run, pri, params, live, n_random, [], rc.search_settings(seed).seeds)
         tests = _test_report(run, params, live, {}, base, progress)
     return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
 
 
 def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     """Fine-tuning tokens each baseline spent choosing its configuration: random search all its fine-tunes,
-    a fixed recipe none."""
-    return {name: n_random * run.ladder[run.ladder.top].train_tokens if name == "random" else 0 for name in base}
+    uniform-best one fine-tune per candidate and seed it was chosen on, a fixed recipe none."""
+    top = run.ladder[run.ladder.top].train_tokens
+    spent = {"random": n_random * top}
+    if "uniform-best" in base:
+        spent["uniform-best"] = (len(uniform_best_candidates(run.space, run.cost, run.budget_bytes))
+                                 * base["uniform-best"].replicates * top)
+    return {name: spent.get(name, 0) for name in base}
 
 
 def _lend(run: Run, progress: Progress) -> AbstractContextManager[str]:
@@ -163,11 +173,13 @@ def _lend(run: Run, progress: Progress) -> AbstractContextManager[str]:
                      lambda m: run.test_report(m, progress)))
 
 
-def _baselines(run: Run, pri, params: dict, live: str, n_random: int, history: list[Evaluation]) -> dict:
-    """The baselines as one task run (their evaluations nested in it); name -> Evaluation."""
+def _baselines(run: Run, pri, params: dict, live: str, n_random: int, history: list[Evaluation],
+               seeds: list[int]) -> dict:
+    """The baselines as one task run (their evaluations nested in it, on the race's first seed; the search's
+    replicates of them are reused); name -> Evaluation."""
     rc = run.rc
     out = baselines_step([e.to_dict() for e in history], run.ladder.top, n_random, pri.to_dict(), params, live,
-                         list(rc.baselines.uniform_bits), rc.baselines.rank, run.seed)
+                         list(rc.baselines.uniform_bits), rc.baselines.rank, run.seed, seeds)
     return {name: Evaluation.from_dict(e) for name, e in out.items()}
 
 
@@ -211,4 +223,4 @@ def evaluate_flow(
     rung = run.ladder.top if fidelity < 0 else fidelity
     if not 0 <= rung <= run.ladder.top:
         raise AutoQRAError(f"--fidelity {fidelity} is not a rung: choose 0..{run.ladder.top} (or -1 for the top)")
-    return run.evaluate_many([(cfg, rung)])[0].to_dict()
+    return run.evaluate_many([(cfg, rung, seed)])[0].to_dict()

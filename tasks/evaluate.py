@@ -32,13 +32,14 @@ def _count(task, task_run, state) -> None:
 
 
 def _name() -> str:
-    """'eval r1 4/16 2/8 ...' (rung, then bits/rank per layer); the test report's runs add split and seed."""
+    """'eval r1 seed 0 4/16 2/8 ...' (rung, training seed, then bits/rank per layer); the test report's runs add
+    the split."""
     from prefect.runtime import task_run
 
     p = task_run.parameters
     short = Config.from_dict(p["config"]).short()
-    extra = f" {p['split']} seed {p['train']['seed']}" if p.get("split", "validation") != "validation" else ""
-    return f"eval r{p['rung']}{extra} {short}"
+    split = f" {p['split']}" if p.get("split", "validation") != "validation" else ""
+    return f"eval r{p['rung']}{split} seed {p['train']['seed']} {short}"
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:

@@ -26,6 +26,7 @@ from prefect.transactions import CommitMode, transaction
 from autoqra_core.baselines import run_baselines
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.importance import Priors
+from autoqra_core.racing import incumbent, standings
 from autoqra_core.search import SearchSettings, SearchState, advance, next_step
 from autoqra_core.space import Config, SearchSpace
 
@@ -84,28 +85,31 @@ def step_name(state: SearchState, settings: SearchSettings) -> str | None:
 
 
 def step_summary(before: SearchState, after: SearchState) -> str:
-    """What a step did, for its run name once it is done: new evaluations at rung 0 and promoted above it."""
+    """What a step did, for its run name once it is done: new evaluations at rung 0, promoted above it (and the
+    references generation 0 starts at the top rung), and replicates on further seeds."""
     new = after.history[len(before.history):]
+    replicates = sum(e.seed != after.evolution.seed for e in new)  # further race seeds
     if before.stage == "turbo":
-        return f"{len(new)} evaluated"
+        return f"{len(new) - replicates} evaluated, {replicates} replicates"
     fresh = sum(e.fidelity == 0 for e in new)
-    return f"{fresh} children, {len(new) - fresh} promoted"
+    return f"{fresh} children, {len(new) - fresh - replicates} promoted, {replicates} replicates"
 
 
-def population_table(state: SearchState, ladder_top: int) -> list[dict[str, Any]]:
-    """The population after a step (TuRBO: its evaluations so far), each at the highest rung it reached, and
-    the best top-rung configuration so far."""
+def population_table(state: SearchState, settings: SearchSettings) -> list[dict[str, Any]]:
+    """The population after a step (TuRBO: its evaluations so far), each at the highest rung it reached (at the
+    top: its mean over the race's seeds), and the incumbent."""
+    ladder_top = settings.ladder.top
     reached: dict[str, Evaluation] = {}
     for e in state.history:
-        if e.config.key() not in reached or e.fidelity >= reached[e.config.key()].fidelity:
+        if e.config.key() not in reached or e.fidelity > reached[e.config.key()].fidelity:
             reached[e.config.key()] = e
+    reached |= {e.config.key(): e for e in standings(state.history, ladder_top, settings.seeds)}
     configs = (state.evolution.population if state.stage == "evolution" or state.turbo is None
                else [e.config for e in state.turbo.history])
     rows = [_row("population" if state.stage == "evolution" else "turbo", reached.get(c.key()), c) for c in configs]
-    top = [e for e in state.history if e.ok and e.fidelity == ladder_top]
-    if top:
-        best = min(top, key=lambda e: e.eval_loss)
-        rows.append(_row("best so far", best, best.config))
+    best = incumbent(state.history, ladder_top, settings.seeds)
+    if best:
+        rows.append(_row(f"incumbent ({best.replicates} seeds)", best, best.config))
     return rows
 
 
@@ -125,7 +129,7 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
     with _each_evaluation_commits():
         after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"],
                         lv.evaluate_many, settings_)
-    create_table_artifact(population_table(after, settings_.ladder.top),
+    create_table_artifact(population_table(after, settings_),
                           description=f"**{step}**: {step_summary(before, after)}; the population (TuRBO: its "
                                       f"evaluations) at the highest rung each reached, and the best so far")
     return after.to_dict()
@@ -133,13 +137,13 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
 
 @task(name="baselines", cache_policy=STEP_CACHE, persist_result=True, task_run_name="baselines ({n_random} random)")
 def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, params: dict, live: str,
-                   uniform_bits: list[int], rank: int, seed: int) -> dict:
-    """Every baseline at ``rung`` (pairs the search already ran are reused): name -> Evaluation.to_dict()."""
+                   uniform_bits: list[int], rank: int, seed: int, seeds: list[int]) -> dict:
+    """Every baseline at ``rung`` (requests the search already ran are reused): name -> Evaluation.to_dict()."""
     lv = borrow(live)
     with _each_evaluation_commits():
         base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
                              rung, n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
-                             history=[Evaluation.from_dict(e) for e in history])
+                             history=[Evaluation.from_dict(e) for e in history], seeds=seeds)
     return {name: e.to_dict() for name, e in base.items()}
 
 

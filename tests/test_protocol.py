@@ -153,7 +153,10 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     for name, entry in a["baselines"].items():
         t = entry["test"]
         assert t["seeds"] == [3, 4] and len(t["losses"]) == 2
-        assert entry["train_tokens"] == (2 * top_tokens if name == "random" else 0)  # TINY: n_random 2
+        if name == "uniform-best":  # one fine-tune per candidate and seed it was chosen on
+            assert entry["train_tokens"] > 0 and entry["train_tokens"] % top_tokens == 0
+        else:
+            assert entry["train_tokens"] == (2 * top_tokens if name == "random" else 0)  # TINY: n_random 2
         if t["failed"] == 0:
             assert t["loss_mean"] > 0 and t["loss_sd"] >= 0 and 0 <= t["accuracy_mean"] <= 1
     vs = a["best"]["test"]["vs"]
