@@ -89,7 +89,8 @@ class Priors:
 def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = 64,
                    max_tokens: int = 1024, damage_batches: int = 2) -> Priors:
     """Fisher sensitivity, activation-weighted quantization error and measured damage per layer, from calibration
-    batches (the first ``damage_batches`` of them for the damage; 0: not measured).
+    batches (the first ``damage_batches`` of them for the damage: the calibration loss with only that layer
+    quantized, minus the unquantized one; 0: not measured).
 
     ``model`` is the unquantized base (not modified); ``calibration`` a list of [batch, seq] token tensors.
     """
@@ -129,49 +130,33 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     total = sum(sens) or 1.0
 
     errors: dict[int, list[float]] = {b: [] for b in bits if b < 16}
+    measured: dict[int, list[float]] = {b: [] for b in errors}
+    damage_calib = calibration[:damage_batches]
     q = QuantSettings(backend="sim", group_size=group_size, device="cpu")  # the base stays on the CPU
+
+    def calib_loss() -> float:
+        return sum(float(model(input_ids=x, labels=x).loss) for x in damage_calib) / max(len(damage_calib), 1)
+
     with torch.no_grad():
+        clean = calib_loss() if damage_calib else 0.0
         for _, ms in lmap.layers:
             num = {b: 0.0 for b in errors}
             den = 0.0
-            for m in ms:
-                lin = mods[m]
-                x = torch.cat(inputs[m])[:max_tokens]
-                ref = x @ lin.weight.T
-                den += float((ref**2).sum())
-                for b in errors:
-                    num[b] += float(((x @ dequantized_weight(lin.weight, b, q).T - ref) ** 2).sum())
-            for b in errors:
-                errors[b].append((num[b] / max(den, 1e-30)) ** 0.5)
-    measured = (measure_damage(model, lmap, calibration[:damage_batches], tuple(errors), q)
-                if damage_batches > 0 and errors else None)
-    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()}, measured)
-
-
-def measure_damage(model, lmap, calibration: list, bits: tuple[int, ...], q) -> dict[int, tuple[float, ...]]:
-    """Calibration loss increase with only one layer quantized (quantize-dequantize with ``q``), per (bits, layer).
-    The layer's weights are swapped in place and restored; no gradient, no training."""
-    import torch
-
-    from .quantize import dequantized_weight
-
-    mods = dict(model.named_modules())
-    model.eval()
-
-    def loss() -> float:
-        return sum(float(model(input_ids=x, labels=x).loss) for x in calibration) / len(calibration)
-
-    out: dict[int, list[float]] = {b: [] for b in bits}
-    with torch.no_grad():
-        clean = loss()
-        for _, ms in lmap.layers:
             weights = {m: mods[m].weight.data for m in ms}
-            for b in bits:
-                try:
-                    for m, w in weights.items():
-                        mods[m].weight.data = dequantized_weight(w, b, q).to(w.dtype)
-                    out[b].append(loss() - clean)
-                finally:
-                    for m, w in weights.items():
-                        mods[m].weight.data = w
-    return {b: tuple(v) for b, v in out.items()}
+            xs = {m: torch.cat(inputs[m])[:max_tokens] for m in ms}
+            refs = {m: xs[m] @ weights[m].T for m in ms}
+            den = sum(float((r**2).sum()) for r in refs.values())
+            for b in errors:
+                deq = {m: dequantized_weight(w, b, q).to(w.dtype) for m, w in weights.items()}  # once per (module, bits)
+                num = sum(float(((xs[m] @ deq[m].T - refs[m]) ** 2).sum()) for m in ms)
+                errors[b].append((num / max(den, 1e-30)) ** 0.5)
+                if damage_calib:  # only this layer quantized: swap its weights in, measure, restore
+                    try:
+                        for m in ms:
+                            mods[m].weight.data = deq[m]
+                        measured[b].append(calib_loss() - clean)
+                    finally:
+                        for m, w in weights.items():
+                            mods[m].weight.data = w
+    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()},
+                  {b: tuple(v) for b, v in measured.items()} if damage_calib and errors else None)

@@ -64,10 +64,11 @@ class Report:
 
     def log_new(self, history: list[Evaluation], stage: str = "search") -> None:
         for e in history[self.logged:]:
-            entry = _eval_entry(e) | {"stage": stage, "seed": self.run.seed}
-            entry["eval_id"] = f"{stage}/r{e.fidelity}/{entry['config_key']}"
+            entry = _eval_entry(e) | {"stage": stage, "search_seed": self.run.seed}
+            entry["eval_id"] = f"{stage}/r{e.fidelity}/s{e.seed}/{entry['config_key']}"
             if entry["eval_id"] not in self.done:
-                tracking.log_evaluation(self.mlflow_run, entry, run_name=f"{stage}-r{e.fidelity}-{e.config.key()[:8]}",
+                tracking.log_evaluation(self.mlflow_run, entry,
+                                        run_name=f"{stage}-r{e.fidelity}-s{e.seed}-{e.config.key()[:8]}",
                                         uri=self.uri)
                 self.done.add(entry["eval_id"])
             self.logged += 1  # one by one: a failure half-way re-logs nothing that is already in

@@ -20,6 +20,7 @@ from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
+from autoqra_core.racing import incumbent
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.pretrained import NAMED_MODELS, named_model_path
 from infra.settings import EMBEDDED_DATASETS, Settings, embedded_dataset_path, embedded_model_path
@@ -159,7 +160,7 @@ class Progress:
     def __init__(self, run: Run, planned: int, label: str = "search"):
         self.run, self.planned, self.label = run, max(1, planned), label
         self.count, self.steps, self.start = 0, 0, time.time()
-        self.best = math.inf
+        self.top: list[Evaluation] = []  # validation evaluations at the top rung: the incumbent's
         self.where = ""
 
     def at(self, where: str) -> None:
@@ -169,16 +170,18 @@ class Progress:
         self.count += 1
         self.planned = max(self.planned, self.count)  # the plan is an estimate: never show more done than planned
         self.steps += self.run.ladder[ev.fidelity].steps
-        if ev.ok and ev.fidelity == self.run.ladder.top and not self.where.startswith("test"):
-            self.best = min(self.best, ev.eval_loss)
+        top = self.run.ladder.top
+        if ev.fidelity == top and self.where not in ("report", "baselines"):
+            self.top.append(ev)
         elapsed = time.time() - self.start
         rate = elapsed / self.count
         eta = max(0.0, (self.planned - self.count) * rate)
-        best = f"{self.best:.4f}" if math.isfinite(self.best) else "-"
+        inc = incumbent(self.top, top, sorted({e.seed for e in self.top}))
+        best = f"{inc.eval_loss:.4f} ({inc.replicates} seeds)" if inc else "-"
         status = "ok" if ev.ok else f"FAILED ({ev.reason})"
         get_run_logger().info(
-            f"[{self.label} {self.where}] {self.count}/{self.planned} evaluations | rung {ev.fidelity} "
-            f"{ev.config.short()} -> {ev.eval_loss:.4f} {status} | best top-rung {best} | "
+            f"[{self.label} {self.where}] {self.count}/{self.planned} evaluations | rung {ev.fidelity} seed {ev.seed} "
+            f"{ev.config.short()} -> {ev.eval_loss:.4f} {status} | incumbent {best} | "
             f"{elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
         )
 

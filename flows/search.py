@@ -60,8 +60,8 @@ def _planned(run: Run, baselines: bool) -> int:
             seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
     seen[-1] += len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0  # the references
     turbo = s.turbo.iterations * s.turbo.batch_size
-    # Replicates: about half the top-rung configurations raced to a second seed (an estimate, made exact as it runs).
-    replicates = (seen[-1] + turbo) * (s.race.max_config_calls - 1) // 2
+    # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
+    replicates = (seen[-1] + turbo) * (s.race.max_config_calls - 1) // 4
     total, methods = sum(seen) + turbo + replicates, 1
     if baselines:
         tokens = (sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen))

@@ -162,7 +162,7 @@ def find_or_start_run(experiment_id: str, run_name: str, key: str, tags: Mapping
 
 
 RESUME_TAG = "autoqra.resume_key"  # hash of what makes two runs the same search (params + output folder)
-EVAL_TAG = "autoqra.eval_id"  # stage/rung/config key of a child run: what a resumed search has already logged
+EVAL_TAG = "autoqra.eval_id"  # stage/rung/seed/config key of a child run: what a resumed search has already logged
 
 
 def resume_search_run(experiment_id: str, resume_key: str, out: str, uri: str | None = None) -> str | None:

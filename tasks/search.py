@@ -88,11 +88,15 @@ def step_summary(before: SearchState, after: SearchState) -> str:
     """What a step did, for its run name once it is done: new evaluations at rung 0, promoted above it (and the
     references generation 0 starts at the top rung), and replicates on further seeds."""
     new = after.history[len(before.history):]
-    replicates = sum(e.seed != after.evolution.seed for e in new)  # further race seeds
+    first = [e for e in new if e.seed == after.evolution.seed]  # the rest: replicates on further race seeds
+    replicates = len(new) - len(first)
     if before.stage == "turbo":
-        return f"{len(new) - replicates} evaluated, {replicates} replicates"
-    fresh = sum(e.fidelity == 0 for e in new)
-    return f"{fresh} children, {len(new) - fresh - replicates} promoted, {replicates} replicates"
+        return f"{len(first)} evaluated, {replicates} replicates"
+    below = {(e.config.key(), e.fidelity) for e in after.history}
+    promoted = sum(e.fidelity > 0 and (e.config.key(), e.fidelity - 1) in below for e in first)
+    fresh = sum(e.fidelity == 0 for e in first)
+    refs = len(first) - fresh - promoted  # generation 0's references, started at the top rung
+    return f"{fresh} children, {promoted} promoted" + (f", {refs} references" if refs else "") + f", {replicates} replicates"
 
 
 def population_table(state: SearchState, settings: SearchSettings) -> list[dict[str, Any]]:

@@ -207,6 +207,9 @@ def test_importance_priors_shape_and_order(embedded):
     from autoqra_core.data import batches, train_blocks
 
     calib = batches(train_blocks(task, tok, 64, 0.05), 2, 4, 0)
+    x = calib[0]
+    with torch.no_grad():
+        before = base(input_ids=x).logits
     pri = compute_priors(base, lmap, calib, (2, 3, 4, 8))
     assert pri.layers == lmap.names and sum(pri.sensitivity) == pytest.approx(1.0)
     assert all(s > 0 for s in pri.sensitivity)
@@ -214,6 +217,15 @@ def test_importance_priors_shape_and_order(embedded):
         errs = [pri.quant_error[b][i] for b in (2, 3, 4, 8)]
         assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 < errs[0]
     assert all(p.grad is None for p in base.parameters())
+    # Measured damage: one forward per (layer, bits) with only that layer quantized; the base is restored.
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x).logits, before)
+    total = {b: sum(pri.measured[b]) for b in (2, 3, 4, 8)}
+    assert total[2] > total[3] > abs(total[8])  # (4 and 8 bits are within calibration noise on this model)
+    assert pri.damage(0, 2) == max(pri.measured[2][0], 0.0)  # measured damage replaces Fisher x error
+    # 2-bit hurts many times more than 3-bit, as the fine-tunes measure it; Fisher x error (linear) says ~2.4x
+    assert total[2] / total[3] > 2 * sum(pri.quant_error[2]) / sum(pri.quant_error[3])
+    assert type(pri).from_dict(pri.to_dict()) == pri
 
 
 # ---- models of several architectures, from local files ------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def counted(path: Path) -> list[str]:
 
 
 def best(out: Path) -> dict:
-    return json.loads((out / "result.json").read_text())["best"]
+    """The winner of a search, its losses rounded: torch's float32 sums differ in the 7th digit between a
+    2-thread process and a 1-thread Dask worker, so the same search on another runner agrees to about 1e-7."""
+    b = json.loads((out / "result.json").read_text())["best"]
+    return b | {k: round(b[k], 5) for k in ("eval_loss", "accuracy") if b.get(k) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +67,12 @@ def test_killed_search_resumes_without_rerunning_finished_evaluations(tmp_path, 
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env1, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    deadline = time.time() + 600
+    deadline, after_first_step = time.time() + 600, None
     # Kill in the second generation: after the first step, with a few evaluations finished past it.
     while time.time() < deadline and proc.poll() is None:
-        if (out / "search-state.json").exists() and len(counted(tmp_path / "first.txt")) >= 6:
+        if after_first_step is None and (out / "search-state.json").exists():
+            after_first_step = len(counted(tmp_path / "first.txt"))
+        if after_first_step is not None and len(counted(tmp_path / "first.txt")) >= after_first_step + 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed: make it longer"
@@ -219,8 +225,10 @@ with get_client(sync_client=True) as c:
     names = [t["name"].split(" (")[0] for t in steps]
     assert names == ["priors", "generation 0", "generation 1", "turbo 1", "report"], names  # no --baselines
     assert all(t["state"] == "COMPLETED" for t in steps)
-    assert [t["name"] for t in steps[1:4]] == ["generation 0 (4 children, 1 promoted)",
-                                              "generation 1 (3 children, 1 promoted)", "turbo 1 (2 evaluated)"]
+    assert re.fullmatch(r"generation 0 \(4 children, \d+ promoted, [1-9]\d* references, \d+ replicates\)",
+                        steps[1]["name"]), steps[1]["name"]
+    assert re.fullmatch(r"generation 1 \(3 children, \d+ promoted, \d+ replicates\)", steps[2]["name"]), steps[2]["name"]
+    assert re.fullmatch(r"turbo 1 \(2 evaluated, \d+ replicates\)", steps[3]["name"]), steps[3]["name"]
     by_id = {t["id"]: t for t in tasks}
     evals = [t for t in tasks if t["name"].startswith("eval ")]
     made_by = {}
@@ -249,9 +257,11 @@ def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "search-state.json").exists() and len(counted(tmp_path / "first.txt")) >= 9:
+    deadline, after_first_step = time.time() + 600, None
+    while time.time() < deadline and proc.poll() is None:  # kill a few evaluations into the second step
+        if after_first_step is None and (out / "search-state.json").exists():
+            after_first_step = len(counted(tmp_path / "first.txt"))
+        if after_first_step is not None and len(counted(tmp_path / "first.txt")) >= after_first_step + 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed: make it longer"

@@ -443,3 +443,24 @@ def test_racing_halves_the_winners_optimism(noisy_runs):
     assert single < -0.5 * TOP_SD  # the winner's curse is real at this noise
     assert abs(raced) <= 0.5 * abs(single), (raced, single)
     assert all(b.replicates >= 2 for b in noisy_runs["raced"]) and all(b.replicates == 1 for b in noisy_runs["single draw"])
+
+
+def test_catastrophic_pairs_are_rarely_drawn():
+    """A (layer, bits) pair whose measured damage alone exceeds the whole model's at 4 bits is marked; random draws
+    reach it with ``catastrophic_prob`` of its weight, mutations move onto it only that often."""
+    measured = {2: (5.0, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01), 3: (0.05,) + (0.005,) * 7,
+                4: (0.01,) * 8, 8: (0.0,) * 8}
+    pri = dataclasses.replace(PRIORS, measured=measured)
+    assert pri.catastrophic() == {(0, 2)} and Priors.uniform(SPACE.layers, SPACE.bits).catastrophic() == set()
+    assert pri.damage(0, 2) == 5.0 and pri.importance()[0] > 0.9
+    rng = random.Random(0)
+    draws = [evolution.random_config(SPACE, rng, pri.catastrophic(), 0.1) for _ in range(4000)]
+    share = sum(c.bits[0] == 2 for c in draws) / len(draws)
+    assert share == pytest.approx(0.1 / 3.1, abs=0.01)  # weight 0.1 against 1 for each of the 3 other levels
+    assert sum(c.bits[1] == 2 for c in draws) / len(draws) == pytest.approx(0.25, abs=0.03)
+    moves = []
+    for _ in range(2000):
+        ind = evolution.individual(SPACE.uniform(3, 16))
+        evolution._move(ind, SPACE, 0, "bits", -1, pri.catastrophic(), 0.1)
+        moves.append(ind[0][0] == 2)
+    assert sum(moves) / len(moves) == pytest.approx(0.1, abs=0.03)

@@ -100,7 +100,7 @@ def test_progress_plan_matches_a_search_at_the_defaults():
     base = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top, n_random=n_random,
                                    seed=0, history=res.history)
     done = len(recorder.calls) + rc.report.seeds * (1 + len(base))  # + the test report: every method, each seed
-    planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder()), baselines=True)
+    planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder(), space=SPACE), baselines=True)
     assert done <= planned <= done + 4, (done, planned)
 
 
