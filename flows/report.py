@@ -215,7 +215,7 @@ def _best_entry(e: Evaluation | None) -> dict | None:
     if e is None:
         return None
     return {"config": e.config.to_dict(), "memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss,
-            "accuracy": e.accuracy, "fidelity": e.fidelity}
+            "accuracy": e.accuracy, "fidelity": e.fidelity, "replicates": e.replicates}
 
 
 def _name_of(e: Evaluation | None, baselines: dict[str, Evaluation]) -> str | None:

@@ -60,7 +60,8 @@ def plot_allocation(config: Mapping[str, Any], path: str | Path, title: str | No
 
 
 def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Best ``eval_loss`` so far against evaluations spent, one colour per stage.
+    """The incumbent's ``eval_loss`` (its mean over the race's seeds) against evaluations spent, one colour per
+    stage.
 
     ``records``: ``{"evaluations": int, "best_loss": float, "stage": str}``, in order.
     """
@@ -86,7 +87,7 @@ def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title:
             s=18,
         )
     ax.set_xlabel("evaluations")
-    ax.set_ylabel("best eval_loss so far")
+    ax.set_ylabel("incumbent's eval_loss (mean over its seeds)")
     ax.set_title(title or "Search progress")
     if stages:
         ax.legend()
@@ -95,8 +96,8 @@ def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title:
 
 
 def plot_anytime(seeds: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Anytime curves, one panel per seed: best validation loss so far against cumulative fine-tuning tokens,
-    one line per method, the uniform-4bit-r16 loss dashed.
+    """Anytime curves, one panel per seed: the validation loss of each method's incumbent (what it would return)
+    against cumulative fine-tuning tokens, one line per method, the uniform-4bit-r16 loss dashed.
 
     ``seeds``: ``{"seed", "target", "methods": {name: [{"tokens", "best"}, ...]}}``.
     """
@@ -113,7 +114,7 @@ def plot_anytime(seeds: Sequence[Mapping[str, Any]], path: str | Path, title: st
         ax.set_xlabel("fine-tuning tokens (k)")
         ax.set_title(f"seed {s['seed']}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("best validation loss (top rung)")
+    axes[0].set_ylabel("incumbent's validation loss (top rung)")
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)

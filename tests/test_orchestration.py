@@ -43,7 +43,10 @@ def best(out: Path) -> dict:
     """The winner of a search, its losses rounded: torch's float32 sums differ in the 7th digit between a
     2-thread process and a 1-thread Dask worker, so the same search on another runner agrees to about 1e-7."""
     b = json.loads((out / "result.json").read_text())["best"]
-    return b | {k: round(b[k], 5) for k in ("eval_loss", "accuracy") if b.get(k) is not None}
+    test = b.get("test") or {}
+    return {"config": b["config"], "replicates": b.get("replicates", 1), "memory_bytes": b["memory_bytes"],
+            **{k: round(b[k], 5) for k in ("eval_loss", "accuracy") if b.get(k) is not None},
+            **{f"test {k}": round(v, 5) for k, v in test.items() if isinstance(v, float)}}
 
 
 @pytest.fixture(scope="module")
