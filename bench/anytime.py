@@ -25,6 +25,7 @@ Compute to target = tokens spent when the incumbent first reaches it; ratio = th
 Evaluations run through the project's cached Prefect task (``Run.evaluate_many``): a (config, rung, seed)
 two methods share is charged to both but fine-tuned once, and a killed bench resumes where it stopped.
 
+    .venv/bin/pip install -e ".[bench]"   # Optuna, for the tpe peer
     .venv/bin/python bench/anytime.py --seeds 0 1 2 [--model embedded] [--config cfg.yaml] [--work DIR]
     .venv/bin/python bench/anytime.py --seeds 0 1 2 --report-only   # tables and plot from --work's JSON
 """
