@@ -310,14 +310,15 @@ def main() -> None:
 
     out = Path(args.out)
     png = plot_anytime([{"seed": r["seed"], "target": r["uniform-4bit-r16"], "methods": r["methods"]} for r in results],
-                       out.with_suffix(".png"), title=f"{results[0].get('model', 'embedded')}: best validation loss "
-                                                      f"vs fine-tuning tokens")
+                       out.with_suffix(".png"), title=f"{results[0].get('model', 'embedded')}: incumbent's validation "
+                                                      f"loss vs fine-tuning tokens")
     table, _ = summarise(results)
     cmd = "bench/anytime.py --seeds " + " ".join(map(str, args.seeds)) + (
         f" --model {args.model}" if args.model != "embedded" else "") + (f" --config {args.config}" if args.config else "")
     if args.report_only:
         cmd += " --report-only"  # the seeds' own commands and methods: in their JSON files and the README
-    lines = [f"# Search efficiency: best validation loss vs fine-tuning tokens ({results[0].get('model', 'embedded')})",
+    lines = [f"# Search efficiency: the incumbent's validation loss vs fine-tuning tokens "
+             f"({results[0].get('model', 'embedded')})",
              "", f"Command: `.venv/bin/python {cmd}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time per seed: "
              + ", ".join(f"{r.get('seconds', 0) / 60:.0f} min" for r in results) + ".  ",
@@ -329,7 +330,7 @@ def main() -> None:
              + ", ".join(f"{r['T'] / 1e3:,.0f}k" for r in results)
              + f" (one top-rung fine-tune = {results[0]['top_rung_tokens'] / 1e3:,.0f}k). Every number is a "
                "validation loss at the top rung; the test split is not read.", "",
-             f"![anytime curves]({png.name})", "", "Final best validation loss within T:", ""] + table
+             f"![anytime curves]({png.name})", ""] + table
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
