@@ -20,6 +20,7 @@ from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .importance import Priors
+from .racing import mean_loss, standings, summary, table
 from .repair import Cost, repair
 from .space import UNQUANTIZED, Config, SearchSpace
 
@@ -44,8 +45,6 @@ def uniform_best_candidates(space: SearchSpace, cost: Cost, budget: int) -> dict
 def uniform_best(candidates: dict[str, Config], history: Sequence[Evaluation], rung: int,
                  seeds: Sequence[int]) -> Evaluation | None:
     """The best candidate on validation: the lowest mean over the seeds every finished candidate was run on."""
-    from .racing import mean_loss, summary, table  # noqa: F401
-
     tab = table(history, rung, seeds)
     runs = [tab[c.key()] for c in candidates.values() if c.key() in tab]
     if not runs:
@@ -159,19 +158,13 @@ def run_baselines(
 
     Requests already in ``history`` (e.g. the search's) are reused, not re-run.
     """
-    from .racing import summary, table
-
     configs = baseline_configs(space, priors, cost, budget, n_random=n_random, seed=seed,
                                uniform_bits=uniform_bits, rank=rank)
     requests = [(c, rung, seeds[0]) for cs in configs.values() for c in cs]
     known = list(history)
     known += evaluate_new(requests, known, evaluate_many)
     tab = table(known, rung, seeds)
-
-    def measured(c: Config) -> Evaluation:
-        runs = tab[c.key()]
-        failed = [e for e in runs.values() if not e.ok]
-        return failed[0] if failed else summary([runs[s] for s in seeds if s in runs])
+    measured = {e.config.key(): e for e in standings(known, rung, seeds)}  # means over each config's seeds
 
     out = {}
     for name, cs in configs.items():
@@ -183,7 +176,7 @@ def run_baselines(
         if name == "random":  # one draw each: what random search selects, with its winner's curse
             evals = [tab[c.key()][seeds[0]] for c in cs]
         else:
-            evals = [measured(c) for c in cs]
+            evals = [measured[c.key()] for c in cs]
         ok = [e for e in evals if e.ok]
         out[name] = min(ok, key=lambda e: e.eval_loss) if ok else evals[0]
     return out

@@ -140,8 +140,6 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     with torch.no_grad():
         clean = calib_loss() if damage_calib else 0.0
         for _, ms in lmap.layers:
-            num = {b: 0.0 for b in errors}
-            den = 0.0
             weights = {m: mods[m].weight.data for m in ms}
             xs = {m: torch.cat(inputs[m])[:max_tokens] for m in ms}
             refs = {m: xs[m] @ weights[m].T for m in ms}

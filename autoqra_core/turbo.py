@@ -244,13 +244,13 @@ def posterior_means(space: SearchSpace, data: Sequence[Evaluation]) -> Fit:
     evaluated configuration and its noise. Without a GP (too few points, a failed fit): each config's mean over its
     seeds, noise 0."""
     ok = [e for e in data if e.ok]
+    if not ok:
+        return Fit({}, {}, 0.0)
     configs = {e.config.key(): e.config for e in ok}
     raw: dict[str, list[float]] = {}
     for e in ok:
         raw.setdefault(e.config.key(), []).append(e.eval_loss)
     means = {k: float(np.mean(v)) for k, v in raw.items()}
-    if not ok:
-        return Fit({}, {}, 0.0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = _fit_gp(*_xy(space, data))
