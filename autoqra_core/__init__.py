@@ -1,6 +1,53 @@
 """AutoQRA core: the method as a plain library (no orchestration, no I/O services).
 
-Modules, in the order the method uses them:
-space -> memory -> importance -> repair -> evolution / surrogate / fidelity -> turbo,
-with model, data, quantize and finetune building and scoring one configuration.
+    import autoqra_core as aq
+    model, tokenizer = aq.load_model("infra/embedded/model")
+    space = aq.SearchSpace(aq.layer_map(model).names)          # per-layer bits x ranks
+    result = aq.run_search(space, priors, cost, budget, evaluate_many, aq.SearchSettings())
+
+Modules, in the order the method uses them: ``space`` (configurations) -> ``memory`` (the memory model) ->
+``importance`` (priors) -> ``repair`` (feasibility) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1)
+-> ``turbo`` (stage 2) -> ``racing`` (intensification) -> ``search`` (one step at a time: ``advance``), with
+``model``, ``data``, ``quantize`` and ``finetune`` building and scoring one configuration, ``baselines`` and
+``protocol`` for the comparison, ``estimate`` and ``export`` for planning and publishing.
+
+The names below are imported on first use, so ``import autoqra_core.space`` stays light.
 """
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "space": ("SearchSpace", "Config", "LayerChoice"),
+    "model": ("load_model", "layer_map", "model_shape", "LayerMap"),
+    "data": ("load_task", "Task", "train_blocks", "batches"),
+    "memory": ("MemorySettings", "settings_for", "memory", "total_bytes", "budget_bytes", "format_bytes"),
+    "estimate": ("plan", "Plan"),
+    "importance": ("Priors", "compute_priors"),
+    "repair": ("repair",),
+    "fidelity": ("Fidelity", "Ladder"),
+    "quantize": ("QuantSettings",),
+    "finetune": ("TrainSettings", "evaluate_config"),
+    "evaluation": ("Evaluation", "batched"),
+    "evolution": ("EvolutionSettings",),
+    "turbo": ("TurboSettings",),
+    "racing": ("RaceSettings",),
+    "search": ("SearchSettings", "SearchState", "SearchResult", "advance", "run_search"),
+    "baselines": ("baseline_configs", "run_baselines", "uniform_configs", "uniform_best_candidates"),
+    "errors": ("AutoQRAError", "BudgetError", "DatasetError", "SpaceError", "CandidateFailed"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'autoqra_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (two processes side by side: 1)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-anytime"))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "anytime.md"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "anytime-noise.md"))
     ap.add_argument("--report-only", action="store_true", help="write the report from --work's seed JSON files")
     args = ap.parse_args()
     work = Path(args.work).resolve()

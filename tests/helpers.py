@@ -48,22 +48,8 @@ def tiny_checkpoint(tmp: Path, arch: str) -> Path:
     return out
 
 
-# A search small enough for the suite: 2 generations of 4 + 3 candidates on a 2-rung ladder (generation 0 also
-# runs the references at the top rung), 1 TuRBO batch, top-rung configurations raced on up to 2 seeds, a test
-# report over 2 seeds on 40 test questions.
-TINY_SEARCH = """
-search:
-  generations: 2
-  rungs:
-    - {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 20}
-    - {steps: 6, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 40}
-  evolution: {population_size: 4, offspring: 3}
-  turbo: {iterations: 1, batch_size: 2}
-  race: {max_config_calls: 2}
-baselines: {n_random: 2}
-report: {seeds: 2, test_examples: 40}
-export: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, seeds: [0], eval_examples: 20}
-"""
+# The suite's search settings: infra/quick.yaml (the README's quick search).
+TINY_SEARCH = (ROOT / "infra" / "quick.yaml").read_text()
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]
 SERVER_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AUTOQRA_STORE", "AWS_ENDPOINT_URL",
