@@ -16,16 +16,46 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
+from .fidelity import Ladder
 from .importance import Priors
+from .protocol import equal_compute_count
 from .racing import mean_loss, standings, summary, table
-from .repair import Cost, repair
+from .repair import Cost, random_repaired, repair
 from .space import UNQUANTIZED, Config, SearchSpace
 
 
-REFERENCE = (4, 16)  # uniform 4-bit QLoRA with rank 16: the recipe the search has to beat
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Which baselines run (the only defaults: the settings file's schema and ``autoqra estimate`` take them from
+    here): the uniform recipes' bit-widths, the LoRA rank of every fixed recipe (uniform, sequential, fp-lora)
+    and how many random configurations random search fine-tunes."""
+
+    uniform_bits: tuple[int, ...] = (2, 3, 4, 8)
+    rank: int = 16
+    n_random: int | None = None  # None: as many top-rung fine-tunes as the search's compute pays for
+
+    def random_count(self, tokens: int, ladder: Ladder) -> int:
+        """``n_random``, or as many top-rung fine-tunes as ``tokens`` (the search's fine-tuning) pay for."""
+        return self.n_random or equal_compute_count(tokens, ladder)
+
+    @property
+    def fixed(self) -> int:
+        """Fine-tunes of the recipes that are one configuration each: every uniform bit-width, sequential and fp-lora
+        (uniform-best's candidates are references the search's first generation already ran at the top rung)."""
+        return len(self.uniform_bits) + 2
+
+    @property
+    def methods(self) -> int:
+        """Baselines reported: every uniform bit-width, uniform-best, sequential, random and fp-lora."""
+        return len(self.uniform_bits) + 4
+
+
+DEFAULTS = BaselineSettings()
+REFERENCE = (4, DEFAULTS.rank)  # uniform 4-bit QLoRA at the baselines' rank: the recipe the search has to beat
 
 
 def uniform_name(bits: int, rank: int) -> str:
@@ -55,15 +85,16 @@ def uniform_best(candidates: dict[str, Config], history: Sequence[Evaluation], r
     return summary([best[s] for s in shared])
 
 
-def uniform_configs(space: SearchSpace, bits: Sequence[int] = (2, 3, 4, 8), rank: int = 16) -> dict[str, Config]:
+def uniform_configs(space: SearchSpace, bits: Sequence[int] = DEFAULTS.uniform_bits,
+                    rank: int = DEFAULTS.rank) -> dict[str, Config]:
     return {uniform_name(b, rank): space.uniform(b, rank) for b in bits}
 
 
-def fp_lora(space: SearchSpace, rank: int = 16) -> Config:
+def fp_lora(space: SearchSpace, rank: int = DEFAULTS.rank) -> Config:
     return space.uniform(UNQUANTIZED, rank)
 
 
-def sequential(space: SearchSpace, priors: Priors, cost: Cost, budget: int, rank: int = 16) -> Config:
+def sequential(space: SearchSpace, priors: Priors, cost: Cost, budget: int, rank: int = DEFAULTS.rank) -> Config:
     """Bits by quantization error under the budget (rank ``rank`` reserved), then one uniform rank filling the rest.
 
     The rank is the largest level <= ``rank`` that fits at the fewest bits. Bits: greedy one-level
@@ -106,34 +137,23 @@ def random_search(
     space: SearchSpace, priors: Priors, cost: Cost, budget: int, n: int, rng: random.Random
 ) -> list[Config]:
     """``n`` distinct feasible random configurations (repaired like the search's candidates)."""
-    out: list[Config] = []
-    for _ in range(50 * n):
-        if len(out) >= n:
-            break
-        c = repair(space.random(rng), space, priors, cost, budget)
-        if c not in out:
-            out.append(c)
-    return out
+    return random_repaired(lambda: space.random(rng), n, space, priors, cost, budget)
 
 
 def baseline_configs(
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    *,
-    n_random: int = 8,
-    seed: int = 0,
-    uniform_bits: Sequence[int] = (2, 3, 4, 8),
-    rank: int = 16,
+    space: SearchSpace, priors: Priors, cost: Cost, budget: int, settings: BaselineSettings, seed: int = 0
 ) -> dict[str, list[Config]]:
-    """Every baseline's configurations by name (one each, ``n_random`` for "random")."""
-    out = {name: [c] for name, c in uniform_configs(space, uniform_bits, rank).items()}
+    """Every baseline's configurations by name (one each, ``settings.n_random`` for "random": a count, which
+    the caller resolves with ``random_count``)."""
+    if settings.n_random is None:
+        raise ValueError("baseline_configs needs a count of random configurations: BaselineSettings.random_count")
+    n_random = settings.n_random
+    out = {name: [c] for name, c in uniform_configs(space, settings.uniform_bits, settings.rank).items()}
     out["uniform-best"] = list(uniform_best_candidates(space, cost, budget).values())
-    out["sequential"] = [sequential(space, priors, cost, budget, rank)]
+    out["sequential"] = [sequential(space, priors, cost, budget, settings.rank)]
     # Its own stream: with random.Random(seed) it would redraw the search's random initial individuals.
     out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(f"random-baseline-{seed}"))
-    out["fp-lora"] = [fp_lora(space, rank)]
+    out["fp-lora"] = [fp_lora(space, settings.rank)]
     return out
 
 
@@ -144,11 +164,9 @@ def run_baselines(
     budget: int,
     evaluate_many: EvaluateMany,
     rung: int,
+    settings: BaselineSettings,
     *,
-    n_random: int = 8,
     seed: int = 0,
-    uniform_bits: Sequence[int] = (2, 3, 4, 8),
-    rank: int = 16,
     history: Sequence[Evaluation] = (),
     seeds: Sequence[int] = (0,),
 ) -> dict[str, Evaluation]:
@@ -158,8 +176,7 @@ def run_baselines(
 
     Requests already in ``history`` (e.g. the search's) are reused, not re-run.
     """
-    configs = baseline_configs(space, priors, cost, budget, n_random=n_random, seed=seed,
-                               uniform_bits=uniform_bits, rank=rank)
+    configs = baseline_configs(space, priors, cost, budget, settings, seed)
     requests = [(c, rung, seeds[0]) for cs in configs.values() for c in cs]
     known = list(history)
     known += evaluate_new(requests, known, evaluate_many)

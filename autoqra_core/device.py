@@ -1,8 +1,10 @@
-"""Where an evaluation runs and in which dtype: the one resolution of the ``device`` / ``compute_dtype`` settings.
+"""Where an evaluation runs, in which dtype and with which backend: the one resolution of the ``device`` /
+``compute_dtype`` / ``backend`` settings (``resolve``).
 
 ``auto`` means CUDA when this process sees a GPU, else the CPU; the compute dtype ``auto`` means bf16 on
-CUDA (what QLoRA trains in) and fp32 on the CPU (bf16 matmuls are slow there). A device string this
-machine cannot honour is refused before any work, with the fix in the message.
+CUDA (what QLoRA trains in) and fp32 on the CPU (bf16 matmuls are slow there); the backend ``auto`` means
+hqq on CUDA (the budget means real packed bytes there) and sim on the CPU. A device string this machine
+cannot honour is refused before any work, with the fix in the message.
 """
 
 from __future__ import annotations
@@ -42,12 +44,28 @@ def resolve_device(name: str = "auto") -> str:
                       f"'cuda' or 'cuda:N'")
 
 
-def resolve_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on the CPU; 'float32' | 'bfloat16' | 'float16' as named."""
+def resolve(device: str = "auto", dtype: str | torch.dtype = "auto", backend: str = "auto", *,
+            present: bool = True) -> tuple[str, str | torch.dtype, str]:
+    """The one resolution of the ``auto`` settings: (device, compute dtype, backend).
+
+    Device ``auto``: CUDA when this process sees a GPU, else the CPU (``resolve_device``); dtype ``auto``: bf16
+    on CUDA, fp32 on the CPU; backend ``auto``: hqq (really packed) on CUDA, sim on the CPU. Other values pass
+    as they are. ``present=False`` plans for a CUDA device this machine need not have (``autoqra estimate``).
+    """
+    if present or not str(device).startswith("cuda"):
+        device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = "bfloat16" if cuda else "float32"
+    if backend == "auto":
+        backend = "hqq" if cuda else "sim"
+    return device, dtype, backend
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A resolved compute dtype ('float32' | 'bfloat16' | 'float16', or a torch dtype) as torch's dtype."""
     if isinstance(name, torch.dtype):
         return name
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if name not in DTYPES:
         raise DeviceError(f"compute dtype {name!r} is not supported: use 'auto', {', '.join(map(repr, DTYPES))}")
     return DTYPES[name]

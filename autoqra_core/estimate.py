@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .baselines import BaselineSettings, uniform_name
 from .memory import MemoryBreakdown, MemorySettings, ModelShape, budget_bytes, memory
 from .space import Config, SearchSpace
-
-BASELINE_RANK = 16
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,15 @@ class Plan:
 
 def plan(shape: ModelShape, space: SearchSpace, s: MemorySettings, config: Config | None = None,
          budget: str | None = None) -> Plan:
-    """Breakdowns of ``config`` (validated against ``space``), of uniform b-bit r16 for each of the space's bit-widths
-    and of the smallest configuration (fewest bits, smallest rank), with the budget in bytes when one is given."""
+    """Breakdowns of ``config`` (validated against ``space``), of the uniform baselines' recipe (the baselines' rank,
+    or the space's largest without it) at each of the space's bit-widths and of the smallest configuration (fewest
+    bits, smallest rank), with the budget in bytes when one is given."""
     if config is not None:
         space.validate(config)
-    rank = BASELINE_RANK if BASELINE_RANK in space.ranks else max(space.ranks)
-    base = {f"uniform-{b}bit-r{rank}": memory(space.uniform(b, rank), shape, s) for b in space.bits}
-    small = f"uniform-{space.bits[0]}bit-r{space.ranks[0]}"
+    rank = BaselineSettings().rank
+    rank = rank if rank in space.ranks else max(space.ranks)
+    base = {uniform_name(b, rank): memory(space.uniform(b, rank), shape, s) for b in space.bits}
+    small = uniform_name(space.bits[0], space.ranks[0])
     return Plan(s, config, None if config is None else memory(config, shape, s), base,
                 (small, memory(space.uniform(space.bits[0], space.ranks[0]), shape, s)),
                 None if budget is None else budget_bytes(budget, space, shape, s))

@@ -50,7 +50,7 @@ from .fidelity import Ladder
 from .importance import Priors
 from .protocol import race_seeds
 from .racing import RaceSettings, incumbent, intensify
-from .repair import Cost, fill, minimal, repair
+from .repair import Cost, fill, minimal, random_repaired, repair
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
 
@@ -264,15 +264,14 @@ def initial_population(
     """Prior-derived configs (up to ``prior_fraction`` of the population) plus repaired random ones."""
     size = settings.population_size
     n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
-    out = prior_configs(space, priors, cost, budget)[:n_prior]
+    return random_repaired(_draw(space, priors, settings, rng), size, space, priors, cost, budget,
+                           start=prior_configs(space, priors, cost, budget)[:n_prior])
+
+
+def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: random.Random) -> Callable[[], Config]:
+    """The search's random configurations: ``random_config`` off the catastrophic pairs but with ``catastrophic_prob``."""
     avoid = priors.catastrophic(settings.catastrophic_ratio)
-    for _ in range(50 * size):
-        if len(out) >= size:
-            break
-        c = repair(random_config(space, rng, avoid, settings.catastrophic_prob), space, priors, cost, budget)
-        if c not in out:
-            out.append(c)
-    return out
+    return lambda: random_config(space, rng, avoid, settings.catastrophic_prob)
 
 
 def references(space: SearchSpace, priors: Priors, cost: Cost, budget: int) -> list[Config]:
@@ -360,7 +359,6 @@ def step(
     toolbox = make_toolbox(space, priors, settings)
     seeds = race_seeds(state.seed, race.max_config_calls)
     scores = corrected_losses(history, ladder.top)
-    avoid = priors.catastrophic(settings.catastrophic_ratio)
     refs: list[Config] = []
 
     if not state.population:
@@ -378,13 +376,9 @@ def step(
         want = settings.offspring * settings.offspring_multiplier
         with using_rng(rng):
             children = vary(parents, toolbox, want, fix, seen, settings.crossover_prob)
-        for _ in range(50 * want):  # a converged population may yield few new children: top up at random
-            if len(children) >= want:
-                break
-            c = repair(random_config(space, rng, avoid, settings.catastrophic_prob), space, priors, cost, budget)
-            if c.key() not in seen:
-                seen.add(c.key())
-                children.append(c)
+        # A converged population may yield few new children: top up at random.
+        children = random_repaired(_draw(space, priors, settings, rng), want, space, priors, cost, budget,
+                                   start=children, seen=seen)
         surrogate = Surrogate.fit(space, history, ladder.top, seed=state.seed + state.generation,
                                   min_points=settings.surrogate_min_points)
         children = screen(surrogate, children, settings.offspring, settings.kappa)
@@ -423,26 +417,3 @@ def finish(
         history += evaluate_new([(c, ladder.top, seeds[0]) for c in todo], history, evaluate_many)
         history += intensify(history, todo, ladder.top, seeds, evaluate_many, race)
     return EvolutionState(list(state.population), history, state.generation, state.rng, state.seed)
-
-
-def run_stage1(
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    evaluate_many: EvaluateMany,
-    ladder: Ladder,
-    generations: int,
-    settings: EvolutionSettings = EvolutionSettings(),
-    state: EvolutionState | None = None,
-    seed: int = 0,
-    on_generation: Callable[[EvolutionState], None] | None = None,
-    race: RaceSettings = RaceSettings(),
-) -> EvolutionState:
-    """Run generations until ``state.generation == generations`` (the initial population counts as one)."""
-    state = state or EvolutionState.new(seed)
-    while state.generation < generations:
-        state = step(state, space, priors, cost, budget, evaluate_many, ladder, settings, race)
-        if on_generation:
-            on_generation(state)
-    return state

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+SEQ_LEN = 64  # tokens per training sequence: a rung's default, and the memory model's
+BATCH_SIZE = 8  # sequences per optimizer step: likewise
+
 
 @dataclass(frozen=True)
 class Fidelity:
     steps: int  # optimizer steps of LoRA fine-tuning
     data_fraction: float  # share of the training split the steps draw from
-    seq_len: int = 64
-    batch_size: int = 8
+    seq_len: int = SEQ_LEN
+    batch_size: int = BATCH_SIZE
     eval_examples: int = 200  # held-out examples scored (loss, and accuracy for labelled tasks)
 
     @property

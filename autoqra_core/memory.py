@@ -37,8 +37,12 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from .device import resolve
 from .errors import BudgetError
+from .fidelity import BATCH_SIZE, SEQ_LEN
 from .space import UNQUANTIZED, Config, SearchSpace
+
+GROUP_SIZE = 64  # HQQ's values per scale/zero group: the quantizer's and the memory model's default
 
 SCORE_BATCH_SIZE = 64  # rows per scoring forward of a bare finetune.score call (fit scores in training batches)
 SCORE_TOKENS = 4096  # tokens per forward of the model's body when a search scores (64 rows of 64 tokens)
@@ -86,18 +90,19 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """Dtypes (bytes per value) and training shape. Defaults match CPU training in fp32; ``settings_for``
-    derives them from a device and compute dtype (what the search and ``autoqra estimate`` both use)."""
+    """Dtypes (bytes per value) and training shape. Defaults match CPU training in fp32 at a rung's default
+    shape; ``settings_for`` derives them from a device and compute dtype (what the search and
+    ``autoqra estimate`` both use)."""
 
     backend: str = "hqq"
-    group_size: int = 64
+    group_size: int = GROUP_SIZE
     meta_bytes: int = 4  # per HQQ scale/zero (the compute dtype)
     base_bytes: int = 4  # unquantized weights
     lora_bytes: int = 4  # adapter weights and their gradients
     optimizer_bytes: int = 8  # AdamW: two fp32 moments per trainable parameter
     act_bytes: int = 4
-    batch_size: int = 8
-    seq_len: int = 128
+    batch_size: int = BATCH_SIZE
+    seq_len: int = SEQ_LEN
     grad_checkpointing: bool = False
     score_batch_size: int | None = None  # rows per body forward when scoring; None: score_rows (as finetune.fit)
 
@@ -106,12 +111,11 @@ def settings_for(device: str, backend: str, group_size: int, batch_size: int, se
                  grad_checkpointing: bool | None = None, dtype: str = "auto") -> MemorySettings:
     """The settings of a run on ``device`` ('cpu', 'cuda', 'cuda:N'): the one place dtypes become bytes.
 
-    ``dtype`` 'auto' is bf16 on CUDA, fp32 on the CPU (as ``device.resolve_dtype``); gradient
+    ``dtype`` 'auto' is resolved by ``device.resolve`` (for ``device``, present here or not); gradient
     checkpointing ``None`` means on for CUDA, off on the CPU (as the run's train settings).
     """
-    cuda = str(device).startswith("cuda")
-    if dtype == "auto":
-        dtype = "bfloat16" if cuda else "float32"
+    device, dtype, backend = resolve(device, dtype, backend, present=False)
+    cuda = device.startswith("cuda")
     if dtype not in DTYPE_BYTES:
         raise BudgetError(f"compute dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)} (or 'auto')")
     size = DTYPE_BYTES[dtype]

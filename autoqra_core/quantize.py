@@ -21,25 +21,28 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .device import resolve_device, resolve_dtype
+from .device import resolve, torch_dtype
 from .errors import SpaceError
+from .memory import GROUP_SIZE
 from .model import LayerMap
 from .space import UNQUANTIZED, Config
 
 
 @dataclass(frozen=True)
 class QuantSettings:
-    """Backend and placement. ``device``/``compute_dtype`` 'auto' resolve here, once (see ``device.py``)."""
+    """Backend and placement. ``device``/``compute_dtype``/``backend`` 'auto' resolve here, once
+    (``device.resolve``)."""
 
     backend: str = "hqq"
-    group_size: int = 64
+    group_size: int = GROUP_SIZE
     compute_dtype: torch.dtype | str = "auto"
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        device = resolve_device(self.device)
+        device, dtype, backend = resolve(self.device, self.compute_dtype, self.backend)
         object.__setattr__(self, "device", device)
-        object.__setattr__(self, "compute_dtype", resolve_dtype(self.compute_dtype, device))
+        object.__setattr__(self, "compute_dtype", torch_dtype(dtype))
+        object.__setattr__(self, "backend", backend)
 
 
 def _detached_linear(linear: nn.Linear) -> nn.Linear:

@@ -210,6 +210,23 @@ def repair(
     return config
 
 
+def random_repaired(draw: Callable[[], Config], n: int, space: SearchSpace, priors: Priors, cost: Cost, budget: int,
+                    start: Sequence[Config] = (), seen: Collection[str] = ()) -> list[Config]:
+    """``start`` topped up to ``n`` configurations with repaired random draws (``draw()``), each new: its key
+    neither in ``seen`` nor already taken. At most ``50 n`` draws, so a space with few feasible configurations
+    ends short rather than never."""
+    out = list(start)
+    taken = set(seen) | {c.key() for c in out}
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        c = repair(draw(), space, priors, cost, budget)
+        if c.key() not in taken:
+            taken.add(c.key())
+            out.append(c)
+    return out
+
+
 def check_budget(space: SearchSpace, cost: Cost, budget: int) -> None:
     """Raise BudgetError naming the smallest feasible bytes if even the minimal config does not fit."""
     smallest = cost(minimal(space))

@@ -381,26 +381,3 @@ def step(
         history=run.history + new,
         iteration=run.iteration + 1,
     )
-
-
-def run_stage2(
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    warm: Sequence[Evaluation],
-    evaluate_many: EvaluateMany,
-    top: int,
-    settings: TurboSettings = TurboSettings(),
-    run: TurboRun | None = None,
-    seed: int = 0,
-    on_iteration=None,
-    race: RaceSettings = RaceSettings(),
-) -> TurboRun:
-    """Iterate until ``settings.iterations`` batches are done or the restarts are used up."""
-    run = run or start(space, warm, top, settings, seed)
-    while not run.done and run.iteration < settings.iterations:
-        run = step(run, space, priors, cost, budget, warm, evaluate_many, top, settings, race)
-        if on_iteration:
-            on_iteration(run)
-    return run

@@ -258,20 +258,21 @@ def estimate(
                                                       help="Default: on for cuda, off for cpu (as the search)."),
     device: str = typer.Option("auto", help="cpu | cuda (plan for a GPU from any machine) | auto (this one's)."),
     backend: str = typer.Option("auto", help="sim | hqq | bnb | auto (hqq on cuda, sim on cpu, as the search)."),
-    group_size: int = typer.Option(64, "--group-size"),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="HQQ group size (default: the search's, quant.group_size)."),
     score_batch_size: Optional[int] = typer.Option(None, "--score-batch-size",
                                                    help="Rows per forward of the model body when scoring (default: 4096 tokens' worth, as the search scores)."),
     budget: Optional[str] = typer.Option(None, help="'24GiB' or 'uniform-4bit-r16': say what fits."),
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
     """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
-    from flows.config import SearchSection
+    from flows.config import QuantSection, SearchSection
     from flows.run import resolve
 
     def go():
         import dataclasses
 
-        from autoqra_core.device import resolve_device
+        from autoqra_core.device import resolve as resolve_auto
         from autoqra_core.errors import SpaceError
         from autoqra_core.estimate import plan
         from autoqra_core.memory import settings_for
@@ -283,8 +284,7 @@ def estimate(
             raise SpaceError("give either --config CONFIG.json or --bits B --rank R, not both")
         if (bits is None) != (rank is None):
             raise SpaceError("--bits and --rank go together: e.g. --bits 4 --rank 16")
-        dev = device if device.startswith("cuda") else resolve_device(device)  # planning for a GPU needs none
-        back = backend if backend != "auto" else ("hqq" if dev.startswith("cuda") else "sim")
+        dev, _, back = resolve_auto(device, "auto", backend, present=False)  # planning for a GPU needs none
         if back not in BACKENDS:
             raise SpaceError(f"unknown backend {back!r}: choose sim, hqq, bnb or auto")
         skeleton = load_skeleton(resolve(model, "model"))
@@ -307,8 +307,8 @@ def estimate(
         else:
             cfg = None
         top = SearchSection().rungs[-1]  # the search's default top rung: the shape its cost charges
-        mem = settings_for(dev, back, group_size, batch_size or top.batch_size, seq_len or top.seq_len,
-                           grad_checkpointing)
+        group = QuantSection.model_fields["group_size"].default if group_size is None else group_size
+        mem = settings_for(dev, back, group, batch_size or top.batch_size, seq_len or top.seq_len, grad_checkpointing)
         if score_batch_size is not None:
             mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
         return plan(shape, space, mem, cfg, budget), shape

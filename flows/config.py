@@ -12,14 +12,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from autoqra_core.baselines import BaselineSettings
+from autoqra_core.device import resolve
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evolution import EvolutionSettings
 from autoqra_core.export import ExportSettings
 from autoqra_core.fidelity import Fidelity, Ladder
-from autoqra_core.device import resolve_device
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.memory import MemorySettings, settings_for
 from autoqra_core.quantize import QuantSettings, check_placement
@@ -27,6 +27,7 @@ from autoqra_core.racing import RaceSettings
 from autoqra_core.search import SearchSettings, default_ladder
 from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
 from autoqra_core.turbo import TurboSettings
+from infra.settings import read_yaml
 
 
 class ConfigError(AutoQRAError):
@@ -71,19 +72,15 @@ class QuantSection(_Strict):
 
     # auto: sim on the CPU (HQQ numbers, no per-forward dequantization), hqq (really packed) on CUDA
     backend: Literal["auto", "sim", "hqq", "bnb"] = "auto"
-    group_size: int = Field(64, gt=0)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    group_size: int = Field(_default(QuantSettings, "group_size"), gt=0)
+    device: str = _default(QuantSettings, "device")  # auto | cpu | cuda | cuda:N
+    # auto: bf16 on CUDA, fp32 on the CPU
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default(QuantSettings, "compute_dtype")
 
     @model_validator(mode="after")
     def _resolve(self) -> "QuantSection":
-        device = resolve_device(self.device)
-        if self.backend == "auto":
-            self.backend = "hqq" if device.startswith("cuda") else "sim"
-        check_placement(self.backend, device)
-        self.device = device
-        if self.compute_dtype == "auto":
-            self.compute_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        self.device, self.compute_dtype, self.backend = resolve(self.device, self.compute_dtype, self.backend)
+        check_placement(self.backend, self.device)
         return self
 
 
@@ -161,9 +158,12 @@ class SearchSection(_Strict):
 
 
 class BaselineSection(_Strict):
-    uniform_bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8])
-    rank: int = Field(16, ge=0)
-    n_random: int | None = Field(None, ge=1)  # None: as many top-rung fine-tunes as the search's compute pays for
+    """Which baselines run (``autoqra_core.baselines.BaselineSettings``)."""
+
+    uniform_bits: list[int] = Field(default_factory=lambda: list(_default(BaselineSettings, "uniform_bits")))
+    rank: int = Field(_default(BaselineSettings, "rank"), ge=0)
+    # None: as many top-rung fine-tunes as the search's compute pays for
+    n_random: int | None = Field(_default(BaselineSettings, "n_random"), ge=1)
 
 
 class ReportSection(_Strict):
@@ -224,6 +224,9 @@ class RunConfig(_Strict):
     def quant_settings(self) -> QuantSettings:
         return QuantSettings(**self.quant.model_dump())
 
+    def baseline_settings(self) -> BaselineSettings:
+        return BaselineSettings(**{**self.baselines.model_dump(), "uniform_bits": tuple(self.baselines.uniform_bits)})
+
     def export_settings(self) -> ExportSettings:
         return ExportSettings(**{**self.export.model_dump(), "seeds": tuple(self.export.seeds)})
 
@@ -244,14 +247,7 @@ def load_run_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"settings file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"settings file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"settings file {p} must hold a mapping of sections (space, quant, train, search, ...)")
+    data = read_yaml(p, ConfigError, "settings file", "sections (space, quant, train, search, ...)")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:

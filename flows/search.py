@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 from autoqra_core.baselines import uniform_best_candidates
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.protocol import equal_compute_count, history_tokens
+from autoqra_core.protocol import history_tokens
 from autoqra_core.repair import check_budget
 from autoqra_core.search import SearchState, result as search_result
 from autoqra_core.space import Config
@@ -47,11 +47,10 @@ def check_out(out: Path, params: dict) -> None:
         )
 
 
-def _planned(run: Run, baselines: bool) -> int:
-    """Evaluations the search will make (for the ETA): stage 1's asynchronous successive halving simulated on
-    counts (each rung keeps at least ``promote_fraction`` of everything seen below it), TuRBO's batches, and the
-    baselines (uniform bit-widths, sequential, fp-lora and random search at the search's fine-tuning tokens), and
-    the test report (``report.seeds`` fine-tunes per method). Made exact as each stage starts."""
+def _planned_search(run: Run) -> tuple[list[int], int]:
+    """Evaluations a search at ``run``'s settings will make: per rung in stage 1 (its asynchronous successive
+    halving simulated on counts: each rung keeps at least ``promote_fraction`` of everything seen below it,
+    the references at the top), and at the top rung after it (TuRBO's batches and the replicates)."""
     s = run.rc.search_settings(run.seed)
     seen = [0] * len(run.ladder.rungs)
     for g in range(s.generations):
@@ -62,13 +61,25 @@ def _planned(run: Run, baselines: bool) -> int:
     turbo = s.turbo.iterations * s.turbo.batch_size
     # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
     replicates = (seen[-1] + turbo) * (s.race.max_config_calls - 1) // 4
-    total, methods = sum(seen) + turbo + replicates, 1
+    return seen, turbo + replicates
+
+
+def _planned_tokens(run: Run) -> int:
+    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``)."""
+    seen, later = _planned_search(run)
+    return sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen)) + later * run.ladder[-1].train_tokens
+
+
+def _planned(run: Run, baselines: bool) -> int:
+    """Evaluations the search will make (for the ETA): ``_planned_search``, the baselines (the fixed recipes and
+    random search at the search's fine-tuning tokens) and the test report (``report.seeds`` fine-tunes per
+    method). Made exact as each stage starts."""
+    seen, later = _planned_search(run)
+    total, methods = sum(seen) + later, 1
     if baselines:
-        tokens = (sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen))
-                  + (turbo + replicates) * run.ladder[-1].train_tokens)
-        n_random = run.rc.baselines.n_random or equal_compute_count(tokens, run.ladder)
-        total += len(run.rc.baselines.uniform_bits) + 2 + n_random
-        methods += len(run.rc.baselines.uniform_bits) + 4
+        b = run.rc.baseline_settings()
+        total += b.fixed + b.random_count(_planned_tokens(run), run.ladder)
+        methods += b.methods
     return total + run.rc.report.seeds * methods
 
 
@@ -80,12 +91,13 @@ def search_flow(
     out: str = "runs/search",
     seed: int = 0,
     config_file: str | None = None,
-    baselines: bool = True,
+    baselines: bool = False,
     export: bool = True,
     store: str | None = None,
 ) -> dict:
-    """Search per-layer bits and LoRA ranks under ``budget``; write ``out``/result.json and plots; then
-    (``export``) fine-tune the winner, upload it to ``store`` (default AUTOQRA_STORE) and register it."""
+    """Search per-layer bits and LoRA ranks under ``budget``; with ``baselines``, run them too; write
+    ``out``/result.json and plots; then (``export``) fine-tune the winner, upload it to ``store`` (default
+    AUTOQRA_STORE) and register it."""
     log = get_run_logger()
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, budget, rc, seed)
@@ -113,9 +125,9 @@ def search_flow(
         if baselines:
             progress.at("baselines")
             # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
-            n_random = rc.baselines.n_random or equal_compute_count(compute["autoqra"], run.ladder)
-            fixed = len(rc.baselines.uniform_bits) + 2
-            progress.planned = progress.count + fixed + n_random + rc.report.seeds * (fixed + 2)
+            b = rc.baseline_settings()
+            n_random = b.random_count(compute["autoqra"], run.ladder)
+            progress.planned = progress.count + b.fixed + n_random + rc.report.seeds * b.methods
             base = _baselines(run, pri, params, live, n_random, res.history, settings.seeds)
             compute |= baseline_compute(base, n_random, run)
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
@@ -140,15 +152,16 @@ def baselines_flow(
     out: str = "runs/baselines",
     seed: int = 0,
     config_file: str | None = None,
-    n_random: int = 4,
 ) -> dict:
-    """The baselines alone (uniform b-bit r16, sequential, random, fp-lora) at the top rung."""
+    """The baselines alone (uniform b-bit r16, uniform-best, sequential, random, fp-lora) at the top rung; random
+    search at ``baselines.n_random`` fine-tunes, by default those a search at these settings would spend."""
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, budget, rc, seed)
     report = Report.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
-    n_random = rc.baselines.n_random or n_random
-    progress = Progress(run, len(rc.baselines.uniform_bits) + 2 + n_random, "baselines")
+    b = rc.baseline_settings()
+    n_random = b.random_count(_planned_tokens(run), run.ladder)
+    progress = Progress(run, b.fixed + n_random, "baselines")
     params = run.params(budget)
     with _lend(run, progress) as live:
         base = _baselines(run, pri, params, live, n_random, [], rc.search_settings(seed).seeds)

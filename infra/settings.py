@@ -17,6 +17,8 @@ from typing import Any
 from autoqra_core.errors import AutoQRAError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+#: Where AutoQRA keeps its data (MLflow database, object store, caches) when AUTOQRA_HOME is not set.
+DEFAULT_HOME = Path(".autoqra")
 
 #: Environment variable -> Settings field. The settings file accepts either spelling.
 ENV_NAMES: dict[str, str] = {
@@ -90,14 +92,15 @@ class Settings:
                 raw[field_name] = environ[env_name]
         path = path or environ.get(SETTINGS_FILE_ENV) or None
         if path is not None:
-            raw.update(_normalise(_read_yaml(Path(path)), source=str(path)))
+            raw.update(_normalise(read_yaml(Path(path), SettingsError, "Settings file", "NAME: value",
+                                            f"; fix the path or unset {SETTINGS_FILE_ENV}"), source=str(path)))
         if overrides:
             raw.update(_normalise({k: v for k, v in overrides.items() if v is not None}, source="overrides"))
         return cls._with_defaults(raw)
 
     @classmethod
     def _with_defaults(cls, raw: Mapping[str, Any]) -> "Settings":
-        home = Path(raw.get("home") or "./.autoqra").expanduser().resolve()
+        home = Path(raw.get("home") or DEFAULT_HOME).expanduser().resolve()
         return cls(
             home=home,
             mlflow_tracking_uri=str(raw.get("mlflow_tracking_uri") or f"sqlite:///{home / 'mlflow.db'}"),
@@ -187,15 +190,17 @@ def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, error: type[AutoQRAError], what: str, holds: str, hint: str = "") -> dict[str, Any]:
+    """The mapping the YAML file ``path`` holds; ``error`` naming ``what`` file it is (and ``hint``, where it is
+    missing) when it is missing, not YAML, or not a mapping of ``holds``."""
     import yaml
 
     if not path.is_file():
-        raise SettingsError(f"Settings file {path} does not exist; fix the path or unset {SETTINGS_FILE_ENV}")
+        raise error(f"{what} {path} not found{hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SettingsError(f"Settings file {path} is not valid YAML: {exc}") from exc
+        raise error(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SettingsError(f"Settings file {path} must hold a mapping of NAME: value")
+        raise error(f"{what} {path} must hold a mapping of {holds}")
     return data

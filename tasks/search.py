@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.transactions import CommitMode, transaction
 
-from autoqra_core.baselines import run_baselines
+from autoqra_core.baselines import BaselineSettings, run_baselines
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.importance import Priors
 from autoqra_core.racing import incumbent, standings
@@ -146,7 +146,7 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
     lv = borrow(live)
     with _each_evaluation_commits():
         base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
-                             rung, n_random=n_random, seed=seed, uniform_bits=uniform_bits, rank=rank,
+                             rung, BaselineSettings(tuple(uniform_bits), rank, n_random), seed=seed,
                              history=[Evaluation.from_dict(e) for e in history], seeds=seeds)
     return {name: e.to_dict() for name, e in base.items()}
 

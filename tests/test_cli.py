@@ -87,3 +87,28 @@ def test_unreachable_object_store_fails_fast(home, tmp_path):
 def test_export_of_a_folder_without_a_search(home, tmp_path):
     r = autoqra("export", "--run", str(tmp_path), home=home)
     assert r.returncode == 2 and "result.json not found" in r.stderr
+
+
+def test_the_cli_the_flows_and_their_deployments_share_defaults():
+    """A deployment run from the Prefect UI behaves like the same command line: `autoqra search` / `baselines`,
+    the flows and prefect.yaml agree on every default they share (``--baselines`` included)."""
+    import inspect
+
+    import yaml
+    from typer.main import get_command
+
+    from flows import export, search
+    from flows.cli import app
+
+    flows = {"search": search.search_flow, "baselines": search.baselines_flow, "evaluate": search.evaluate_flow,
+             "export": export.export_flow}
+    defaults = {name: {k: p.default for k, p in inspect.signature(f.fn).parameters.items()
+                       if p.default is not inspect.Parameter.empty} for name, f in flows.items()}
+    for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        shared = {k: v for k, v in d["parameters"].items() if k in defaults[d["name"]]}
+        assert shared == {k: defaults[d["name"]][k] for k in shared}, d["name"]
+    commands = get_command(app).commands
+    for name in ("search", "baselines"):
+        cli = {p.name: p.default for p in commands[name].params if p.name in defaults[name]}
+        assert {"model", "budget", "out", "seed"} <= set(cli) and (name != "search" or "baselines" in cli)
+        assert {k: str(v) for k, v in cli.items()} == {k: str(defaults[name][k]) for k in cli}, name

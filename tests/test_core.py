@@ -64,19 +64,22 @@ MIXED = [
 ]
 
 
+def static_bytes(base, lmap, cfg: Config, q: QuantSettings, tokens: torch.Tensor) -> tuple[int, int]:
+    """(predicted, measured): the memory model's static part (weights, metadata, unquantized, LoRA, its gradients,
+    AdamW's state) for ``cfg``, and the storage of the real model and optimizer after one step on ``tokens``."""
+    model = build(base, cfg, lmap, q, TrainSettings())
+    opt = make_optimizer(model, TrainSettings())
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    opt.step()
+    return memory(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static, storage_bytes(model, opt)
+
+
 @pytest.mark.parametrize("bits,ranks", MIXED)
 def test_memory_model_static_part_matches_allocated_bytes(embedded, bits, ranks):
     """Weights + metadata + unquantized + LoRA + grads + AdamW state, predicted vs the real tensors' storage."""
     base, tok, task, lmap = embedded
-    space = SearchSpace(lmap.names, bits=(2, 3, 4, 8, 16))
-    cfg = space.config(bits, ranks)
-    model = build(base, cfg, lmap, QuantSettings("hqq"), TrainSettings())
-    opt = make_optimizer(model, TrainSettings())
-    x = torch.randint(0, 100, (2, 16))
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    measured = storage_bytes(model, opt)
-    predicted = memory(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static
+    cfg = SearchSpace(lmap.names, bits=(2, 3, 4, 8, 16)).config(bits, ranks)
+    predicted, measured = static_bytes(base, lmap, cfg, QuantSettings("hqq"), torch.randint(0, 100, (2, 16)))
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 

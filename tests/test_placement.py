@@ -17,14 +17,15 @@ from typer.testing import CliRunner
 from autoqra_core.data import batches, eval_set, train_blocks
 from autoqra_core.errors import DeviceError
 from autoqra_core.fidelity import Fidelity
-from autoqra_core.finetune import TrainSettings, build, evaluate_config, make_optimizer, train
-from autoqra_core.memory import MemorySettings, logits_bytes, memory, packed_bytes, settings_for
-from autoqra_core.model import layer_map, load_skeleton, model_shape
+from autoqra_core.finetune import TrainSettings, build, evaluate_config, train
+from autoqra_core.memory import MemorySettings, logits_bytes, packed_bytes, settings_for
+from autoqra_core.model import layer_map, load_skeleton
 from autoqra_core.packed import PackedCache
 from autoqra_core.quantize import QuantSettings, quantize_module, storage_bytes
 from autoqra_core.space import SearchSpace
 
 from .helpers import AUTOQRA, EMBEDDED_DATA, EMBEDDED_MODEL, ROOT, TINY_SEARCH, cli_env, embedded  # noqa: F401
+from .test_core import static_bytes
 
 SMOLLM2 = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
                vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=256)
@@ -160,13 +161,8 @@ def test_memory_model_matches_storage_at_smollm2_widths():
     bits = [2, 3, 4, 8, 16, 4, 3] * 2
     ranks = [0, 4, 8, 16, 32, 0, 8] * 2
     cfg = space.config(bits, ranks)
-    model = build(base, cfg, lmap, QuantSettings("hqq", device="cpu"), TrainSettings())
-    opt = make_optimizer(model, TrainSettings())
-    x = torch.randint(0, 1000, (1, 8))
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    measured = storage_bytes(model, opt)
-    predicted = memory(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static
+    predicted, measured = static_bytes(base, lmap, cfg, QuantSettings("hqq", device="cpu"),
+                                       torch.randint(0, 1000, (1, 8)))
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
 
 

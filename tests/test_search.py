@@ -214,12 +214,14 @@ def test_prior_individuals_are_feasible_and_split_memory():
 def test_ga_improves_over_its_initial_population():
     # Random start (the prior-derived configs alone already sit near the good basin):
     # this measures what the evolution itself adds.
-    settings = dataclasses.replace(SETTINGS.evolution, prior_fraction=0.0)
+    settings = SearchSettings(seed=2, generations=6, ladder=LADDER,
+                              evolution=dataclasses.replace(SETTINGS.evolution, prior_fraction=0.0),
+                              turbo=turbo.TurboSettings(iterations=0))  # stage 1 alone
     recorder = Recorder()
     states = []
-    final = evolution.run_stage1(SPACE, PRIORS, cost, BUDGET, recorder, LADDER, generations=6,
-                                 settings=settings, seed=2, on_generation=states.append)
-    initial = min(true_loss(e.config) for e in states[0].history if e.fidelity == 0)
+    final = run_search(SPACE, PRIORS, cost, BUDGET, recorder, settings, on_checkpoint=states.append).state.evolution
+    assert final.generation == 6
+    initial = min(true_loss(e.config) for e in states[0].evolution.history if e.fidelity == 0)
     best = incumbent(final.history, LADDER.top, race_seeds(2, 3))
     assert true_loss(best.config) < initial
     assert len(final.population) == SETTINGS.evolution.population_size
@@ -245,13 +247,23 @@ def test_step_leaves_global_random_alone():
 # --- stage 2 -----------------------------------------------------------------------------------
 
 
+def turbo_alone(warm: list[Evaluation], settings: turbo.TurboSettings, recorder: Recorder,
+                on_iteration=None) -> turbo.TurboRun:
+    """Stage 2 alone through ``run_search``: centred on ``warm`` (as stage 1's history), seed 0."""
+    state = SearchState("turbo", dataclasses.replace(evolution.EvolutionState.new(0), history=warm),
+                        turbo.start(SPACE, warm, LADDER.top, settings, seed=0))
+    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SearchSettings(ladder=LADDER, turbo=settings),
+                        state=state, on_checkpoint=None if on_iteration is None else lambda s: on_iteration(s.turbo))
+    return result.state.turbo
+
+
 def test_turbo_improves_over_its_start():
     rng = random.Random(5)
     warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
     start = min(e.eval_loss for e in warm)
     recorder = Recorder()
     settings = turbo.TurboSettings(iterations=6, batch_size=2, n_candidates=128)
-    run = turbo.run_stage2(SPACE, PRIORS, cost, BUDGET, warm, recorder, LADDER.top, settings, seed=0)
+    run = turbo_alone(warm, settings, recorder)
     assert run.iteration == 6 and len(run.history) >= 6
     assert min(e.eval_loss for e in run.history) < start
     assert all(e.fidelity == LADDER.top and cost(e.config) <= BUDGET for e in run.history)
@@ -290,8 +302,7 @@ def test_turbo_grows_shrinks_and_restarts_and_counts_failed_evaluations():
     warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
     settings = dataclasses.replace(turbo.TurboSettings(), iterations=14, n_candidates=128, success_tolerance=1)
     trace: list[turbo.TurboRun] = []
-    run = turbo.run_stage2(SPACE, PRIORS, cost, BUDGET, warm, Recorder(fails_after_three_batches), LADDER.top,
-                           settings, seed=0, on_iteration=trace_and_fail)
+    run = turbo_alone(warm, settings, Recorder(fails_after_three_batches), on_iteration=trace_and_fail)
     lengths = [r.state.length for r in trace]
     init = settings.length_init
     grew = lengths.index(2 * init)
@@ -320,7 +331,8 @@ def test_search_beats_baselines_and_approaches_the_optimum(full_run):
     best = true_loss(result.best.config)
     uniform = true_loss(SPACE.uniform(4, 16))
     n = protocol.equal_compute_count(protocol.history_tokens(result.history, LADDER), LADDER)
-    rand = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER.top, n_random=n, seed=11)
+    rand = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER.top,
+                                   baselines.BaselineSettings(n_random=n), seed=11)
     assert best < uniform
     assert best < true_loss(rand["random"].config)
     assert best < true_loss(rand["sequential"].config)
@@ -375,7 +387,8 @@ def test_failed_candidates_do_not_stop_the_search():
 
 
 def test_baselines():
-    configs = baselines.baseline_configs(SPACE, PRIORS, cost, BUDGET, n_random=5, seed=0)
+    five = baselines.BaselineSettings(n_random=5)
+    configs = baselines.baseline_configs(SPACE, PRIORS, cost, BUDGET, five, seed=0)
     assert set(configs) == {"uniform-2bit-r16", "uniform-3bit-r16", "uniform-4bit-r16", "uniform-8bit-r16",
                             "uniform-best", "sequential", "random", "fp-lora"}
     # uniform-best: each bit-width at its largest fitting rank (4-bit: r16 exactly, at this budget)
@@ -389,7 +402,7 @@ def test_baselines():
     assert configs["fp-lora"][0].bits == (16,) * len(SPACE)
     history = [evaluate(SPACE.uniform(4, 16), LADDER.top)]
     recorder = Recorder()
-    out = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, LADDER.top, n_random=5, history=history)
+    out = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, LADDER.top, five, history=history)
     assert out["uniform-4bit-r16"] == history[0] and (SPACE.uniform(4, 16).key(), 2, 0) not in recorder.calls
     assert recorder.batches == 1
     with pytest.raises(BudgetError):

@@ -9,10 +9,21 @@ import re
 import pytest
 import yaml
 
+from typing import Any
+
+from pydantic_core import PydanticUndefined
+
+from autoqra_core.baselines import BaselineSettings
 from autoqra_core.evolution import EvolutionSettings
-from autoqra_core.search import SearchSettings, run_search
+from autoqra_core.export import ExportSettings
+from autoqra_core.fidelity import Fidelity
+from autoqra_core.finetune import TrainSettings
+from autoqra_core.quantize import QuantSettings
+from autoqra_core.racing import RaceSettings
+from autoqra_core.search import SearchSettings, default_ladder, run_search
 from autoqra_core.turbo import TurboSettings
-from flows.config import ConfigError, RunConfig, load_run_config
+from flows.config import (BaselineSection, ConfigError, EvolutionSection, ExportSection, QuantSection, RaceSection,
+                          RunConfig, RungSection, SearchSection, TrainSection, TurboSection, load_run_config)
 
 from .helpers import ROOT
 
@@ -42,12 +53,55 @@ def test_bad_fields_are_named_before_any_work(tmp_path, text, named):
         _load(tmp_path, text)
 
 
-def test_schema_covers_every_core_field_with_the_core_default():
-    """One place for each default: the schema's defaults are read from the dataclasses, field for field."""
+# Each section of the settings file and the core dataclass it becomes, with the fields (of either) that are not
+# mirrored one for one, and why.
+MIRRORS = [
+    (EvolutionSection, EvolutionSettings, {}),
+    (TurboSection, TurboSettings, {}),
+    (RaceSection, RaceSettings, {}),
+    (RungSection, Fidelity, {}),
+    (ExportSection, ExportSettings, {}),
+    (BaselineSection, BaselineSettings, {}),
+    (TrainSection, TrainSettings, {"seed": "the run's --seed", "grad_checkpointing": "None: on for CUDA"}),
+    (QuantSection, QuantSettings, {"backend": "auto: picked for the device (the dataclass takes a resolved one)"}),
+    (SearchSection, SearchSettings, {"seed": "the run's --seed", "ladder": "as rungs and promote_fraction",
+                                     "rungs": "the ladder's", "promote_fraction": "the ladder's",
+                                     "evolution": "its own section", "turbo": "its own section",
+                                     "race": "its own section"}),
+]
+
+
+def _core_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else PydanticUndefined
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("section, dc, apart", MIRRORS, ids=[m[0].__name__ for m in MIRRORS])
+def test_schema_mirrors_every_core_field_with_the_core_default(section, dc, apart):
+    """One place for each default: every field of the core's dataclass is in its section with the same default
+    (a required field stays required), and the section has no field the dataclass lacks."""
+    core = {f.name: f for f in dataclasses.fields(dc) if f.name not in apart}
+    schema = section.model_fields
+    assert set(core) <= set(schema), f"{section.__name__} lacks {sorted(set(core) - set(schema))}"
+    extra = set(schema) - set(core) - set(apart)
+    assert not extra, f"{section.__name__} has {sorted(extra)}, which {dc.__name__} does not"
+    for name, f in core.items():
+        default = schema[name].get_default(call_default_factory=True)
+        assert _plain(default) == _plain(_core_default(f)), f"{section.__name__}.{name}: {default!r}"
+
+
+def test_the_default_sections_become_the_default_dataclasses():
+    """What the mirrored fields do not show: the default ladder, and each conversion of the defaults."""
     cfg = RunConfig()
-    for section, dc in ((cfg.search.evolution, EvolutionSettings), (cfg.search.turbo, TurboSettings)):
-        assert section.model_dump() == dataclasses.asdict(dc())
-    assert cfg.search_settings(0) == SearchSettings()
+    assert cfg.search_settings(0) == SearchSettings() and cfg.ladder() == default_ladder()
+    assert cfg.baseline_settings() == BaselineSettings()
+    assert cfg.export_settings() == ExportSettings()
+    assert dataclasses.replace(cfg.train_settings(0), grad_checkpointing=False) == TrainSettings()
 
 
 def test_readme_documents_the_real_defaults():
@@ -97,8 +151,8 @@ def test_progress_plan_matches_a_search_at_the_defaults():
     res = run_search(
         SPACE, PRIORS, cost, BUDGET, recorder, settings)
     n_random = protocol.equal_compute_count(protocol.history_tokens(res.history, settings.ladder), settings.ladder)
-    base = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top, n_random=n_random,
-                                   seed=0, history=res.history)
+    base = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top,
+                                   BaselineSettings(n_random=n_random), seed=0, history=res.history)
     done = len(recorder.calls) + rc.report.seeds * (1 + len(base))  # + the test report: every method, each seed
     planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder(), space=SPACE), baselines=True)
     assert done <= planned <= done + 4, (done, planned)
