@@ -10,6 +10,7 @@ Layout (names in ``MODEL_DIR`` ...):
 * ``adapter/``: the peft LoRA adapter (per-layer ``rank_pattern``) for ``model/``.
 * ``merged/`` (optional): the adapter merged into the *dequantized* base (merging into
   packed 4-bit weights would round the update away, peft #2321), a plain checkpoint.
+* ``autoqra_metrics.json``: the test numbers of every seed, of the reloaded files and of ``merged/``.
 
 Packing is done here for real even when the search used the ``sim`` backend: ``sim``
 holds exactly HQQ's dequantized weights, so an adapter trained on it fits the packed base.
@@ -18,23 +19,26 @@ holds exactly HQQ's dequantized weights, so an adapter trained on it fits the pa
 from __future__ import annotations
 
 import copy
+import json
 import math
-import statistics
-from dataclasses import dataclass, field
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import Task, batches, eval_set, train_blocks
+from .data import Task, train_blocks
 from .fidelity import Fidelity
-from .finetune import TrainSettings, build, score, train
-from .memory import score_rows
+from .finetune import TrainSettings, build, fit, held_out
 from .model import LayerMap
+from .protocol import mean_sd
 from .quantize import QuantSettings, quantize_model
 from .space import Config
 
 MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CARD_FILE = "model", "adapter", "merged", "README.md"
+METRICS_FILE, CURVE_FILE = "autoqra_metrics.json", "training_curve.png"
 
 
 @dataclass(frozen=True)
@@ -65,29 +69,6 @@ def training_backend(q: QuantSettings) -> QuantSettings:
     """HQQ numbers for the final fine-tune whatever the search ran: ``sim`` stays (same numbers, faster on a
     CPU), anything else trains on packed HQQ, so the adapter fits the ``model/`` that is exported."""
     return q if q.backend in ("sim", "hqq") else QuantSettings("hqq", q.group_size, q.compute_dtype, q.device)
-
-
-def finetune(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, fid: Fidelity,
-             q: QuantSettings, t: TrainSettings, progress=None) -> tuple[nn.Module, list[float]]:
-    """Build and train one seed of the final fine-tune; returns (model, training losses)."""
-    model = build(base, config, lmap, q, t)
-    data = batches(train_blocks(task, tokenizer, fid.seq_len, fid.data_fraction), fid.steps, fid.batch_size,
-                   seed=t.seed)
-    return model, train(model, data, t, progress)
-
-
-def score_on_test(model: nn.Module, tokenizer, task: Task, fid: Fidelity) -> tuple[float, float | None]:
-    """(loss, accuracy) on the test split: the numbers an export reports."""
-    return score(model, eval_set(task, tokenizer, fid.eval_examples, fid.seq_len, split="test"),
-                 batch_size=fid.batch_size, body_rows=score_rows(fid.batch_size, fid.seq_len))
-
-
-def summary(values: list[float | None]) -> tuple[float | None, float | None]:
-    """(mean, sample sd); sd is 0 for a single value, None when there are no values."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def pack(base: nn.Module, config: Config, lmap: LayerMap, group_size: int) -> nn.Module:
@@ -151,6 +132,82 @@ def load(export_dir: str | Path, device: str = "cpu") -> nn.Module:
 
         model = PeftModel.from_pretrained(model, str(root / ADAPTER_DIR))
     return model.eval()
+
+
+def settings_dict(s: ExportSettings) -> dict:
+    """``s`` as the JSON the metrics file records (and a re-export compares)."""
+    return {**asdict(s), "seeds": list(s.seeds)}
+
+
+def holds(out: str | Path, config: Config, s: ExportSettings) -> bool:
+    """Whether ``out`` holds what ``write_export`` writes for ``config`` and ``s`` (its metrics file says so)."""
+    try:
+        kept = json.loads((Path(out) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (Path(out) / MODEL_DIR).is_dir() and kept.get("config_key") == config.key() \
+        and kept.get("settings") == settings_dict(s)
+
+
+Progress = Callable[[int, int, float], None]  # (step, steps, loss), once per training step
+
+
+def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, s: ExportSettings,
+                 q: QuantSettings, t: TrainSettings, out: str | Path,
+                 progress: Callable[[int, int], Progress] | None = None) -> dict:
+    """Fine-tune ``config`` once per seed of ``s``, score each on the test split, and write the first seed's
+    model as ``out``/{model,adapter[,merged]} with the metrics (``METRICS_FILE``); returns the metrics.
+
+    The reloaded ``model/`` + ``adapter/`` is scored again, so the reported numbers are those of the files,
+    not of the object in memory. ``progress(seed, steps)`` gives each fine-tune's progress callback.
+    """
+    q = training_backend(q)
+    fid = final_fidelity(s, task, tokenizer)
+    out = Path(out)
+    for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR):  # a re-export replaces, never mixes
+        shutil.rmtree(out / part, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed, curves, kept = [], {}, None
+    for seed in s.seeds:
+        ts = replace(t, seed=seed)
+        trained = build(base, config, lmap, q, ts)
+        losses, loss, acc = fit(trained, tokenizer, task, fid, ts, progress(seed, fid.steps) if progress else None,
+                                "test")
+        per_seed.append({"seed": seed, "loss": loss, "accuracy": acc,
+                         "final_train_loss": losses[-1] if losses else None})
+        curves[seed] = losses
+        if kept is None:
+            kept = trained
+    adapter = save_adapter(kept, out / ADAPTER_DIR)
+    save_model(pack(base, config, lmap, q.group_size), tokenizer, out / MODEL_DIR)
+    files_loss, files_acc = held_out(load(out), tokenizer, task, fid, "test")
+    merged = None
+    if s.merge:
+        m = merge(base, config, lmap, q.group_size, adapter, getattr(torch, s.merged_dtype))
+        save_merged(m, tokenizer, out / MERGED_DIR)
+        m_loss, m_acc = held_out(m.float(), tokenizer, task, fid, "test")  # its dtype's weights, fp32 compute
+        merged = {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
+    loss_mean, loss_sd = mean_sd([r["loss"] for r in per_seed])
+    acc_mean, acc_sd = mean_sd([r["accuracy"] for r in per_seed])
+    metrics = {
+        "test": {"loss_mean": loss_mean, "loss_sd": loss_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
+                 "seeds": list(s.seeds), "per_seed": per_seed},
+        "exported_seed": s.seeds[0],
+        "in_memory": {"loss": per_seed[0]["loss"], "accuracy": per_seed[0]["accuracy"]},
+        "files": {"loss": files_loss, "accuracy": files_acc},  # model/ + adapter/ reloaded from disk
+        "merged": merged,
+        "fine_tune": {"steps": fid.steps, "data_fraction": fid.data_fraction, "seq_len": fid.seq_len,
+                      "batch_size": fid.batch_size, "seeds": list(s.seeds), "test_examples": fid.eval_examples,
+                      "backend": q.backend, "group_size": q.group_size,
+                      "train_tokens": fid.steps * fid.batch_size * fid.seq_len},
+        "training_curves": {str(k): v for k, v in curves.items()},
+        "config_key": config.key(),
+        "settings": settings_dict(s),  # with config_key: what ``holds`` checks
+        # the search-era keys, kept for readers of export.json: the export's own test numbers
+        "eval_loss": loss_mean, "accuracy": acc_mean,
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 LOADING_SNIPPET = """\
@@ -219,16 +276,3 @@ class Card:
                   *[f"| {k} | {v} |" for k, v in self.extra.items()],
                   *[f"| {k} | {v} |" for k, v in self.versions.items()], ""]
         return "\n".join(lines)
-
-
-def library_versions() -> dict[str, str]:
-    """Exact versions of what reads and writes the export."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "hqq", "mlflow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out

@@ -9,7 +9,6 @@ layer's modules out of ``target_modules``.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import threading
@@ -28,7 +27,7 @@ from .fidelity import Fidelity
 from .memory import SCORE_BATCH_SIZE, format_bytes, score_rows
 from .model import LayerMap
 from .packed import PackedCache
-from .quantize import QuantSettings, quantize_model
+from .quantize import QuantSettings
 from .space import Config
 
 
@@ -204,36 +203,26 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     return loss, hit.float().sum().item() / n_ex
 
 
-def fit(
-    base: nn.Module,
-    tokenizer,
-    task: Task,
-    lmap: LayerMap,
-    config: Config,
-    fidelity: Fidelity,
-    q: QuantSettings = QuantSettings(),
-    t: TrainSettings = TrainSettings(),
-    progress=None,
-    split: str = "validation",
-    cache: PackedCache | None = None,
-) -> tuple[nn.Module, list[float], float, float | None]:
-    """Quantize, attach LoRA, fine-tune at ``fidelity``, score on the held-out ``split``.
+def held_out(model: nn.Module, tokenizer, task: Task, fidelity: Fidelity,
+             split: str = "validation") -> tuple[float, float | None]:
+    """(loss, accuracy) of ``model`` on ``fidelity``'s rows of the held-out ``split``."""
+    return score(model, eval_set(task, tokenizer, fidelity.eval_examples, fidelity.seq_len, split),
+                 batch_size=fidelity.batch_size,  # training-sized logits: scoring never sets the peak
+                 body_rows=score_rows(fidelity.batch_size, fidelity.seq_len))
 
-    The search scores ``validation``; only the final report scores ``test``. Returns (trained
-    model, training losses, held-out loss, accuracy). Raises CandidateFailed (divergence, out of
-    memory): the search records those, an export reports them.
+
+def fit(model: nn.Module, tokenizer, task: Task, fidelity: Fidelity, t: TrainSettings = TrainSettings(),
+        progress=None, split: str = "validation") -> tuple[list[float], float, float | None]:
+    """Fine-tune a built ``model`` at ``fidelity``, then score it on the held-out ``split``.
+
+    The search scores ``validation``; only the test report and the export score ``test``. Returns
+    (training losses, held-out loss, accuracy). Raises CandidateFailed when a training step diverges or runs
+    out of memory.
     """
-    try:
-        model = build(base, config, lmap, q, t, cache)
-        data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
-                       fidelity.steps, fidelity.batch_size, seed=t.seed)
-        losses = train(model, data, t, progress)
-        loss, acc = score(model, eval_set(task, tokenizer, fidelity.eval_examples, fidelity.seq_len, split),
-                          batch_size=fidelity.batch_size,  # training-sized logits: scoring never sets the peak
-                          body_rows=score_rows(fidelity.batch_size, fidelity.seq_len))
-    except torch.OutOfMemoryError as e:
-        raise CandidateFailed(f"out of memory: {str(e).splitlines()[0]}") from None
-    return model, losses, loss, acc
+    data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
+                   fidelity.steps, fidelity.batch_size, seed=t.seed)
+    losses = train(model, data, t, progress)
+    return (losses, *held_out(model, tokenizer, task, fidelity, split))
 
 
 def evaluate_config(
@@ -251,55 +240,25 @@ def evaluate_config(
     split: str = "validation",
     cache: PackedCache | None = None,
 ) -> Evaluation:
-    """``fit`` as the search sees it: an Evaluation, failures included (they are results too). The candidate's
-    memory is handed back before returning (``device.release``); an out-of-memory failure carries the bytes the
-    memory model predicted, so a wrong prediction shows next to the error."""
+    """``config`` built, fine-tuned and scored (``build``, ``fit``) as the search sees it: an Evaluation, failures
+    (divergence, out of memory) included: they are results too. The candidate's memory is handed back before
+    returning (``cache.trim``, ``device.release``); an out-of-memory failure carries the bytes the memory model
+    predicted, so a wrong prediction shows next to the error."""
     start = time.perf_counter()
     try:
-        losses, loss, acc = fit(base, tokenizer, task, lmap, config, fidelity, q, t, progress, split, cache)[1:]
-    except CandidateFailed as e:
-        reason = e.reason
+        losses, loss, acc = fit(build(base, config, lmap, q, t, cache), tokenizer, task, fidelity, t, progress, split)
+    except (CandidateFailed, torch.OutOfMemoryError) as e:
+        reason = e.reason if isinstance(e, CandidateFailed) else f"out of memory: {str(e).splitlines()[0]}"
         if "out of memory" in reason:
             reason = f"{reason} (predicted {memory_bytes} bytes = {format_bytes(memory_bytes)})"
         return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=reason,
                           seconds=time.perf_counter() - start, seed=t.seed)
     finally:
+        if cache is not None:
+            cache.trim()
         release(q.device)
     return Evaluation(
         config, rung, loss, memory_bytes, accuracy=acc,
         train_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         seconds=time.perf_counter() - start, seed=t.seed,
     )
-
-
-QUANT_FILE = "autoqra_quantization.json"
-
-
-def save(model: nn.Module, config: Config, q: QuantSettings, out_dir) -> None:
-    """Adapter weights (peft format) + the quantization config needed to rebuild the base exactly."""
-    import json
-    from pathlib import Path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(out)
-    spec = {"config": config.to_dict(), "backend": q.backend, "group_size": q.group_size}
-    (out / QUANT_FILE).write_text(json.dumps(spec, indent=2))
-
-
-def load(base: nn.Module, lmap: LayerMap, in_dir, device: str = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild what ``save`` wrote: quantize a copy of ``base`` the same way, then load the adapter."""
-    import json
-    from pathlib import Path
-
-    from peft import PeftModel
-
-    src = Path(in_dir)
-    spec = json.loads((src / QUANT_FILE).read_text())
-    config = Config.from_dict(spec["config"])
-    q = QuantSettings(backend=spec["backend"], group_size=spec["group_size"], device=device)
-    model = quantize_model(copy.deepcopy(base), config, lmap, q)
-    if (src / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(model, src)
-    return model.eval(), config

@@ -12,6 +12,7 @@ so candidates built from one cache never see each other's training.
 On a GPU the cached packed modules live in GPU memory next to the candidate: ``capacity_bytes``
 bounds what is kept beyond the candidate being built (least recently used entries go first;
 0 keeps only the current candidate's modules, so the measured peak is the candidate's own).
+``trim`` applies that bound once a candidate is done, and ``clear`` empties the cache.
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ class PackedCache:
     def nbytes(self) -> int:
         """Bytes the cached modules hold (packed weights + metadata, 16-bit copies)."""
         return sum(self._sizes.values())
+
+    def count(self) -> int:
+        """Modules cached now."""
+        return len(self._entries)
+
+    def trim(self) -> None:
+        """Keep at most ``capacity_bytes`` of modules once no candidate is being built (after an evaluation)."""
+        with self._lock:
+            self._evict(set())
+
+    def clear(self) -> None:
+        """Drop every cached module and device copy; the cache stays usable (it quantizes again on demand)."""
+        with self._lock:
+            self._entries.clear()
+            self._sizes.clear()
+            self._resident.clear()
 
     def _evict(self, keep: set) -> None:
         if self.capacity_bytes is None:

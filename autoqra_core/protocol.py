@@ -48,10 +48,12 @@ def equal_compute_count(tokens: int, ladder: Ladder) -> int:
     return max(1, round(tokens / ladder[ladder.top].train_tokens))
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample sd) of the values that are not None (failed runs); sd 0 for one value, (None, None) for none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,8 @@ class SeedScores:
                    tuple(e.accuracy if e.ok else None for e in evals))
 
     def to_dict(self) -> dict:
-        losses = [v for v in self.losses if v is not None]
-        accs = [v for v in self.accuracies if v is not None]
-        loss_mean, loss_sd = _mean_sd(losses)
-        acc_mean, acc_sd = _mean_sd(accs)
+        loss_mean, loss_sd = mean_sd(self.losses)
+        acc_mean, acc_sd = mean_sd(self.accuracies)
         return {"loss_mean": loss_mean, "loss_sd": loss_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
                 "seeds": list(self.seeds), "losses": list(self.losses), "accuracies": list(self.accuracies),
                 "failed": sum(v is None for v in self.losses)}
@@ -93,8 +93,8 @@ def paired_difference(a: SeedScores, b: SeedScores) -> dict:
         dl.append(loss - other[0])
         if acc is not None and other[1] is not None:
             da.append(acc - other[1])
-    loss_mean, loss_sd = _mean_sd(dl)
-    acc_mean, acc_sd = _mean_sd(da)
+    loss_mean, loss_sd = mean_sd(dl)
+    acc_mean, acc_sd = mean_sd(da)
     return {"seeds": seeds, "loss_diff_mean": loss_mean, "loss_diff_sd": loss_sd,
             "accuracy_diff_mean": acc_mean, "accuracy_diff_sd": acc_sd,
             "loss_wins": sum(d < 0 for d in dl), "n": len(dl)}

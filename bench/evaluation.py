@@ -28,12 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from autoqra_core.data import batches, eval_set, load_task, train_blocks  # noqa: E402
 from autoqra_core.finetune import TrainSettings, build, make_optimizer, score, train  # noqa: E402
-from autoqra_core.memory import format_bytes, memory  # noqa: E402
+from autoqra_core.memory import format_bytes, memory, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.quantize import QuantSettings, storage_bytes  # noqa: E402
 from autoqra_core.space import SearchSpace  # noqa: E402
 from flows.config import RunConfig  # noqa: E402
-from tasks.common import memory_settings  # noqa: E402
 
 CONFIGS = {
     "uniform 4-bit r16": ([4] * 6, [16] * 6),
@@ -112,7 +111,7 @@ def main() -> None:
         "| config | bits | ranks | static model | static measured | err | activations model | activations measured | err | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ms = memory_settings(top.batch_size, top.seq_len, "hqq")
+    ms = settings_for("cpu", "hqq", 64, top.batch_size, top.seq_len, grad_checkpointing=False)
     x = batches(train_blocks(task, tok, top.seq_len, 0.05), 1, top.batch_size, 0)[0]
     for name, (bits, ranks) in CONFIGS.items():
         c = space.config(bits, ranks)

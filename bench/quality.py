@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoqra_core.memory import format_bytes  # noqa: E402
 from autoqra_core.protocol import REFERENCES, fmt_mean_sd  # noqa: E402
+from autoqra_core.space import Config  # noqa: E402
 
 
 def _diff(t: dict, ref: str, key: str) -> str:
@@ -74,7 +75,7 @@ def main() -> None:
         *table(r),
         "",
         "AutoQRA's configuration (bits/rank per layer): "
-        + " ".join(f"{l['bits']}/{l['rank']}" for l in best["config"]["layers"]),
+        + Config.from_dict(best["config"]).short(),
     ]
     text = "\n".join(lines) + "\n"
     if args.out:

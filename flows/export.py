@@ -12,13 +12,14 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
-from autoqra_core.export import ADAPTER_DIR, CARD_FILE, Card, library_versions
+from autoqra_core.export import ADAPTER_DIR, CARD_FILE, CURVE_FILE, Card, holds
 from autoqra_core.memory import memory as memory_breakdown
 from autoqra_core.space import Config
+from infra.fingerprint import NUMERIC_LIBRARIES, library_versions
 from infra.plots import plot_allocation, plot_training_curve
 from infra.settings import embedded_model_path
 from infra.tracking import compact_config
-from tasks.export import CURVE_FILE, METRICS_FILE, final_finetune, publish
+from tasks.export import final_finetune, publish
 
 from .config import RunConfig
 from .run import Run, write_json
@@ -81,16 +82,17 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     name = name or model_name(result["model"])
     export_dir = run_dir / "export" / name
     log.info(f"final fine-tune of {config.short()} ({rc.export.model_dump()}) -> {export_dir}")
-    done = export_dir / METRICS_FILE
-    kept = json.loads(done.read_text()) if done.is_file() else {}
-    if kept.get("config_key") == config.key() and kept.get("settings") == rc.export.model_dump():
-        log.info(f"{export_dir} already holds this fine-tune (an earlier export that could not publish): reused")
-        metrics = kept
-    else:
-        metrics = final_finetune(
-            r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
-            rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
-        )
+    # Prefect's cache is the resume: a re-run (e.g. after a failed upload) reuses the fine-tune, unless its
+    # files are gone from the folder, which a cache hit would not bring back.
+    fine_tune = final_finetune.with_options(refresh_cache=not holds(export_dir, config, rc.export_settings()))
+    state = fine_tune(
+        r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
+        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
+        r.model_id, r.dataset_id, r.code, return_state=True,
+    )
+    metrics = state.result()
+    if state.name == "Cached":
+        log.info(f"{export_dir} already holds this fine-tune (a cached run of an earlier export): reused")
     flow_id, parent_id = _flow_run_ids()
     search_flow = result.get("prefect_flow_run_id") or parent_id
     memory = memory_breakdown(config, r.wb.shape, r.mem).to_dict()
@@ -100,7 +102,8 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     card = Card(
         name=name, base_model=result["model"], dataset=result["dataset"], config=config,
         budget_bytes=r.budget_bytes, memory=memory, test=test,
-        fine_tune={k: v for k, v in metrics["fine_tune"].items()}, versions=library_versions(),
+        fine_tune={k: v for k, v in metrics["fine_tune"].items()},
+        versions=library_versions((*NUMERIC_LIBRARIES, "mlflow")),
         mlflow_run_id=result.get("mlflow_run_id"), prefect_flow_run_id=search_flow, merged=metrics["merged"],
         extra={"Prefect flow run (export)": flow_id or "n/a", "config key": config.key(),
                "search validation loss": result["best"].get("eval_loss")},

@@ -18,6 +18,7 @@ from autoqra_core.importance import Priors
 from autoqra_core.memory import format_bytes
 from autoqra_core.protocol import SeedScores, compare, fmt_mean_sd
 from autoqra_core.search import SearchResult, pareto_front
+from autoqra_core.space import Config
 from infra import tracking
 from infra.plots import plot_allocation, plot_pareto, plot_progress, plot_test_comparison
 
@@ -193,7 +194,7 @@ class Report:
                              "test loss": fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")),
                              "test accuracy": fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3),
                              "memory": format_bytes(e["memory_bytes"]),
-                             "bits/rank": " ".join(f"{l['bits']}/{l['rank']}" for l in e["config"]["layers"])})
+                             "bits/rank": Config.from_dict(e["config"]).short()})
         create_table_artifact(rows, key=f"autoqra-{self.kind}-table", description="Best configuration vs baselines")
         images = "\n\n".join(
             f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})" for p in plots

@@ -22,9 +22,10 @@ from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.racing import incumbent
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
+from infra.fingerprint import code_version, fingerprint
 from infra.pretrained import NAMED_MODELS, named_model_path
 from infra.settings import EMBEDDED_DATASETS, Settings, embedded_dataset_path, embedded_model_path
-from tasks.common import Workbench, code_version, fingerprint, workbench
+from infra.workbench import Workbench, workbench
 from tasks.evaluate import evaluate
 from tasks.priors import priors as priors_task
 

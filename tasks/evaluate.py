@@ -18,8 +18,7 @@ from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import TrainSettings, evaluate_config
 from autoqra_core.quantize import QuantSettings
 from autoqra_core.space import Config
-
-from .common import workbench
+from infra.workbench import workbench
 
 COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation actually run (tests)
 

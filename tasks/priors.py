@@ -7,8 +7,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from autoqra_core.data import batches, train_blocks
 from autoqra_core.importance import compute_priors
-
-from .common import workbench
+from infra.workbench import workbench
 
 
 @task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1, task_run_name="priors")

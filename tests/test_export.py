@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ def exported(tmp_path_factory):
     base, _ = load_model(EMBEDDED_MODEL)
     cfg = _config(layer_map(base))
     metrics = final_finetune.fn(str(EMBEDDED_MODEL), str(EMBEDDED_DATA), cfg.to_dict(), cfg.key(), TINY_EXPORT,
-                                {"backend": "sim", "group_size": 64, "device": "cpu"}, {}, "block", [], str(out))
+                                {"backend": "sim", "group_size": 64, "device": "cpu"}, {}, "block", [], str(out),
+                                "model-id", "dataset-id", "code-version")
     return out, metrics, cfg
 
 
@@ -130,7 +132,8 @@ def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded,
 
 
 def test_model_card_has_what_a_user_needs(exported):
-    from autoqra_core.export import Card, library_versions
+    from autoqra_core.export import Card
+    from infra.fingerprint import library_versions
 
     out, metrics, cfg = exported
     card = Card(name="autoqra-x", base_model="m", dataset="d", config=cfg, budget_bytes=5 * 2**20,
@@ -191,10 +194,23 @@ def registered(tmp_path_factory):
     try:
         with prefect_test_harness(server_startup_timeout=180):
             first = export_flow(str(run))
-            second = export_flow(str(run))
-        yield first, second, env
+            metrics = Path(first["export_dir"]) / "autoqra_metrics.json"
+            written = metrics.stat().st_mtime_ns
+            second = export_flow(str(run))  # Prefect's cache: the fine-tune is reused, its files left as they are
+            reused = metrics.stat().st_mtime_ns == written
+            shutil.rmtree(Path(first["export_dir"]) / "model")
+            export_flow(str(run))  # its files gone: fine-tuned again, not served from the cache
+            redone = (Path(first["export_dir"]) / "model").is_dir() and metrics.stat().st_mtime_ns != written
+        yield first, second, env, (reused, redone)
     finally:
         mp.undo()
+
+
+@pytest.mark.slow
+def test_an_export_rerun_reuses_the_fine_tune_unless_its_files_are_gone(registered):
+    first, second, _, (reused, redone) = registered
+    assert reused and second["test"] == first["test"]
+    assert redone
 
 
 @pytest.mark.slow
@@ -204,7 +220,7 @@ def test_registered_champion_loads_as_pyfunc(registered, embedded):
 
     from infra import tracking
 
-    first, second, env = registered
+    first, second, env, _ = registered
     _, _, task, _ = embedded
     uri = env["MLFLOW_TRACKING_URI"]
     # The same run exported twice is one version; the alias, tags and card are on it.
@@ -238,7 +254,7 @@ def test_registered_champion_loads_as_pyfunc(registered, embedded):
 def test_mlflow_models_serve_answers_rest(registered, embedded):
     from infra.stack import free_port
 
-    first, _, env = registered
+    first, _, env, _ = registered
     _, _, task, _ = embedded
     port = free_port()
     proc = subprocess.Popen(
