@@ -34,7 +34,7 @@ _EXPORTS = {
     "turbo": ("TurboSettings",),
     "racing": ("RaceSettings",),
     "search": ("SearchSettings", "SearchState", "SearchResult", "advance", "run_search"),
-    "baselines": ("baseline_configs", "run_baselines", "uniform_configs", "uniform_best_candidates"),
+    "baselines": ("BaselineSettings", "baseline_configs", "run_baselines", "uniform_configs", "uniform_best_candidates"),
     "errors": ("AutoQRAError", "BudgetError", "DatasetError", "SpaceError", "CandidateFailed"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

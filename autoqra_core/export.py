@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .data import Task, train_blocks
-from .fidelity import Fidelity
+from .fidelity import BATCH_SIZE, SEQ_LEN, Fidelity
 from .finetune import TrainSettings, build, fit, held_out
 from .model import LayerMap
 from .protocol import mean_sd
@@ -47,8 +47,8 @@ class ExportSettings:
 
     steps: int | None = None  # None: one epoch of the chosen data fraction
     data_fraction: float = 0.2  # one epoch of 20% of the train split: 3x the demo's top rung
-    seq_len: int = 64
-    batch_size: int = 8
+    seq_len: int = SEQ_LEN
+    batch_size: int = BATCH_SIZE
     seeds: tuple[int, ...] = (0,)  # the first seed's model is exported; test numbers are over all (spread: the report)
     eval_examples: int | None = None  # test examples scored; None: the whole test split
     merge: bool = False

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .memory import GROUP_SIZE
+
 
 @dataclass(frozen=True)
 class Priors:
@@ -86,7 +88,7 @@ class Priors:
         return cls(tuple(layers), tuple(1.0 / n for _ in layers), {b: tuple(2.0 ** -b for _ in layers) for b in bits})
 
 
-def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = 64,
+def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = GROUP_SIZE,
                    max_tokens: int = 1024, damage_batches: int = 2) -> Priors:
     """Fisher sensitivity, activation-weighted quantization error and measured damage per layer, from calibration
     batches (the first ``damage_batches`` of them for the damage: the calibration loss with only that layer

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from autoqra_core.errors import AutoQRAError
+from autoqra_core.space import Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, MLflow server and S3 server on 127.0.0.1.")
@@ -109,7 +110,7 @@ def _summary(result: dict) -> None:
         acc = e.get("accuracy")
         loss = e.get("eval_loss")
         table.add_row(name, "-" if loss is None else f"{loss:.4f}", "-" if acc is None else f"{acc:.3f}",
-                      format_bytes(e["memory_bytes"]), " ".join(f"{l['bits']}/{l['rank']}" for l in e["config"]["layers"]))
+                      format_bytes(e["memory_bytes"]), Config.from_dict(e["config"]).short())
     Console().print(table)
 
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import autoqra_core
+from infra.settings import DEFAULT_HOME
 
 #: Libraries whose versions change the numbers an evaluation gives: part of every evaluation's cache key.
 NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "hqq", "bitsandbytes")
@@ -52,7 +53,7 @@ def code_version() -> str:
 
 
 def _memo_path() -> Path:
-    return Path(os.environ.get("AUTOQRA_HOME") or ".autoqra").expanduser() / MEMO_FILE
+    return Path(os.environ.get("AUTOQRA_HOME") or DEFAULT_HOME).expanduser() / MEMO_FILE
 
 
 def _load_memo() -> None:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autoqra_core.errors import AutoQRAError
+from infra.settings import DEFAULT_HOME
 
 SERVICES = ("s3", "mlflow", "prefect")
 HOST = "127.0.0.1"
@@ -442,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] not in ("up", "down", "status", "env"):
         print("usage: python -m infra.stack up|down|status|env [HOME]", file=sys.stderr)
         return 2
-    home = Path(args[1] if len(args) > 1 else os.environ.get("AUTOQRA_HOME", ".autoqra"))
+    home = Path(args[1] if len(args) > 1 else os.environ.get("AUTOQRA_HOME", DEFAULT_HOME))
     try:
         if args[0] == "up":
             t0 = time.monotonic()

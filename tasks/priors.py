@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from autoqra_core.data import batches, train_blocks
+from autoqra_core.fidelity import BATCH_SIZE, SEQ_LEN
 from autoqra_core.importance import compute_priors
 from infra.workbench import workbench
 
@@ -23,8 +24,8 @@ def priors(
     seed: int,
     code_version: str,
     n_batches: int = 4,
-    seq_len: int = 64,
-    batch_size: int = 8,
+    seq_len: int = SEQ_LEN,
+    batch_size: int = BATCH_SIZE,
 ) -> dict:
     """Priors.to_dict(): Fisher sensitivity and quantization error per layer."""
     wb = workbench(model, dataset, granularity, tuple(layers))

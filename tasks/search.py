@@ -118,7 +118,7 @@ def population_table(state: SearchState, settings: SearchSettings) -> list[dict[
 
 
 def _row(role: str, e: Evaluation | None, config: Config) -> dict[str, Any]:
-    return {"role": role, "bits/rank per layer": " ".join(f"{b}/{r}" for b, r in zip(config.bits, config.ranks)),
+    return {"role": role, "bits/rank per layer": config.short(),
             "rung": None if e is None else e.fidelity,
             "loss": None if e is None or not e.ok else round(e.eval_loss, 4),
             "status": "-" if e is None else e.status, "key": config.key()[:10]}

@@ -131,6 +131,7 @@ def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded,
     assert abs(plain - metrics["in_memory"]["loss"]) > 10 * abs(loss - metrics["in_memory"]["loss"])
 
 
+@pytest.mark.slow
 def test_model_card_has_what_a_user_needs(exported):
     from autoqra_core.export import Card
     from infra.fingerprint import library_versions
