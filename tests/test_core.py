@@ -165,6 +165,7 @@ def test_rank_pattern_gives_each_layer_its_rank(embedded):
     assert {l: r.pop() for l, r in seen.items()} == dict(zip(lmap.names[1:], ranks[1:]))
 
 
+@pytest.mark.slow
 def test_quantization_hurts_in_bit_order_and_lora_recovers(embedded):
     """Held-out loss: 2 > 3 > 4 bits; at 4 and 8 bits this small model is within noise of unquantized (on the
     validation split 4-bit even scores 0.002 lower than 8-bit: smollm2-135m is the model where 4 bits cost);

@@ -437,6 +437,7 @@ def noisy_runs():
     return out
 
 
+@pytest.mark.slow
 def test_search_under_noise_never_loses_to_the_reference_and_finds_most_of_the_gain(noisy_runs):
     uniform, opt = true_loss(SPACE.uniform(4, 16)), optimum()
     for name in ("raced", "noiseless"):
@@ -446,6 +447,7 @@ def test_search_under_noise_never_loses_to_the_reference_and_finds_most_of_the_g
         assert regret <= 0.5 * (uniform - opt), (name, regret, uniform - opt)
 
 
+@pytest.mark.slow
 def test_racing_halves_the_winners_optimism(noisy_runs):
     """Optimism: the winner's selected (mean) loss minus its true loss. The minimum of single draws is biased low;
     the mean over the race's seeds much less."""

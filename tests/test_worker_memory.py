@@ -12,6 +12,8 @@ import shutil
 import weakref
 from pathlib import Path
 
+import pytest
+
 import infra.fingerprint as fp
 import infra.workbench as iw
 from autoqra_core.fidelity import Fidelity
@@ -35,6 +37,7 @@ def _import_bitsandbytes() -> None:
         pass
 
 
+@pytest.mark.slow
 def test_a_worker_serving_many_searches_does_not_grow(tmp_path, monkeypatch):
     """Four searches on four checkpoints, one after another: one model and one packed cache held at any time,
     the memo knows only files that exist and is written once per fingerprint, not once per file."""
