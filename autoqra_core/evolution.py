@@ -275,11 +275,13 @@ def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: 
 
 
 def references(space: SearchSpace, priors: Priors, cost: Cost, budget: int) -> list[Config]:
-    """What generation 0 runs at the top rung: uniform-4bit-r16 (where it fits and is in the space), the best
-    prior-derived configuration, and for each bit-width the largest uniform rank that fits."""
+    """What generation 0 runs at the top rung, best guess first: the best prior-derived configuration,
+    uniform-4bit-r16 (where it fits and is in the space), and for each bit-width the largest uniform rank that
+    fits."""
     ref = space.uniform(*REFERENCE)
-    out = [ref] if REFERENCE[0] in space.bits and REFERENCE[1] in space.ranks and cost(ref) <= budget else []
-    out += prior_configs(space, priors, cost, budget)[:1] + list(uniform_best_candidates(space, cost, budget).values())
+    out = prior_configs(space, priors, cost, budget)[:1]
+    out += [ref] if REFERENCE[0] in space.bits and REFERENCE[1] in space.ranks and cost(ref) <= budget else []
+    out += list(uniform_best_candidates(space, cost, budget).values())
     return list({c.key(): c for c in out}.values())
 
 
