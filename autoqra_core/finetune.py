@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import EvalSet, Task, batches, eval_set, train_blocks
+from .data import IGNORE, Blocks, EvalSet, Task, batches, eval_set, train_blocks
 from .device import model_device, release
 from .errors import CandidateFailed
 from .evaluation import Evaluation
@@ -40,6 +40,7 @@ class TrainSettings:
     dropout: float = 0.0
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
+    answer_only: bool = False  # multiple-choice rows: loss on the answer only (completions and chats always)
     seed: int = 0
 
 
@@ -96,8 +97,23 @@ def make_optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer 
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
 
 
-def train(model: nn.Module, data: list[torch.Tensor], t: TrainSettings, progress=None) -> list[float]:
-    """Plain AdamW loop with warmup + cosine decay. Raises CandidateFailed on a non-finite loss or OOM."""
+def masked_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                split: tuple[nn.Module, nn.Module] | None) -> torch.Tensor:
+    """The mean next-token loss over the labelled positions (transformers' causal-LM loss), the LM head run only
+    at those positions when the model splits into body and head (``split``)."""
+    target = labels[:, 1:]
+    pos = target != IGNORE
+    if split is None:
+        logits = model(input_ids=ids).logits[:, :-1][pos]
+    else:
+        logits = split[1](split[0](input_ids=ids).last_hidden_state[:, :-1][pos])
+    return torch.nn.functional.cross_entropy(logits.float(), target[pos])
+
+
+def train(model: nn.Module, data: list[Blocks | torch.Tensor], t: TrainSettings, progress=None) -> list[float]:
+    """Plain AdamW loop with warmup + cosine decay. Raises CandidateFailed on a non-finite loss or OOM.
+
+    Batches with labels (rows with a loss mask) compute logits only where a token is trained on."""
     opt = make_optimizer(model, t)
     if opt is None:
         return []
@@ -105,13 +121,18 @@ def train(model: nn.Module, data: list[torch.Tensor], t: TrainSettings, progress
     losses = []
     steps = len(data)
     device = model_device(model)
+    split: tuple | None | bool = False  # (body, head), None (no exact split), or False: not checked yet
     for step, x in enumerate(data):
-        x = x.to(device, non_blocking=True)
+        x = x if isinstance(x, Blocks) else Blocks(x)
+        ids = x.ids.to(device, non_blocking=True)
+        labels = None if x.labels is None else x.labels.to(device, non_blocking=True)
+        if labels is not None and split is False:
+            split = exact_split(model, ids[:2])
         lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
         try:
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=ids, labels=ids).loss if labels is None else masked_loss(model, ids, labels, split)
             if not torch.isfinite(loss):
                 raise CandidateFailed(f"diverged: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -133,6 +154,18 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     body = getattr(base, getattr(base, "base_model_prefix", "") or "_", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return (body, head) if isinstance(body, nn.Module) and isinstance(head, nn.Module) else None
+
+
+@torch.no_grad()
+def exact_split(model: nn.Module, ids: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+    """(body, head) where ``head(body(ids))`` reproduces the model's own logits on ``ids`` (no softcapping or
+    scaling on top), else None: what lets the head run only at the positions that count."""
+    split = _body_and_head(model)
+    if split is None:
+        return None
+    whole = model(input_ids=ids).logits.float()
+    parts = split[1](split[0](input_ids=ids).last_hidden_state).float()
+    return split if torch.allclose(whole, parts, rtol=1e-4, atol=1e-4) else None
 
 
 def _scored_nll(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, head: nn.Module,
@@ -168,12 +201,9 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
     lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
     order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
-    split = _body_and_head(model) if body_rows and body_rows > batch_size else None
-    if split is not None:  # the split must give the model's own logits (no softcapping or scaling on top)
-        ids = ev.input_ids[order[:2], : int(lengths[order[:2]].max())].to(device)
-        whole = model(input_ids=ids).logits.float()
-        parts = split[1](split[0](input_ids=ids).last_hidden_state).float()
-        split = split if torch.allclose(whole, parts, rtol=1e-4, atol=1e-4) else None
+    split = None
+    if body_rows and body_rows > batch_size:  # the split must give the model's own logits
+        split = exact_split(model, ev.input_ids[order[:2], : int(lengths[order[:2]].max())].to(device))
     step = body_rows if split is not None else batch_size
     for i in range(0, len(order), step):
         rows = order[i : i + step]
@@ -219,7 +249,7 @@ def fit(model: nn.Module, tokenizer, task: Task, fidelity: Fidelity, t: TrainSet
     (training losses, held-out loss, accuracy). Raises CandidateFailed when a training step diverges or runs
     out of memory.
     """
-    data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction),
+    data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction, t.answer_only),
                    fidelity.steps, fidelity.batch_size, seed=t.seed)
     losses = train(model, data, t, progress)
     return (losses, *held_out(model, tokenizer, task, fidelity, split))

@@ -88,13 +88,20 @@ class Priors:
         return cls(tuple(layers), tuple(1.0 / n for _ in layers), {b: tuple(2.0 ** -b for _ in layers) for b in bits})
 
 
+def _loss(model, x) -> torch.Tensor:
+    """The training loss of one calibration batch (on the tokens the task trains on)."""
+    from .data import Blocks
+
+    return model(**(x.inputs() if isinstance(x, Blocks) else {"input_ids": x, "labels": x})).loss
+
+
 def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = GROUP_SIZE,
                    max_tokens: int = 1024, damage_batches: int = 2) -> Priors:
     """Fisher sensitivity, activation-weighted quantization error and measured damage per layer, from calibration
     batches (the first ``damage_batches`` of them for the damage: the calibration loss with only that layer
     quantized, minus the unquantized one; 0: not measured).
 
-    ``model`` is the unquantized base (not modified); ``calibration`` a list of [batch, seq] token tensors.
+    ``model`` is the unquantized base (not modified); ``calibration`` a list of training batches (``data.Blocks``, or [batch, seq] token tensors).
     """
     import torch
 
@@ -118,7 +125,7 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     try:
         for x in calibration:
             model.zero_grad(set_to_none=True)
-            model(input_ids=x, labels=x).loss.backward()
+            _loss(model, x).backward()
             for m in members:
                 w = mods[m].weight
                 fisher[m] += float(((w.grad * w.detach()) ** 2).sum())
@@ -137,7 +144,7 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     q = QuantSettings(backend="sim", group_size=group_size, device="cpu")  # the base stays on the CPU
 
     def calib_loss() -> float:
-        return sum(float(model(input_ids=x, labels=x).loss) for x in damage_calib) / max(len(damage_calib), 1)
+        return sum(float(_loss(model, x)) for x in damage_calib) / max(len(damage_calib), 1)
 
     with torch.no_grad():
         clean = calib_loss() if damage_calib else 0.0

@@ -15,7 +15,9 @@ process really allocates (checked against tensor storage in tests and, on a GPU,
 * activations saved for backward, for a (batch, seq_len) step, with or without
   gradient checkpointing;
 * the logits: in the compute dtype, their fp32 upcast (on a 16-bit dtype), the fp32
-  log-softmax autograd keeps and the fp32 gradient of the logits in backward;
+  log-softmax autograd keeps and the fp32 gradient of the logits in backward, at every
+  position of a step, or only at the trained ones for rows with a loss mask (``loss_tokens``:
+  completions, conversations), where the head runs on those alone;
 * the transient dequantized weight of a packed layer (one at a time, compute dtype);
 * the scoring pass (``finetune.score``, no grad) as a separate peak: the model's body on
   ``score_rows`` rows (``SCORE_TOKENS`` tokens, at least one training batch), its LM head
@@ -105,6 +107,7 @@ class MemorySettings:
     seq_len: int = SEQ_LEN
     grad_checkpointing: bool = False
     score_batch_size: int | None = None  # rows per body forward when scoring; None: score_rows (as finetune.fit)
+    loss_tokens: int | None = None  # positions a training step computes logits for (data.loss_tokens); None: all
 
 
 def settings_for(device: str, backend: str, group_size: int, batch_size: int, seq_len: int,
@@ -247,7 +250,7 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
         gradients=lora * s.lora_bytes,
         optimizer=lora * s.optimizer_bytes,
         activations=activation_bytes(shape, config, s),
-        logits=logits_bytes(s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=True)
+        logits=logits_bytes(s.loss_tokens or s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=True)
         if any(layer.rank > 0 for layer in config.layers) else 0,
         dequantized=dequantized_bytes(config, shape, s),
         scoring=logits_bytes(s.batch_size * s.seq_len, shape.vocab_size, s.act_bytes, backward=False)

@@ -112,7 +112,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ms = settings_for("cpu", "hqq", 64, top.batch_size, top.seq_len, grad_checkpointing=False)
-    x = batches(train_blocks(task, tok, top.seq_len, 0.05), 1, top.batch_size, 0)[0]
+    x = batches(train_blocks(task, tok, top.seq_len, 0.05), 1, top.batch_size, 0)[0].ids
     for name, (bits, ranks) in CONFIGS.items():
         c = space.config(bits, ranks)
         model = build(base, c, lmap, QuantSettings("hqq", device=args.device), t)

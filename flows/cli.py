@@ -19,6 +19,7 @@ app.add_typer(stack_app, name="stack")
 
 MODEL = typer.Option("embedded", "--model", help="Local checkpoint directory, hub id, 'embedded' or 'smollm2-135m'.")
 DATASET = typer.Option("embedded", "--dataset", help="Directory with train/test.jsonl, a .jsonl/.txt file, 'embedded' (WordNet) or 'addition'.")
+COLUMNS = typer.Option(None, "--columns", help="Map your columns onto the row fields, e.g. 'prompt=instruction+input,completion=output' (docs/protocol.md).")
 CONFIG = typer.Option(None, "--config", help="Search settings (YAML): space, quant, train, search, baselines.")
 STORE = typer.Option(None, "--store", help="Object store URL for the export (default: the AUTOQRA_STORE setting).")
 SETTINGS = typer.Option(None, "--settings", help="Settings file (YAML) overriding MLFLOW_TRACKING_URI, AUTOQRA_STORE...")
@@ -57,14 +58,15 @@ def _with_runner(flow, config_file: Optional[Path]):
 
 
 def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional[Path], seed: int,
-               out: Optional[Path] = None, store: Optional[str] = None, export: bool = False):
+               out: Optional[Path] = None, store: Optional[str] = None, export: bool = False,
+               columns: Optional[str] = None):
     """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2.
     Returns the resolved Run (its space validates configurations)."""
     from flows.config import load_run_config
     from flows.run import Run
     from infra.tracking import check_tracking
 
-    run = Run.prepare(model, dataset, budget, load_run_config(config), seed)
+    run = Run.prepare(model, dataset, budget, load_run_config(config), seed, columns)
     if out is not None:
         from flows.search import check_out
 
@@ -125,6 +127,7 @@ def search(
     baselines: bool = typer.Option(False, "--baselines/--no-baselines", help="Also run the baselines."),
     export: bool = typer.Option(True, "--export/--no-export", help="Fine-tune, store and register the winner."),
     store: Optional[str] = STORE,
+    columns: Optional[str] = COLUMNS,
     settings: Optional[Path] = SETTINGS,
 ):
     """Search per-layer bits and LoRA ranks under a memory budget. Re-run with the same arguments to resume."""
@@ -133,10 +136,10 @@ def search(
     def go():
         from flows.search import search_flow
 
-        _preflight(model, dataset, budget, config, seed, out, store, export)
+        _preflight(model, dataset, budget, config, seed, out, store, export, columns)
         return _with_runner(search_flow, config)(model=model, dataset=dataset, budget=budget, out=str(out),
                                                  seed=seed, config_file=str(config) if config else None,
-                                                 baselines=baselines, export=export, store=store)
+                                                 baselines=baselines, export=export, store=store, columns=columns)
 
     result = _run(go)
     _summary(result)
@@ -204,6 +207,7 @@ def baselines(
     out: Path = typer.Option(Path("runs/baselines")),
     seed: int = 0,
     config: Optional[Path] = CONFIG,
+    columns: Optional[str] = COLUMNS,
     settings: Optional[Path] = SETTINGS,
 ):
     """Uniform 2/3/4/8-bit r16, sequential, random and fp-lora, by the same evaluation as the search."""
@@ -212,9 +216,10 @@ def baselines(
     def go():
         from flows.search import baselines_flow
 
-        _preflight(model, dataset, budget, config, seed)
+        _preflight(model, dataset, budget, config, seed, columns=columns)
         return _with_runner(baselines_flow, config)(model=model, dataset=dataset, budget=budget, out=str(out),
-                                                    seed=seed, config_file=str(config) if config else None)
+                                                    seed=seed, config_file=str(config) if config else None,
+                                                    columns=columns)
 
     result = _run(go)
     _summary(result)
@@ -229,6 +234,7 @@ def evaluate(
     fidelity: int = typer.Option(-1, help="Rung index (0 = cheapest); -1 = the top rung."),
     seed: int = 0,
     search_config: Optional[Path] = typer.Option(None, "--search-config", help="Search settings (YAML)."),
+    columns: Optional[str] = COLUMNS,
     settings: Optional[Path] = SETTINGS,
 ):
     """Fine-tune and score one configuration."""
@@ -240,9 +246,10 @@ def evaluate(
         cfg = _read_config_json(config_json)
         from autoqra_core.space import Config
 
-        _preflight(model, dataset, None, search_config, seed).evaluable().validate(Config.from_dict(cfg.get("config", cfg)))
+        _preflight(model, dataset, None, search_config, seed, columns=columns).evaluable().validate(
+            Config.from_dict(cfg.get("config", cfg)))
         return evaluate_flow(config=cfg.get("config", cfg), model=model, dataset=dataset, fidelity=fidelity,
-                             seed=seed, config_file=str(search_config) if search_config else None)
+                             seed=seed, config_file=str(search_config) if search_config else None, columns=columns)
 
     typer.echo(json.dumps(_run(go), indent=2))
 

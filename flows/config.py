@@ -92,6 +92,7 @@ class TrainSection(_Strict):
     dropout: float = Field(_default(TrainSettings, "dropout"), ge=0, lt=1)
     max_grad_norm: float = Field(_default(TrainSettings, "max_grad_norm"), gt=0)
     grad_checkpointing: bool | None = None  # None: on for CUDA (activations dominate there), off on the CPU
+    answer_only: bool = _default(TrainSettings, "answer_only")  # multiple choice: loss on the answer only
 
 
 class RungSection(_Strict):

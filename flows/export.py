@@ -72,7 +72,8 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
     if merge is not None:
         rc = rc.model_copy(update={"export": rc.export.model_copy(update={"merge": merge})})
-    r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"])
+    r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"],
+                    result.get("columns"))
     config = Config.from_dict(result["best"]["config"])
     r.space.validate(config)
     if getattr(r.wb.base.config, "model_type", "") in CONV1D_MODELS:
@@ -88,7 +89,7 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     state = fine_tune(
         r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
         rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
-        r.model_id, r.dataset_id, r.code, return_state=True,
+        r.model_id, r.dataset_id, r.code, columns=r.columns, return_state=True,
     )
     metrics = state.result()
     if state.name == "Cached":

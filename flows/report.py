@@ -126,6 +126,7 @@ class Report:
         result = {
             "model": self.run.model,
             "dataset": self.run.dataset,
+            "columns": self.run.columns,
             "budget_bytes": self.run.budget_bytes,
             "best": _with_protocol(_best_entry(best), compared.get("autoqra" if res else _name_of(best, baselines)),
                                    compute.get("autoqra" if res else _name_of(best, baselines))),

@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
+from autoqra_core.data import check_task, loss_tokens, parse_columns, train_blocks
 from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
@@ -59,19 +60,26 @@ class Run:
     model_id: str
     dataset_id: str
     code: str
+    columns: str = ""  # the dataset's column mapping, canonical (data.parse_columns); part of dataset_id
 
     @classmethod
-    def prepare(cls, model: str, dataset: str, budget: str | int | None, rc: RunConfig, seed: int) -> "Run":
+    def prepare(cls, model: str, dataset: str, budget: str | int | None, rc: RunConfig, seed: int,
+                columns: str | None = None) -> "Run":
         m, d = resolve(model, "model"), resolve(dataset, "dataset")
-        wb = workbench(m, d, rc.space.granularity, tuple(rc.space.layers or ()))
+        cols = ",".join(f"{k}={v}" for k, v in sorted(parse_columns(columns).items()))
+        wb = workbench(m, d, rc.space.granularity, tuple(rc.space.layers or ()), cols)
+        seq_lens = [f.seq_len for f in rc.ladder().rungs] + [rc.export.seq_len]
+        check_task(wb.task, wb.tokenizer, min(seq_lens), rc.train.answer_only)  # before any fine-tune
         space = SearchSpace(wb.lmap.names, tuple(rc.space.bits), tuple(rc.space.ranks))
         from autoqra_core.quantize import check_backend
 
         check_backend(rc.quant.backend, space.bits)
-        mem = rc.memory_settings()
+        top = rc.ladder()[rc.ladder().top]  # rows with a loss mask: the head runs on the trained positions only
+        blocks = train_blocks(wb.task, wb.tokenizer, top.seq_len, top.data_fraction, rc.train.answer_only)
+        mem = replace(rc.memory_settings(), loss_tokens=loss_tokens(blocks, top.batch_size))
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
-        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), fingerprint(d, "dataset"),
-                   code_version())
+        dataset_id = fingerprint(d, "dataset") + (f" columns {cols}" if cols else "")
+        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), dataset_id, code_version(), cols)
 
     @property
     def ladder(self) -> Ladder:
@@ -97,7 +105,7 @@ class Run:
         return Priors.from_dict(priors_task(
             self.model, self.dataset, self.model_id, self.dataset_id, self.rc.space.granularity,
             list(self.rc.space.layers or []), [b for b in self.space.bits if b < 16], self.rc.quant.group_size,
-            self.seed, self.code,
+            self.seed, self.code, columns=self.columns,
         ))
 
     def evaluate_many(self, requests: list[Request], progress: "Progress | None" = None, *,
@@ -117,7 +125,7 @@ class Run:
             fidelities = [replace(f, eval_examples=self.rc.report.test_examples or len(self.wb.task.test)) for f in fidelities]
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
                       quant=self.rc.quant.model_dump(), granularity=self.rc.space.granularity,
-                      layers=list(self.rc.space.layers or []), code_version=self.code, split=split)
+                      layers=list(self.rc.space.layers or []), code_version=self.code, split=split, columns=self.columns)
         per = dict(config=[c.to_dict() for c, _, _ in requests], config_key=[c.key() for c, _, _ in requests],
                    rung=[r for _, r, _ in requests], fidelity=[f.__dict__ for f in fidelities],
                    memory_bytes=[self.cost(c) for c, _, _ in requests],

@@ -60,7 +60,7 @@ def _planned_search(run: Run) -> tuple[list[int], int]:
     seen[-1] += len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0  # the references
     turbo = s.turbo.iterations * s.turbo.batch_size
     # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
-    replicates = (seen[-1] + turbo) * (s.race.max_config_calls - 1) // 4
+    replicates = -(-(seen[-1] + turbo) * (s.race.max_config_calls - 1) // 4)  # rounded up
     return seen, turbo + replicates
 
 
@@ -94,13 +94,15 @@ def search_flow(
     baselines: bool = False,
     export: bool = True,
     store: str | None = None,
+    columns: str | None = None,
 ) -> dict:
     """Search per-layer bits and LoRA ranks under ``budget``; with ``baselines``, run them too; write
     ``out``/result.json and plots; then (``export``) fine-tune the winner, upload it to ``store`` (default
-    AUTOQRA_STORE) and register it."""
+    AUTOQRA_STORE) and register it. ``columns`` maps the dataset's columns onto the row fields
+    (``prompt=instruction+input,completion=output``)."""
     log = get_run_logger()
     rc = load_run_config(config_file)
-    run = Run.prepare(model, dataset, budget, rc, seed)
+    run = Run.prepare(model, dataset, budget, rc, seed, columns)
     out_dir = Path(out).resolve()
     params = run.params(budget)
     check_out(out_dir, params)
@@ -152,11 +154,12 @@ def baselines_flow(
     out: str = "runs/baselines",
     seed: int = 0,
     config_file: str | None = None,
+    columns: str | None = None,
 ) -> dict:
     """The baselines alone (uniform b-bit r16, uniform-best, sequential, random, fp-lora) at the top rung; random
     search at ``baselines.n_random`` fine-tunes, by default those a search at these settings would spend."""
     rc = load_run_config(config_file)
-    run = Run.prepare(model, dataset, budget, rc, seed)
+    run = Run.prepare(model, dataset, budget, rc, seed, columns)
     report = Report.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
     b = rc.baseline_settings()
@@ -227,10 +230,11 @@ def evaluate_flow(
     fidelity: int = -1,
     seed: int = 0,
     config_file: str | None = None,
+    columns: str | None = None,
 ) -> dict:
     """One configuration at rung ``fidelity`` (-1: the top rung)."""
     rc = load_run_config(config_file)
-    run = Run.prepare(model, dataset, None, rc, seed)
+    run = Run.prepare(model, dataset, None, rc, seed, columns)
     cfg = Config.from_dict(config)
     run.evaluable().validate(cfg)
     rung = run.ladder.top if fidelity < 0 else fidelity

@@ -8,7 +8,10 @@ any machine with those libraries. The export folder is the model's artifact ``ex
 ``predict`` takes rows (a DataFrame, or records over REST):
 * ``{"prompt": str, "choices": [str, ...]}`` -> ``{"scores": [mean log-likelihood per choice], "choice": index}``
   (the same scoring as AutoQRA's accuracy: each choice's tokens after EOS + prompt, averaged);
-* ``{"prompt": str}`` -> ``{"text": greedy continuation}`` (``params={"max_new_tokens": N}``, default 32).
+* ``{"prompt": str}`` -> ``{"text": greedy continuation}`` (``params={"max_new_tokens": N}``, default 32): the
+  completion of a prompt/completion model;
+* ``{"messages": [{"role", "content"}, ...]}`` -> ``{"text": the assistant's reply}``, the conversation rendered
+  with the tokenizer's chat template and its generation prompt, as the model was trained.
 """
 
 from __future__ import annotations
@@ -51,17 +54,17 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
                 out.append(float(tok.mean()) if len(tgt) else float("-inf"))
         return out
 
-    def _generate(self, prompt: str, max_new_tokens: int) -> str:
+    def _generate(self, context: list[int], max_new_tokens: int) -> str:
         import torch
 
-        ids = torch.tensor([[self.tokenizer.eos_token_id] + self._ids(prompt)])
+        ids = torch.tensor([context])
         with torch.no_grad():
             for _ in range(max_new_tokens):  # greedy, without a KV cache: small and version-proof
                 nxt = int(self.model(input_ids=ids).logits[0, -1].argmax())
                 if nxt == self.tokenizer.eos_token_id:
                     break
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        return self.tokenizer.decode(ids[0, 1 + len(self._ids(prompt)) :].tolist())
+        return self.tokenizer.decode(ids[0, len(context) :].tolist())
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -70,13 +73,23 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         max_new = int((params or {}).get("max_new_tokens", 32))
         out = []
         for row in rows:
-            choices = row.get("choices")
-            if choices is not None and not isinstance(choices, (float, str)) and len(choices) > 0:  # NaN: no choices
+            choices, messages = row.get("choices"), row.get("messages")
+            if _given(choices):
                 scores = self._scores(str(row["prompt"]), [str(c) for c in choices])
                 out.append({"scores": scores, "choice": max(range(len(scores)), key=scores.__getitem__)})
+            elif _given(messages):
+                text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                          add_generation_prompt=True)
+                out.append({"text": self._generate(self._ids(text), max_new)})
             else:
-                out.append({"text": self._generate(str(row["prompt"]), max_new)})
+                out.append({"text": self._generate([self.tokenizer.eos_token_id] + self._ids(str(row["prompt"])),
+                                                   max_new)})
         return out
+
+
+def _given(value) -> bool:
+    """A list-valued column present in this row (a DataFrame fills an absent one with NaN)."""
+    return value is not None and not isinstance(value, (float, str)) and len(value) > 0
 
 
 set_model(ChampionModel())

@@ -46,12 +46,13 @@ _LOADED: OrderedDict[tuple, Workbench] = OrderedDict()  # least recently used fi
 _LOCK = threading.Lock()
 
 
-def workbench(model: str, dataset: str, granularity: str = "block", layers: tuple[str, ...] = ()) -> Workbench:
-    """The loaded model and task, once per process and per content (a checkpoint rewritten in place is
-    reloaded). Thread-safe: thread workers wait for the first load instead of loading the model twice."""
+def workbench(model: str, dataset: str, granularity: str = "block", layers: tuple[str, ...] = (),
+              columns: str = "") -> Workbench:
+    """The loaded model and task (its columns renamed by ``columns``, ``data.parse_columns``), once per process
+    and per content (a checkpoint rewritten in place is reloaded). Thread-safe: thread workers wait for the first load instead of loading the model twice."""
     with _LOCK:
         local = [fingerprint(p) if Path(p).exists() else p for p in (model, dataset)]  # hub ids: no lookup here
-        key = (model, dataset, granularity, tuple(layers), *local)
+        key = (model, dataset, granularity, tuple(layers), columns, *local)
         if (wb := _LOADED.get(key)) is not None:
             _LOADED.move_to_end(key)
             return wb
@@ -59,7 +60,7 @@ def workbench(model: str, dataset: str, granularity: str = "block", layers: tupl
             _drop(_LOADED.popitem(last=False)[1])
         base, tok = load_model(model)
         lmap = select_layers(layer_map(base, granularity), list(layers))
-        wb = Workbench(base, tok, load_task(dataset), lmap, model_shape(base, lmap), PackedCache(base, cache_capacity()))
+        wb = Workbench(base, tok, load_task(dataset, columns), lmap, model_shape(base, lmap), PackedCache(base, cache_capacity()))
         _LOADED[key] = wb
         return wb
 

@@ -77,12 +77,13 @@ def evaluate(
     layers: list[str],
     code_version: str,
     split: str = "validation",
+    columns: str = "",
 ) -> dict:
     """Evaluation.to_dict() of ``config`` at ``rung``. ``model``/``dataset`` are paths (not in the cache key:
     ``model_id``/``dataset_id`` are their content fingerprints); ``memory_bytes`` is the memory model's cost,
     computed by the caller for the reporting fidelity's training shape. ``split``: the held-out rows scored
     (``validation`` for every search decision, ``test`` only for the final report)."""
-    wb = workbench(model, dataset, granularity, tuple(layers))
+    wb = workbench(model, dataset, granularity, tuple(layers), columns)
     cfg = Config.from_dict(config)
     fid = Fidelity(**fidelity)
     result = evaluate_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, rung, memory_bytes,

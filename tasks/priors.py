@@ -26,8 +26,9 @@ def priors(
     n_batches: int = 4,
     seq_len: int = SEQ_LEN,
     batch_size: int = BATCH_SIZE,
+    columns: str = "",
 ) -> dict:
     """Priors.to_dict(): Fisher sensitivity and quantization error per layer."""
-    wb = workbench(model, dataset, granularity, tuple(layers))
+    wb = workbench(model, dataset, granularity, tuple(layers), columns)
     calib = batches(train_blocks(wb.task, wb.tokenizer, seq_len, 0.05), n_batches, batch_size, seed)
     return compute_priors(wb.base, wb.lmap, calib, tuple(bits), group_size).to_dict()

@@ -37,6 +37,18 @@ def test_bad_search_input_exits_2(home, tmp_path, args, message):
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+def test_a_column_mapping_naming_a_missing_column_exits_2(home, tmp_path):
+    rows = [{"instruction": f"Add one to {a}.", "output": str(a + 1)} for a in range(100)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = autoqra("search", "--dataset", str(data), "--columns", "prompt=instruction,completion=answer",
+                "--out", str(tmp_path / "out"), home=home)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "the column mapping completion=answer names column(s) ['answer'] this row does not have" in " ".join(
+        r.stderr.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_malformed_settings_file_names_the_field(home, tmp_path):
     cfg = tmp_path / "search.yaml"
     cfg.write_text("space:\n  bits: [2, 5]\nsearch:\n  generatons: 3\n")

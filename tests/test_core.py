@@ -198,7 +198,7 @@ def test_importance_priors_shape_and_order(embedded):
     from autoqra_core.data import batches, train_blocks
 
     calib = batches(train_blocks(task, tok, 64, 0.05), 2, 4, 0)
-    x = calib[0]
+    x = calib[0].ids
     with torch.no_grad():
         before = base(input_ids=x).logits
     pri = compute_priors(base, lmap, calib, (2, 3, 4, 8))

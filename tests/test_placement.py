@@ -149,6 +149,40 @@ def test_logits_term_matches_the_head_tensors_at_smollm2_vocab():
     assert logits_bytes(2 * 24, 49152, 4, backward=True) == measured
 
 
+def test_logits_term_of_a_masked_batch_counts_only_the_trained_positions():
+    """Rows with a loss mask: the head runs on the trained positions only, and the memory model charges those."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from autoqra_core.data import IGNORE, Blocks, loss_tokens
+    from autoqra_core.finetune import exact_split, masked_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "hidden_size": 64, "num_attention_heads": 4,
+                                            "num_key_value_heads": 2, "intermediate_size": 64,
+                                            "num_hidden_layers": 1}))
+    x = torch.randint(0, 1000, (2, 24))
+    labels = torch.full_like(x, IGNORE)
+    labels[0, 10:14], labels[1, 20:24] = x[0, 10:14], x[1, 20:24]  # 4 + 4 trained tokens
+    split = exact_split(model, x)
+    saved: dict[int, int] = {}
+    logits: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: logits.append(o))
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t,
+            lambda t: t):
+        loss = masked_loss(model, x, labels, split)
+    hook.remove()
+    grads = []
+    logits[0].register_hook(lambda g: grads.append(g.untyped_storage().nbytes()))
+    loss.backward()
+    n = loss_tokens(Blocks(x, labels), batch_size=2)
+    assert n == 8 and logits[0].shape == (8, 49152)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    vocab_sized = sum(b for ptr, b in saved.items() if b >= 8 * 49152 and ptr not in weights)
+    assert logits_bytes(n, 49152, 4, backward=True) == logits[0].untyped_storage().nbytes() + vocab_sized + grads[0]
+
+
 def test_memory_model_matches_storage_at_smollm2_widths():
     """SmolLM2-135M's widths, heads and tied 49k vocabulary (2 of its 30 blocks), random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
