@@ -21,7 +21,7 @@ import importlib
 _EXPORTS = {
     "space": ("SearchSpace", "Config", "LayerChoice"),
     "model": ("load_model", "layer_map", "model_shape", "LayerMap"),
-    "data": ("load_task", "Task", "train_blocks", "batches"),
+    "data": ("load_task", "Task", "check_task", "train_blocks", "batches", "Blocks", "loss_tokens"),
     "memory": ("MemorySettings", "settings_for", "memory", "total_bytes", "budget_bytes", "format_bytes"),
     "estimate": ("plan", "Plan"),
     "importance": ("Priors", "compute_priors"),

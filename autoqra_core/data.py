@@ -315,6 +315,12 @@ def _examples(task: Task, tokenizer, split: str, answer_only: bool) -> tuple[tup
     return tuple(example(tokenizer, r, answer_only) for r in getattr(task, split))
 
 
+def masked(task: Task, answer_only: bool = False) -> bool:
+    """Whether training computes the loss on part of each row only (completions, conversations, multiple choice
+    with ``answer_only``): such rows are packed whole and the LM head runs at the trained positions alone."""
+    return task.kind in ("completion", "messages") or (answer_only and task.kind == "choice")
+
+
 def _target_len(mask: list[bool]) -> int:
     """Tokens from the first trained token of the last trained span to the end: what a window must keep."""
     last = max((i for i, m in enumerate(mask) if m), default=-1)

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.data import check_task, loss_tokens, parse_columns, train_blocks
+from autoqra_core.data import check_task, loss_tokens, masked, parse_columns, train_blocks
 from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
@@ -74,9 +74,11 @@ class Run:
         from autoqra_core.quantize import check_backend
 
         check_backend(rc.quant.backend, space.bits)
-        top = rc.ladder()[rc.ladder().top]  # rows with a loss mask: the head runs on the trained positions only
-        blocks = train_blocks(wb.task, wb.tokenizer, top.seq_len, top.data_fraction, rc.train.answer_only)
-        mem = replace(rc.memory_settings(), loss_tokens=loss_tokens(blocks, top.batch_size))
+        mem = rc.memory_settings()
+        if masked(wb.task, rc.train.answer_only):  # the LM head runs on the trained positions only
+            top = rc.ladder()[rc.ladder().top]
+            blocks = train_blocks(wb.task, wb.tokenizer, top.seq_len, top.data_fraction, rc.train.answer_only)
+            mem = replace(mem, loss_tokens=loss_tokens(blocks, top.batch_size))
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
         dataset_id = fingerprint(d, "dataset") + (f" columns {cols}" if cols else "")
         return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), dataset_id, code_version(), cols)
