@@ -91,6 +91,11 @@ def parse_columns(text: str | Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def columns_text(columns: str | Mapping[str, str] | None) -> str:
+    """The canonical text of a column mapping (fields sorted): one mapping, one spelling, one cache key."""
+    return ",".join(f"{k}={v}" for k, v in sorted(parse_columns(columns).items()))
+
+
 def _mapped(row: dict, columns: dict[str, str], where: str) -> dict:
     """``row`` with the mapped fields filled from its columns ('+' joins non-empty strings with a blank line)."""
     if not columns:
@@ -465,10 +470,10 @@ def eval_set(task: Task, tokenizer, n_examples: int, max_len: int, split: str = 
             windows = [(ids[-max_len:], [False] + mask[-max_len:][1:])]  # cut from the left, as in training
         else:
             prompt = _ids(tokenizer, row["prompt"]) if kind in ("choice", "completion") else []
-            options = {"choice": row.get("choices"), "completion": [row.get("completion")], "text": [row.get("text")]}
+            options = row["choices"] if kind == "choice" else [row[kind]]  # a completion's or a text's own field
             tail = [eos] if kind == "completion" else []
             windows = []
-            for option in options[kind]:
+            for option in options:
                 ids, n_ctx = fit_window([eos] + prompt, _ids(tokenizer, option) + tail, max_len)
                 windows.append((ids, [False] * n_ctx + [True] * (len(ids) - n_ctx)))
         for j, (ids, mask) in enumerate(windows):

@@ -101,7 +101,8 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     batches (the first ``damage_batches`` of them for the damage: the calibration loss with only that layer
     quantized, minus the unquantized one; 0: not measured).
 
-    ``model`` is the unquantized base (not modified); ``calibration`` a list of training batches (``data.Blocks``, or [batch, seq] token tensors).
+    ``model`` is the unquantized base (not modified); ``calibration`` a list of training batches (``data.Blocks``,
+    or [batch, seq] token tensors).
     """
     import torch
 

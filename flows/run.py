@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import unmapped
 from prefect.logging import get_run_logger
 
-from autoqra_core.data import check_task, loss_tokens, masked, parse_columns, train_blocks
+from autoqra_core.data import check_task, columns_text, loss_tokens, masked, train_blocks
 from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Ladder
 from autoqra_core.importance import Priors
@@ -60,15 +60,16 @@ class Run:
     model_id: str
     dataset_id: str
     code: str
-    columns: str = ""  # the dataset's column mapping, canonical (data.parse_columns); part of dataset_id
+    columns: str = ""  # the dataset's column mapping (data.columns_text); part of dataset_id
 
     @classmethod
     def prepare(cls, model: str, dataset: str, budget: str | int | None, rc: RunConfig, seed: int,
                 columns: str | None = None) -> "Run":
         m, d = resolve(model, "model"), resolve(dataset, "dataset")
-        cols = ",".join(f"{k}={v}" for k, v in sorted(parse_columns(columns).items()))
+        cols = columns_text(columns)
         wb = workbench(m, d, rc.space.granularity, tuple(rc.space.layers or ()), cols)
-        seq_lens = [f.seq_len for f in rc.ladder().rungs] + [rc.export.seq_len]
+        ladder = rc.ladder()
+        seq_lens = [f.seq_len for f in ladder.rungs] + [rc.export.seq_len]
         check_task(wb.task, wb.tokenizer, min(seq_lens), rc.train.answer_only)  # before any fine-tune
         space = SearchSpace(wb.lmap.names, tuple(rc.space.bits), tuple(rc.space.ranks))
         from autoqra_core.quantize import check_backend
@@ -76,7 +77,7 @@ class Run:
         check_backend(rc.quant.backend, space.bits)
         mem = rc.memory_settings()
         if masked(wb.task, rc.train.answer_only):  # the LM head runs on the trained positions only
-            top = rc.ladder()[rc.ladder().top]
+            top = ladder[ladder.top]
             blocks = train_blocks(wb.task, wb.tokenizer, top.seq_len, top.data_fraction, rc.train.answer_only)
             mem = replace(mem, loss_tokens=loss_tokens(blocks, top.batch_size))
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0

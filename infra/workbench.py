@@ -49,7 +49,8 @@ _LOCK = threading.Lock()
 def workbench(model: str, dataset: str, granularity: str = "block", layers: tuple[str, ...] = (),
               columns: str = "") -> Workbench:
     """The loaded model and task (its columns renamed by ``columns``, ``data.parse_columns``), once per process
-    and per content (a checkpoint rewritten in place is reloaded). Thread-safe: thread workers wait for the first load instead of loading the model twice."""
+    and per content (a checkpoint rewritten in place is reloaded). Thread-safe: thread workers wait for the
+    first load instead of loading the model twice."""
     with _LOCK:
         local = [fingerprint(p) if Path(p).exists() else p for p in (model, dataset)]  # hub ids: no lookup here
         key = (model, dataset, granularity, tuple(layers), columns, *local)
