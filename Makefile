@@ -1,6 +1,8 @@
 # Two commands for a fresh machine: `make demo` (a whole search on the embedded default)
 # and `make test` (the suite). Both create .venv and install everything first.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The suite runs on this many pytest-xdist workers (one torch thread each); 0 runs it in one process.
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -24,11 +26,11 @@ demo: install
 	$(BIN)/autoqra search --budget uniform-4bit-r16 --out demo-output --seed 0 --baselines --config infra/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The inner loop: no servers, no fine-tune longer than a few steps (the tests marked `slow` are left out).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf demo-output .autoqra .pytest_cache

@@ -9,7 +9,9 @@ artifacts in the S3 server of ``s3_server``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,34 @@ from pathlib import Path
 import pytest
 
 from infra import stack as local_stack
+
+# `make test` runs the suite on two pytest-xdist workers (one per core). Each worker is one torch thread
+# (so are the `autoqra` subprocesses it starts: OMP_NUM_THREADS is inherited), and gets its own default
+# AutoQRA and Prefect homes, so tests that do not name a home never share a SQLite file across workers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _worker_home = Path(tempfile.mkdtemp(prefix=f"autoqra-{os.environ['PYTEST_XDIST_WORKER']}-"))
+    os.environ.setdefault("AUTOQRA_HOME", str(_worker_home / "autoqra"))
+    os.environ.setdefault("PREFECT_HOME", str(_worker_home / "prefect"))
+
+
+# Modules that use another module's session fixture run on the worker of that module: the browser tests
+# look at the search that tests/test_orchestration.py's served_search runs against the servers.
+SHARED_WORKER = {"tests/test_browser.py": "tests/test_orchestration.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Each module runs whole on one worker (its module-scoped searches are built once), modules in
+    collection order as workers free up: xdist's ``loadfile`` with the modules of SHARED_WORKER joined.
+    (``--dist loadgroup`` cannot do it with pytest 9: its group suffix no longer reaches the node id.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(path, path)
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")

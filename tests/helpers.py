@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = ROOT / "infra" / "embedded" / "model"
