@@ -94,7 +94,7 @@ def run_seed(seed: int, args) -> dict:
     from autoqra_core.protocol import history_tokens
     from autoqra_core.search import SearchState, advance, result as search_result
     from flows.config import load_run_config
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     @flow(name="bench-anytime")
     def bench(seed: int) -> dict:

@@ -26,7 +26,7 @@ def measure(args) -> list[dict]:
     from prefect import flow
 
     from flows.config import load_run_config
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     @flow(name="bench-loss-mask")
     def bench() -> list[dict]:

@@ -36,7 +36,7 @@ def main() -> None:
     from autoqra_core.finetune import evaluate_config
     from autoqra_core.space import Config
     from flows.config import RunConfig
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     run = Run.prepare("embedded", "embedded", None, RunConfig(), seed=0)
     rng = random.Random(0)

@@ -41,7 +41,7 @@ def measure(args) -> dict:
     from autoqra_core.racing import pooled_sd, table
     from autoqra_core.repair import repair
     from flows.config import load_run_config
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     @flow(name="bench-rungs")
     def bench() -> dict:

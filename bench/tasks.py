@@ -37,7 +37,7 @@ def run_task(name: str, path: Path, args) -> dict:
 
     from autoqra_core.baselines import fp_lora, uniform_configs
     from flows.config import load_run_config
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     @flow(name=f"bench-tasks-{name}")
     def bench() -> dict:

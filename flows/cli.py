@@ -63,7 +63,7 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
     """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2.
     Returns the resolved Run (its space validates configurations)."""
     from flows.config import load_run_config
-    from flows.run import Run
+    from flows.prepared_run import Run
     from infra.tracking import check_tracking
 
     run = Run.prepare(model, dataset, budget, load_run_config(config), seed, columns)
@@ -275,7 +275,7 @@ def estimate(
 ):
     """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
     from flows.config import QuantSection, SearchSection
-    from flows.run import resolve
+    from flows.prepared_run import resolve
 
     def go():
         import dataclasses

@@ -22,7 +22,7 @@ from infra.tracking import compact_config
 from tasks.export import final_finetune, publish
 
 from .config import RunConfig
-from .run import Run, write_json
+from .prepared_run import Run, write_json
 
 EXPORT_FILE = "export.json"
 CONV1D_MODELS = ("gpt2",)  # transformers' Conv1D (weights transposed): model.conv1d_to_linear changes their layout

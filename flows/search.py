@@ -23,8 +23,8 @@ from tasks.search import Live, baselines_step, lend, report_step, search_step, s
 
 from .config import load_run_config
 from .export import export_flow
-from .report import Report
-from .run import Progress, Run, write_json
+from .outputs import RunOutputs
+from .prepared_run import Progress, Run, write_json
 
 STATE_FILE = "search-state.json"  # a readable snapshot after every step; resume never reads it
 
@@ -107,7 +107,7 @@ def search_flow(
     params = run.params(budget)
     check_out(out_dir, params)
     check_budget(run.space, run.cost, run.budget_bytes)
-    report = Report.start(run, out_dir, kind="search")
+    outputs = RunOutputs.start(run, out_dir, kind="search")
     log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes")
     pri = run.priors()
     settings = rc.search_settings(seed)
@@ -120,7 +120,7 @@ def search_flow(
             after = SearchState.from_dict(done.result())
             renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
             write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
-            report.checkpoint(search_result(after, settings))
+            outputs.checkpoint(search_result(after, settings))
             state = after
         res = search_result(state, settings)
         base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
@@ -134,7 +134,7 @@ def search_flow(
             compute |= baseline_compute(base, n_random, run)
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     _rename(renames)
-    result = report.finish(res, base, pri, tests, compute)
+    result = outputs.finish(res, base, pri, tests, compute)
     if export and result["best"]:
         progress.at("export")
         try:
@@ -160,7 +160,7 @@ def baselines_flow(
     search at ``baselines.n_random`` fine-tunes, by default those a search at these settings would spend."""
     rc = load_run_config(config_file)
     run = Run.prepare(model, dataset, budget, rc, seed, columns)
-    report = Report.start(run, Path(out).resolve(), kind="baselines")
+    outputs = RunOutputs.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
     b = rc.baseline_settings()
     n_random = b.random_count(_planned_tokens(run), run.ladder)
@@ -169,7 +169,7 @@ def baselines_flow(
     with _lend(run, progress) as live:
         base = _baselines(run, pri, params, live, n_random, [], rc.search_settings(seed).seeds)
         tests = _test_report(run, params, live, {}, base, progress)
-    return report.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
+    return outputs.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
 
 
 def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:

@@ -154,7 +154,7 @@ def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
     import signal
     import time
 
-    import flows.report as fr
+    import flows.outputs as fr
     from flows.search import search_flow
     from infra import stack as local_stack
     from infra import tracking
@@ -164,7 +164,7 @@ def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     seconds: list[float] = []
     warnings: list[str] = []
-    real_checkpoint, real_logger = fr.Report.checkpoint, fr.get_run_logger
+    real_checkpoint, real_logger = fr.RunOutputs.checkpoint, fr.get_run_logger
 
     def timed_checkpoint(self, res):
         start = time.monotonic()
@@ -184,7 +184,7 @@ def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.log, name)
 
-    monkeypatch.setattr(fr.Report, "checkpoint", timed_checkpoint)
+    monkeypatch.setattr(fr.RunOutputs, "checkpoint", timed_checkpoint)
     monkeypatch.setattr(fr, "get_run_logger", lambda: Recording(real_logger()))
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
@@ -202,7 +202,7 @@ def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
         # The server comes back (same port, same database): the same command continues the run, logs the rest.
         local_stack.up(tmp_path / "stack", services=("mlflow",), ports={"mlflow": server.services["mlflow"].port},
                        timeout=150)
-        monkeypatch.setattr(fr.Report, "checkpoint", real_checkpoint)
+        monkeypatch.setattr(fr.RunOutputs, "checkpoint", real_checkpoint)
         again = search_flow(out=str(out), config_file=str(cfg), seed=6, baselines=False, export=False)
         assert again["mlflow_run_id"] == result["mlflow_run_id"]
         children = tracking.child_runs(result["mlflow_run_id"], uri)

@@ -75,7 +75,7 @@ def test_shipped_addition_task_resolves_loads_and_rebuilds_identically() -> None
     """``--dataset addition`` is the shipped two-digit addition task, and ``build.py --tasks addition`` would
     write exactly the committed rows (so what was benchmarked is what ships)."""
     from autoqra_core.data import load_task
-    from flows.run import resolve
+    from flows.prepared_run import resolve
     from infra.embedded.build import SIZES, TASKS
 
     assert resolve("embedded", "dataset") == str(embedded_dataset_path()) == resolve("wordnet", "dataset")

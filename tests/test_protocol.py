@@ -186,7 +186,7 @@ def test_smollm2_is_installed_and_really_pretrained(tmp_path_factory, monkeypatc
     import torch
 
     from autoqra_core.model import find_blocks, load_model
-    from flows.run import resolve
+    from flows.prepared_run import resolve
 
     monkeypatch.setenv("AUTOQRA_HOME", str(tmp_path_factory.mktemp("smol-home")))
     path = resolve("smollm2-135m", "model")

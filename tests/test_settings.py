@@ -140,7 +140,7 @@ def test_evaluate_accepts_the_runs_own_fp_lora_baseline():
     """`autoqra evaluate --config` of result.json's fp-lora baseline (16 bits) needs no settings file adding 16."""
     from autoqra_core.baselines import fp_lora
     from autoqra_core.errors import SpaceError
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     run = Run.prepare("embedded", "embedded", None, RunConfig(), 0)
     config = fp_lora(run.space, RunConfig().baselines.rank)

@@ -22,7 +22,7 @@ from autoqra_core.space import Config
 from infra import tracking
 from infra.plots import plot_allocation, plot_pareto, plot_progress, plot_test_comparison
 
-from .run import Run, write_json
+from .prepared_run import Run, write_json
 
 EXPERIMENT = "autoqra"
 
@@ -34,7 +34,7 @@ def _eval_entry(e: Evaluation) -> dict:
 
 
 @dataclass
-class Report:
+class RunOutputs:
     run: Run
     out: Path
     kind: str
@@ -45,7 +45,7 @@ class Report:
     down: bool = False  # the tracking server failed: reported once, probed at each checkpoint, caught up
 
     @classmethod
-    def start(cls, run: Run, out: Path, kind: str) -> "Report":
+    def start(cls, run: Run, out: Path, kind: str) -> "RunOutputs":
         """Fail fast on an unreachable tracking server, then open the parent run, or continue it when this is
         the same search resumed (found by a tag hashing ``Run.params`` and the folder, not by a local file)."""
         uri = tracking.tracking_uri()

@@ -231,7 +231,7 @@ def test_estimate_reads_a_config_only_folder(tmp_path):
 def test_estimate_equals_the_search_cost(embedded, tmp_path):
     from flows.cli import app
     from flows.config import RunConfig
-    from flows.run import Run
+    from flows.prepared_run import Run
 
     run = Run.prepare("embedded", "embedded", None, RunConfig(), 0)
     cfg = run.space.config([2, 3, 4, 8, 2, 4], [0, 4, 64, 16, 8, 32])
