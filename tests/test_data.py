@@ -14,7 +14,7 @@ from autoqra_core.data import (IGNORE, chat_ids, check_task, eval_set, example, 
                                train_blocks)
 from autoqra_core.errors import DatasetError
 
-from .helpers import EMBEDDED_MODEL
+from .helpers import EMBEDDED_MODEL, MINI_SEARCH
 
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
         {"role": "user", "content": "And 40 + 2?"}, {"role": "assistant", "content": "It is 42."}]
@@ -179,19 +179,6 @@ def test_chat_rows_need_a_chat_template(tmp_path, tok):
     with pytest.raises(DatasetError, match="the model's tokenizer has no chat template"):
         check_task(task, tok, 32)
 
-
-# A search just large enough to run every step once (one rung, one TuRBO candidate, one report seed).
-MINI_SEARCH = """
-search:
-  generations: 1
-  rungs:
-    - {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 20}
-  evolution: {population_size: 3, offspring: 2}
-  turbo: {iterations: 1, batch_size: 1}
-  race: {max_config_calls: 1}
-report: {seeds: 1, test_examples: 20}
-export: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, seeds: [0], eval_examples: 20}
-"""
 
 # A chat template for a copy of the embedded model (its tokenizer ships none): each turn, then EOS.
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"

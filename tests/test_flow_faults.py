@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from .helpers import TINY_SEARCH as TINY
+from .helpers import MINI_SEARCH, TINY_SEARCH as TINY
 
 
 
@@ -28,8 +28,8 @@ def test_crashing_evaluation_is_retried_once_then_failed(prefect_env, tmp_path, 
         return real(base, tok, task, lmap, config, *args, **kwargs)
 
     monkeypatch.setattr(te, "evaluate_config", flaky)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI_SEARCH)
     result = search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=True)
 
     failed = [e for e in result["evaluations"] if e["status"] == "failed"]

@@ -15,7 +15,7 @@ from autoqra_core.evaluation import Evaluation
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.space import SearchSpace
 
-from .helpers import EMBEDDED_DATA, TINY_SEARCH, embedded  # noqa: F401 - fixture
+from .helpers import EMBEDDED_DATA, MINI_SEARCH, embedded  # noqa: F401 - fixture
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
@@ -126,8 +126,9 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     evaluations, same winner, same validation numbers); only the test report differs."""
     from flows.search import search_flow
 
-    cfg = tmp_path / "tiny.yaml"  # one uniform baseline is enough here: the report re-runs every method per seed
-    cfg.write_text(TINY_SEARCH.replace("baselines: {n_random: 2}", "baselines: {n_random: 2, uniform_bits: [4]}"))
+    cfg = tmp_path / "mini.yaml"  # one uniform baseline is enough here: the report re-runs every method per seed
+    cfg.write_text(MINI_SEARCH.replace("report: {seeds: 1, test_examples: 20}", "report: {seeds: 2, test_examples: 40}")
+                   + "baselines: {n_random: 2, uniform_bits: [4]}\n")
     data_a, data_b = tmp_path / "a", tmp_path / "b"
     for d in (data_a, data_b):
         d.mkdir()
