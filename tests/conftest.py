@@ -37,9 +37,12 @@ SHARED_WORKER = {"tests/test_browser.py": "tests/test_orchestration.py"}
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Each module runs whole on one worker (its module-scoped searches are built once), modules in
-    collection order as workers free up: xdist's ``loadfile`` with the modules of SHARED_WORKER joined.
-    (``--dist loadgroup`` cannot do it with pytest 9: its group suffix no longer reaches the node id.)"""
+    collection order as workers free up (the served search's, the longest, first): xdist's ``loadfile``
+    with the modules of SHARED_WORKER joined. (``--dist loadgroup`` cannot do it with pytest 9: its group
+    suffix no longer reaches the node id.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # not by number of tests: the first module is the longest
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
