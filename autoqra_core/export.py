@@ -32,6 +32,7 @@ from torch import nn
 from .data import Task, train_blocks
 from .fidelity import BATCH_SIZE, SEQ_LEN, Fidelity
 from .finetune import TrainSettings, build, fit, held_out
+from .formats import CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, FormatError, load_ct, load_gguf, save_compressed_tensors, save_gguf
 from .model import LayerMap
 from .protocol import mean_sd
 from .quantize import QuantSettings, quantize_model
@@ -53,6 +54,12 @@ class ExportSettings:
     eval_examples: int | None = None  # test examples scored; None: the whole test split
     merge: bool = False
     merged_dtype: str = "bfloat16"
+    formats: tuple[str, ...] = FORMATS  # parts written beside model/: "ct" (model-ct/), "gguf" (gguf/)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportSettings":
+        """From its JSON (``settings_dict``, the settings file's ``export:``): lists become tuples."""
+        return cls(**{**d, **{k: tuple(d[k]) for k in ("seeds", "formats") if k in d}})
 
 
 def final_fidelity(s: ExportSettings, task: Task, tokenizer) -> Fidelity:
@@ -134,9 +141,14 @@ def load(export_dir: str | Path, device: str = "cpu") -> nn.Module:
     return model.eval()
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes on disk of every file under ``folder``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def settings_dict(s: ExportSettings) -> dict:
     """``s`` as the JSON the metrics file records (and a re-export compares)."""
-    return {**asdict(s), "seeds": list(s.seeds)}
+    return {**asdict(s), "seeds": list(s.seeds), "formats": list(s.formats)}
 
 
 def holds(out: str | Path, config: Config, s: ExportSettings) -> bool:
@@ -164,7 +176,7 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
     q = training_backend(q)
     fid = final_fidelity(s, task, tokenizer)
     out = Path(out)
-    for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR):  # a re-export replaces, never mixes
+    for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, GGUF_DIR):  # a re-export replaces, never mixes
         shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     per_seed, curves, kept = [], {}, None
@@ -179,14 +191,32 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         if kept is None:
             kept = trained
     adapter = save_adapter(kept, out / ADAPTER_DIR)
-    save_model(pack(base, config, lmap, q.group_size), tokenizer, out / MODEL_DIR)
+    packed = pack(base, config, lmap, q.group_size)
+    save_model(packed, tokenizer, out / MODEL_DIR)
     files_loss, files_acc = held_out(load(out), tokenizer, task, fid, "test")
+    formats: dict[str, dict] = {}
+    if "ct" in s.formats:
+        save_compressed_tensors(packed, tokenizer, out / CT_DIR)
+        formats["ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / CT_DIR, adapter), tokenizer, task,
+                                                                fid, "test")))
+    del packed
     merged = None
-    if s.merge:
-        m = merge(base, config, lmap, q.group_size, adapter, getattr(torch, s.merged_dtype))
-        save_merged(m, tokenizer, out / MERGED_DIR)
-        m_loss, m_acc = held_out(m.float(), tokenizer, task, fid, "test")  # its dtype's weights, fp32 compute
-        merged = {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
+    if s.merge or "gguf" in s.formats:
+        m = merge(base, config, lmap, q.group_size, adapter, torch.float32)
+        if "gguf" in s.formats:
+            try:
+                types = save_gguf(m, tokenizer, config, lmap, out / GGUF_DIR, name=out.name)
+                loss, acc = held_out(load_gguf(out / GGUF_DIR), tokenizer, task, fid, "test")
+                formats["gguf"] = {"loss": loss, "accuracy": acc, "tensor_types": types}
+            except FormatError as e:  # a model or tokenizer GGUF cannot hold: said in the card, the rest written
+                shutil.rmtree(out / GGUF_DIR, ignore_errors=True)
+                formats["gguf"] = {"skipped": str(e)}
+        if s.merge:
+            m = m.to(getattr(torch, s.merged_dtype))
+            save_merged(m, tokenizer, out / MERGED_DIR)
+            m_loss, m_acc = held_out(m.float(), tokenizer, task, fid, "test")  # its dtype's weights, fp32 compute
+            merged = {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
+        del m
     loss_mean, loss_sd = mean_sd([r["loss"] for r in per_seed])
     acc_mean, acc_sd = mean_sd([r["accuracy"] for r in per_seed])
     metrics = {
@@ -196,6 +226,9 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         "in_memory": {"loss": per_seed[0]["loss"], "accuracy": per_seed[0]["accuracy"]},
         "files": {"loss": files_loss, "accuracy": files_acc},  # model/ + adapter/ reloaded from disk
         "merged": merged,
+        "formats": formats,  # model-ct/ (+ adapter/) and gguf/ reloaded through transformers: test loss, accuracy
+        "bytes": {part: folder_bytes(out / part) for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, GGUF_DIR)
+                  if (out / part).is_dir()},
         "fine_tune": {"steps": fid.steps, "data_fraction": fid.data_fraction, "seq_len": fid.seq_len,
                       "batch_size": fid.batch_size, "seeds": list(s.seeds), "test_examples": fid.eval_examples,
                       "backend": q.backend, "group_size": q.group_size,
@@ -232,6 +265,8 @@ class Card:
     mlflow_run_id: str | None = None
     prefect_flow_run_id: str | None = None
     merged: dict | None = None  # loss/accuracy of merged/ when written
+    formats: dict = field(default_factory=dict)  # "ct"/"gguf": loss/accuracy (gguf: tensor_types) or skipped
+    bytes: dict = field(default_factory=dict)  # part -> bytes on disk
     allocation_plot: str | None = "allocation.png"
     extra: dict = field(default_factory=dict)
 
@@ -254,12 +289,17 @@ class Card:
             f"| model/ + adapter/ | {fmt(t.get('loss_mean'))} ± {fmt(t.get('loss_sd'))} | "
             f"{fmt(t.get('accuracy_mean'))} ± {fmt(t.get('accuracy_sd'))} | {t.get('seeds')} |",
         ]
+        seed0 = t.get("seeds", [None])[0]
         if self.merged:
-            lines.append(f"| merged/ ({self.merged.get('dtype')}, seed {t.get('seeds', [None])[0]}) | "
+            lines.append(f"| merged/ ({self.merged.get('dtype')}, seed {seed0}) | "
                          f"{fmt(self.merged.get('loss'))} | {fmt(self.merged.get('accuracy'))} | |")
+        for part, label in (("ct", f"{CT_DIR}/ + adapter/ (transformers)"), ("gguf", f"{GGUF_DIR}/ (merged)")):
+            r = self.formats.get(part)
+            if r and "loss" in r:
+                lines.append(f"| {label}, seed {seed0} | {fmt(r['loss'])} | {fmt(r.get('accuracy'))} | |")
         lines += ["", f"Exported weights are those of seed {t.get('seeds', [None])[0]} "
                       f"(test loss {fmt(t.get('per_seed', [{}])[0].get('loss'))}).", "",
-                  "## Final fine-tune", "", "| setting | value |", "|---|---|",
+                  *self._formats(), "## Final fine-tune", "", "| setting | value |", "|---|---|",
                   *[f"| {k} | {v} |" for k, v in self.fine_tune.items()], "",
                   "## Configuration", "",
                   f"Mean bits {sum(bits) / len(bits):.2f}, mean rank {sum(ranks) / len(ranks):.2f}.", ""]
@@ -276,3 +316,32 @@ class Card:
                   *[f"| {k} | {v} |" for k, v in self.extra.items()],
                   *[f"| {k} | {v} |" for k, v in self.versions.items()], ""]
         return "\n".join(lines)
+
+    def _formats(self) -> list[str]:
+        """The deployable parts: how to load each, bytes on disk, GGUF tensor types (and where they round up)."""
+        lines = ["## Formats", "", "| part | bytes on disk |", "|---|---|",
+                 *[f"| {part}/ | {n:,} |" for part, n in self.bytes.items()], ""]
+        if "loss" in self.formats.get("ct", {}):
+            lines += [f"`{CT_DIR}/`: the same base as `model/` in compressed-tensors (asymmetric int groups of "
+                      "64, one config group per bit-width, float zero points as HQQ has them: `naive-quantized`, "
+                      "int8 on disk), loaded by transformers (`pip install compressed-tensors`):", "", "```python",
+                      "from peft import PeftModel; from transformers import AutoModelForCausalLM",
+                      f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{CT_DIR}"), "adapter")',
+                      "```", "",
+                      f"Not run here (no GPU): `vllm serve {CT_DIR} --enable-lora --lora-modules champion=adapter`; "
+                      "vLLM's kernels for this scheme take 4 and 8 bits, so 2/3-bit layers may not serve there.", ""]
+        gguf = self.formats.get("gguf", {})
+        if "skipped" in gguf:
+            lines += [f"`{GGUF_DIR}/` not written: {gguf['skipped']}", ""]
+        elif gguf:
+            counts: dict[str, int] = {}
+            for kind in gguf["tensor_types"].values():
+                counts[kind] = counts.get(kind, 0) + 1
+            lines += [f"`{GGUF_DIR}/{GGUF_FILE}`: the adapter merged, each linear weight in its layer's type "
+                      f"({', '.join(f'{b}-bit -> {k}' for b, k in GGUF_TYPES.items())}; the `gguf` package writes "
+                      "no K-quants, so 2 and 3 bits are rounded up to Q4_1; rows not a multiple of 32 and "
+                      f"unsearched tensors {GGUF_UNQUANTIZED}, norms F32). Tensors per type: "
+                      f"{', '.join(f'{k} {n}' for k, n in sorted(counts.items()))}. llama.cpp: "
+                      f"`llama-cli -m {GGUF_DIR}/{GGUF_FILE}` (not run here); transformers: "
+                      f'`AutoModelForCausalLM.from_pretrained("{GGUF_DIR}", gguf_file="{GGUF_FILE}")`.', ""]
+        return lines

@@ -161,7 +161,8 @@ def _exported(ex: dict) -> None:
     typer.echo(f"exported {ex['config_key'][:8]} ({loss}) to {ex['store_url']}; "
                f"registered {ex['registered_model']} v{ex['version']} @{ex['alias']}")
     if ex.get("export_dir"):
-        typer.echo(f"export folder: {ex['export_dir']} (model/, adapter/{', merged/' if ex.get('merged') else ''}, "
+        parts = ["model/", "adapter/", *(f"{p}/" for p in ex.get("bytes", {}) if p not in ("model", "adapter"))]
+        typer.echo(f"export folder: {ex['export_dir']} ({', '.join(parts)}, "
                    f"README.md); load it with mlflow.pyfunc.load_model('{ex.get('model_uri')}')")
 
 
@@ -173,6 +174,10 @@ def export_cmd(
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge",
                                          help="Also write merged/ (adapter merged into the dequantized base, "
                                               "bf16); default: the export.merge setting."),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="Parts besides model/, comma-separated: 'ct' (model-ct/, "
+                                               "compressed-tensors), 'gguf' (gguf/), 'none'; default: the "
+                                               "export.formats setting (both)."),
     settings: Optional[Path] = SETTINGS,
 ):
     """Final fine-tune of a search's best configuration; upload it and register it in MLflow as 'champion'."""
@@ -180,6 +185,11 @@ def export_cmd(
 
     def go():
         from flows.export import export_flow, read_result
+        from autoqra_core.formats import FORMATS
+
+        parts = None if formats is None else [p for p in formats.replace(" ", "").split(",") if p and p != "none"]
+        if parts is not None and not set(parts) <= set(FORMATS):
+            raise AutoQRAError(f"--formats {formats!r}: name {', '.join(FORMATS)} (comma-separated) or 'none'")
         from infra.storage import open_store
         from infra.tracking import check_tracking
 
@@ -187,7 +197,7 @@ def export_cmd(
         check_tracking()
         open_store(store, check=True)
         try:
-            return export_flow(run=str(run), store=store, name=name, merge=merge)
+            return export_flow(run=str(run), store=store, name=name, merge=merge, formats=parts)
         except AutoQRAError as e:  # a server that went away after the checks: not bad input (exit 1)
             return {"error": f"{e}; the export is kept in {run / 'export'}: run `autoqra export --run {run}` "
                              f"again once the server answers"}

@@ -186,6 +186,8 @@ class ExportSection(_Strict):
     eval_examples: int | None = Field(_default(ExportSettings, "eval_examples"), gt=0)  # None: the whole test split
     merge: bool = _default(ExportSettings, "merge")  # also write merged/: the adapter merged into the dequantized base
     merged_dtype: Literal["bfloat16", "float16", "float32"] = _default(ExportSettings, "merged_dtype")
+    # parts beside model/: "ct" (model-ct/, compressed-tensors), "gguf" (gguf/, llama.cpp); [] for neither
+    formats: list[Literal["ct", "gguf"]] = Field(default_factory=lambda: list(_default(ExportSettings, "formats")))
 
 
 class ExecutionSection(_Strict):
@@ -229,7 +231,7 @@ class RunConfig(_Strict):
         return BaselineSettings(**{**self.baselines.model_dump(), "uniform_bits": tuple(self.baselines.uniform_bits)})
 
     def export_settings(self) -> ExportSettings:
-        return ExportSettings(**{**self.export.model_dump(), "seeds": tuple(self.export.seeds)})
+        return ExportSettings.from_dict(self.export.model_dump())
 
     def train_settings(self, seed: int) -> TrainSettings:
         gc = self.train.grad_checkpointing

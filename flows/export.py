@@ -62,16 +62,18 @@ def _flow_run_ids() -> tuple[str | None, str | None]:
 
 
 @flow(name="autoqra-export", log_prints=True, persist_result=True)
-def export_flow(run: str, store: str | None = None, name: str | None = None, merge: bool | None = None) -> dict:
+def export_flow(run: str, store: str | None = None, name: str | None = None, merge: bool | None = None,
+                formats: list[str] | None = None) -> dict:
     """Final fine-tune of ``run``/result.json's best configuration (the ``export:`` settings), written as an
     export folder with a model card, then published; writes ``run``/export.json. ``merge`` overrides
-    ``export.merge`` (also write ``merged/``)."""
+    ``export.merge`` (also write ``merged/``), ``formats`` ``export.formats`` (model-ct/, gguf/)."""
     log = get_run_logger()
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
     rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
-    if merge is not None:
-        rc = rc.model_copy(update={"export": rc.export.model_copy(update={"merge": merge})})
+    overrides = {k: v for k, v in (("merge", merge), ("formats", formats)) if v is not None}
+    if overrides:
+        rc = rc.model_copy(update={"export": rc.export.model_validate({**rc.export.model_dump(), **overrides})})
     r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"],
                     result.get("columns"))
     config = Config.from_dict(result["best"]["config"])
@@ -106,6 +108,7 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
         fine_tune={k: v for k, v in metrics["fine_tune"].items()},
         versions=library_versions((*NUMERIC_LIBRARIES, "mlflow")),
         mlflow_run_id=result.get("mlflow_run_id"), prefect_flow_run_id=search_flow, merged=metrics["merged"],
+        formats=metrics.get("formats", {}), bytes=metrics.get("bytes", {}),
         extra={"Prefect flow run (export)": flow_id or "n/a", "config key": config.key(),
                "search validation loss": result["best"].get("eval_loss")},
     ).render()

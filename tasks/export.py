@@ -60,7 +60,7 @@ def final_finetune(
     """``write_export`` of ``config`` into ``out_dir``: its metrics. ``model``/``dataset`` are paths (not in the
     cache key: ``model_id``/``dataset_id`` are their content fingerprints)."""
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
-    s = ex.ExportSettings(**{**export, "seeds": tuple(export["seeds"])})
+    s = ex.ExportSettings.from_dict(export)
     return ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, Config.from_dict(config), s,
                            QuantSettings(**quant), TrainSettings(**train), out_dir, progress=_bar)
 

@@ -101,6 +101,11 @@ def test_export_of_a_folder_without_a_search(home, tmp_path):
     assert r.returncode == 2 and "result.json not found" in r.stderr
 
 
+def test_export_names_the_formats_it_writes(home, tmp_path):
+    r = autoqra("export", "--run", str(tmp_path), "--formats", "ct,onnx", home=home)
+    assert r.returncode == 2 and "--formats 'ct,onnx'" in r.stderr and "ct, gguf" in r.stderr, r.stderr
+
+
 def test_the_cli_the_flows_and_their_deployments_share_defaults():
     """A deployment run from the Prefect UI behaves like the same command line: `autoqra search` / `baselines`,
     the flows and prefect.yaml agree on every default they share (``--baselines`` included)."""

@@ -30,7 +30,14 @@ BITS, RANKS = [2, 3, 4, 8, 16, 4], [8, 0, 16, 4, 8, 32]  # every bit-width, unqu
 RELOAD = r"""
 import json, sys, torch
 kind, folder, data = sys.argv[1:4]
-if kind == "quantized":
+if kind == "ct":
+    from peft import PeftModel; from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder + "/model-ct", dtype=torch.float32),
+                                      folder + "/adapter")
+elif kind == "gguf":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder + "/gguf", gguf_file="model.gguf", dtype=torch.float32)
+elif kind == "quantized":
     from hqq.models.hf.base import AutoHQQHFModel; from peft import PeftModel
     model = PeftModel.from_pretrained(AutoHQQHFModel.from_quantized(folder + "/model", compute_dtype=torch.float32,
                                                                     device="cpu"), folder + "/adapter")
@@ -111,6 +118,57 @@ def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
 
 
 @pytest.mark.slow
+def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp_path):
+    """model-ct/ + adapter/ (compressed-tensors) and gguf/ load in a process that never imports AutoQRA:
+    model-ct/ holds HQQ's weights exactly (checked weight by weight) and reproduces the fine-tuned model's loss;
+    gguf/ holds each weight in its layer's GGML type, as the gguf package rounds it."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from autoqra_core import export as ex
+    from autoqra_core.data import eval_set
+    from autoqra_core.formats import GGUF_TYPES, ct_weights
+
+    out, metrics, cfg = exported
+    base, tok, task, lmap = embedded
+    # Transcoding: every quantized module's stored (q', scale, zero') dequantizes to HQQ's own weights.
+    ct = load_file(out / "model-ct" / "model.safetensors")
+    qcfg = json.loads((out / "model-ct" / "config.json").read_text())["quantization_config"]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    QuantizationConfig.model_validate(qcfg)
+    targets = {m: g["weights"]["num_bits"] for g in qcfg["config_groups"].values() for m in g["targets"]}
+    deq = ex.dequantized(base, cfg, lmap, 64)
+    for (layer, mods), bits in zip(lmap.layers, BITS):
+        for m in mods:
+            if bits >= 16:  # unquantized: a plain weight, in no group
+                assert m not in targets and ct[f"{m}.weight"].dtype == torch.float32
+                continue
+            assert targets[m] == bits and ct[f"{m}.weight"].dtype == torch.int8
+            w = ct_weights(ct[f"{m}.weight"].int() + (1 << (bits - 1)), ct[f"{m}.weight_scale"],
+                           ct[f"{m}.weight_zero_point"] + (1 << (bits - 1)), bits)
+            assert torch.allclose(w, deq.get_submodule(m).weight, atol=1e-6), m
+    # gguf/: each linear weight in its layer's type (rows of 256 and 704 inputs: both multiples of 32).
+    reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    for i, bits in enumerate(BITS):
+        assert kinds[f"blk.{i}.attn_q.weight"] == GGUF_TYPES.get(bits, "F16")
+        assert kinds[f"blk.{i}.attn_norm.weight"] == "F32"
+    assert metrics["formats"]["gguf"]["tensor_types"] == kinds
+    # A fresh process: the same loss as the export measured, within 1e-3 of the model in memory for model-ct/.
+    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"], split="test")
+    data = tmp_path / "eval.pt"
+    torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, data)
+    ct_run, gguf_run = _reload_loss("ct", out, data), _reload_loss("gguf", out, data)
+    assert ct_run["autoqra_imported"] == [] and gguf_run["autoqra_imported"] == []
+    assert ct_run["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-3)
+    assert ct_run["loss"] == pytest.approx(metrics["formats"]["ct"]["loss"], abs=1e-4)
+    assert gguf_run["loss"] == pytest.approx(metrics["formats"]["gguf"]["loss"], abs=1e-4)
+    assert metrics["formats"]["gguf"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=0.2)
+    assert set(metrics["bytes"]) == {"model", "adapter", "merged", "model-ct", "gguf"}
+
+
+@pytest.mark.slow
 def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded, tmp_path):
     from autoqra_core import export as ex
     from autoqra_core.data import eval_set
@@ -140,8 +198,9 @@ def test_model_card_has_what_a_user_needs(exported):
     card = Card(name="autoqra-x", base_model="m", dataset="d", config=cfg, budget_bytes=5 * 2**20,
                 memory={"weights": 2**20, "total": 3 * 2**20}, test=metrics["test"], fine_tune=metrics["fine_tune"],
                 versions=library_versions(), mlflow_run_id="run123", prefect_flow_run_id="flow456",
-                merged=metrics["merged"]).render()
-    for needle in ("run123", "flow456", "AutoHQQHFModel.from_quantized", "PeftModel.from_pretrained",
+                merged=metrics["merged"], formats=metrics["formats"], bytes=metrics["bytes"]).render()
+    for needle in ("model-ct/ + adapter/ (transformers)", "gguf/ (merged)", "Q8_0 ", "vllm serve", "| model-ct/ |",
+                   "run123", "flow456", "AutoHQQHFModel.from_quantized", "PeftModel.from_pretrained",
                    "| model.layers.0 | 2 | 8 |", "allocation.png", "5.00 MiB", "hqq", "transformers",
                    f"{metrics['test']['loss_mean']:.4f} ± {metrics['test']['loss_sd']:.4f}"):
         assert needle in card, needle
