@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch import nn
 from .data import Task, train_blocks
 from .fidelity import BATCH_SIZE, SEQ_LEN, Fidelity
 from .finetune import TrainSettings, build, fit, held_out
-from .formats import CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, FormatError, load_ct, load_gguf, save_compressed_tensors, save_gguf
+from .formats import (CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, FormatError,
+                      save_compressed_tensors, save_gguf)
 from .model import LayerMap
 from .protocol import mean_sd
 from .quantize import QuantSettings, quantize_model
@@ -128,17 +130,36 @@ def save_merged(merged: nn.Module, tokenizer, out: str | Path) -> Path:
     return out
 
 
+def _with_adapter(model: nn.Module, adapter_dir: str | Path | None) -> nn.Module:
+    """``model`` with the peft adapter in ``adapter_dir`` attached (as it is when there is none: rank 0 everywhere)."""
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
+
+
 def load(export_dir: str | Path, device: str = "cpu") -> nn.Module:
     """``model/`` + ``adapter/`` through the standard loaders only (what LOADING_SNIPPET shows a user)."""
     from hqq.models.hf.base import AutoHQQHFModel
 
     root = Path(export_dir)
     model = AutoHQQHFModel.from_quantized(str(root / MODEL_DIR), compute_dtype=torch.float32, device=device)
-    if (root / ADAPTER_DIR / "adapter_config.json").is_file():
-        from peft import PeftModel
+    return _with_adapter(model, root / ADAPTER_DIR)
 
-        model = PeftModel.from_pretrained(model, str(root / ADAPTER_DIR))
-    return model.eval()
+
+def load_ct(folder: str | Path, adapter_dir: str | Path | None = None) -> nn.Module:
+    """``model-ct/`` through transformers (+ the peft adapter): what the card shows a user (fp32, CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    return _with_adapter(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), adapter_dir)
+
+
+def load_gguf(folder: str | Path) -> nn.Module:
+    """``gguf/`` through transformers' GGUF loader (dequantized to fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
 
 
 def folder_bytes(folder: str | Path) -> int:
@@ -297,7 +318,7 @@ class Card:
             r = self.formats.get(part)
             if r and "loss" in r:
                 lines.append(f"| {label}, seed {seed0} | {fmt(r['loss'])} | {fmt(r.get('accuracy'))} | |")
-        lines += ["", f"Exported weights are those of seed {t.get('seeds', [None])[0]} "
+        lines += ["", f"Exported weights are those of seed {seed0} "
                       f"(test loss {fmt(t.get('per_seed', [{}])[0].get('loss'))}).", "",
                   *self._formats(), "## Final fine-tune", "", "| setting | value |", "|---|---|",
                   *[f"| {k} | {v} |" for k, v in self.fine_tune.items()], "",
@@ -334,9 +355,7 @@ class Card:
         if "skipped" in gguf:
             lines += [f"`{GGUF_DIR}/` not written: {gguf['skipped']}", ""]
         elif gguf:
-            counts: dict[str, int] = {}
-            for kind in gguf["tensor_types"].values():
-                counts[kind] = counts.get(kind, 0) + 1
+            counts = Counter(gguf["tensor_types"].values())
             lines += [f"`{GGUF_DIR}/{GGUF_FILE}`: the adapter merged, each linear weight in its layer's type "
                       f"({', '.join(f'{b}-bit -> {k}' for b, k in GGUF_TYPES.items())}; the `gguf` package writes "
                       "no K-quants, so 2 and 3 bits are rounded up to Q4_1; rows not a multiple of 32 and "

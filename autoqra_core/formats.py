@@ -52,14 +52,6 @@ def hqq_groups(layer: nn.Module) -> tuple[int, int, torch.Tensor, torch.Tensor, 
     return bits, group, q.reshape(out_f, in_f), meta["scale"].float().reshape(shape), meta["zero"].float().reshape(shape)
 
 
-def ct_weights(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """What compressed-tensors dequantizes ``model-ct/`` to: ``(q' - zero') * scale`` per group."""
-    half = 1 << (bits - 1)
-    group = q.shape[1] // scale.shape[1]
-    w = (q - half).float().reshape(q.shape[0], -1, group) - (zero - half).unsqueeze(-1)
-    return (w * scale.unsqueeze(-1)).reshape(q.shape)
-
-
 def save_compressed_tensors(packed: nn.Module, tokenizer, out: str | Path) -> dict:
     """``packed`` (HQQLinear modules where quantized, ordinary ones elsewhere) as a compressed-tensors folder;
     returns its ``quantization_config`` (validated with compressed-tensors' own config classes)."""
@@ -214,22 +206,3 @@ def save_gguf(merged: nn.Module, tokenizer, config: Config, lmap: LayerMap, out:
     w.write_tensors_to_file()
     w.close()
     return written
-
-
-def load_ct(folder: str | Path, adapter: str | Path | None = None) -> nn.Module:
-    """``model-ct/`` through transformers (+ the peft adapter): what the card shows a user (fp32, CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    if adapter is not None and (Path(adapter) / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return model.eval()
-
-
-def load_gguf(folder: str | Path) -> nn.Module:
-    """``gguf/`` through transformers' GGUF loader (dequantized to fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_FILE, dtype=torch.float32).eval()

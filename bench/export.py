@@ -18,6 +18,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,7 @@ def main() -> None:
              m["formats"]["ct"]),
             (f"`merged/` ({s.merged_dtype})", m["bytes"]["merged"], m["merged"]),
             ("`gguf/` (transformers' GGUF loader)", m["bytes"].get("gguf"), m["formats"]["gguf"])]
-    counts: dict[str, int] = {}
-    for kind in m["formats"]["gguf"].get("tensor_types", {}).values():
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(m["formats"]["gguf"].get("tensor_types", {}).values())
     lines = [
         f"# The export's parts: bytes on disk and test loss ({args.model}, {args.dataset})", "",
         f"Command: `.venv/bin/python bench/export.py --model {args.model} --dataset {args.dataset}"

@@ -184,14 +184,14 @@ def export_cmd(
     _setup(settings)
 
     def go():
-        from flows.export import export_flow, read_result
         from autoqra_core.formats import FORMATS
+        from flows.export import export_flow, read_result
+        from infra.storage import open_store
+        from infra.tracking import check_tracking
 
         parts = None if formats is None else [p for p in formats.replace(" ", "").split(",") if p and p != "none"]
         if parts is not None and not set(parts) <= set(FORMATS):
             raise AutoQRAError(f"--formats {formats!r}: name {', '.join(FORMATS)} (comma-separated) or 'none'")
-        from infra.storage import open_store
-        from infra.tracking import check_tracking
 
         read_result(run.resolve())
         check_tracking()

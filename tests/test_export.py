@@ -60,6 +60,15 @@ def _config(lmap):
     return Config(tuple(LayerChoice(n, b, r) for n, b, r in zip(lmap.names, BITS, RANKS)))
 
 
+def _eval_data(task, tok, folder: Path) -> Path:
+    """The test rows TINY_EXPORT scores (the correct choice of each), saved for a process without AutoQRA."""
+    from autoqra_core.data import eval_set
+
+    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"], split="test")
+    torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, folder / "eval.pt")
+    return folder / "eval.pt"
+
+
 def _reload_loss(kind: str, folder: Path, data: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", RELOAD, kind, str(folder), str(data)], cwd=folder, env=env,
@@ -88,7 +97,6 @@ def exported(tmp_path_factory):
 def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
     out, metrics, cfg = exported
     model, tok, task, lmap = embedded
-    from autoqra_core.data import eval_set
 
     # The reported numbers are the test split's, over both seeds, and the files reproduce the model in memory.
     t = metrics["test"]
@@ -108,9 +116,7 @@ def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
         assert all(got.get(m) == r for m in mods) if r else not any(m in got for m in mods)
 
     # A fresh process that never imports autoqra loads model/+adapter/ and merged/ and gets the same loss.
-    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"], split="test")
-    data = tmp_path / "eval.pt"
-    torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, data)
+    data = _eval_data(task, tok, tmp_path)
     quantized, merged = _reload_loss("quantized", out, data), _reload_loss("merged", out, data)
     assert quantized["autoqra_imported"] == [] and merged["autoqra_imported"] == []
     assert quantized["loss"] == pytest.approx(metrics["files"]["loss"], abs=1e-4)
@@ -126,8 +132,7 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
     from safetensors.torch import load_file
 
     from autoqra_core import export as ex
-    from autoqra_core.data import eval_set
-    from autoqra_core.formats import GGUF_TYPES, ct_weights
+    from autoqra_core.formats import GGUF_TYPES
 
     out, metrics, cfg = exported
     base, tok, task, lmap = embedded
@@ -145,8 +150,9 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
                 assert m not in targets and ct[f"{m}.weight"].dtype == torch.float32
                 continue
             assert targets[m] == bits and ct[f"{m}.weight"].dtype == torch.int8
-            w = ct_weights(ct[f"{m}.weight"].int() + (1 << (bits - 1)), ct[f"{m}.weight_scale"],
-                           ct[f"{m}.weight_zero_point"] + (1 << (bits - 1)), bits)
+            # compressed-tensors' dequantization: (q' - zero') * scale per group of 64 input features
+            q, scale, zero = ct[f"{m}.weight"].float(), ct[f"{m}.weight_scale"], ct[f"{m}.weight_zero_point"]
+            w = ((q.reshape(q.shape[0], -1, 64) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape)
             assert torch.allclose(w, deq.get_submodule(m).weight, atol=1e-6), m
     # gguf/: each linear weight in its layer's type (rows of 256 and 704 inputs: both multiples of 32).
     reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
@@ -156,9 +162,7 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
         assert kinds[f"blk.{i}.attn_norm.weight"] == "F32"
     assert metrics["formats"]["gguf"]["tensor_types"] == kinds
     # A fresh process: the same loss as the export measured, within 1e-3 of the model in memory for model-ct/.
-    ev = eval_set(task, tok, TINY_EXPORT["eval_examples"], max_len=TINY_EXPORT["seq_len"], split="test")
-    data = tmp_path / "eval.pt"
-    torch.save({"ids": ev.input_ids[ev.correct], "mask": ev.target_mask[ev.correct]}, data)
+    data = _eval_data(task, tok, tmp_path)
     ct_run, gguf_run = _reload_loss("ct", out, data), _reload_loss("gguf", out, data)
     assert ct_run["autoqra_imported"] == [] and gguf_run["autoqra_imported"] == []
     assert ct_run["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-3)
