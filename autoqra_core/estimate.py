@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .baselines import BaselineSettings, uniform_name
+from .formats import serving_bytes
 from .memory import MemoryBreakdown, MemorySettings, ModelShape, budget_bytes, memory
 from .space import Config, SearchSpace
 
@@ -22,20 +23,22 @@ class Plan:
     baselines: dict[str, MemoryBreakdown]  # "uniform-4bit-r16" -> breakdown
     smallest: tuple[str, MemoryBreakdown]
     budget_bytes: int | None
+    serving: dict[str, dict[str, int]]  # row ("this config", a baseline, "smallest") -> export part -> weight bytes
 
     def fits(self, b: MemoryBreakdown) -> bool | None:
         return None if self.budget_bytes is None else b.total <= self.budget_bytes
 
     def to_dict(self) -> dict:
-        def row(b: MemoryBreakdown) -> dict:
-            return b.to_dict() | {"fits": self.fits(b)}
+        def row(b: MemoryBreakdown, name: str) -> dict:
+            return b.to_dict() | {"fits": self.fits(b), "serving": self.serving[name]}
 
         return {
             "settings": self.settings.__dict__,
             "budget_bytes": self.budget_bytes,
-            "config": None if self.config is None else {"config": self.config.to_dict(), **row(self.breakdown)},
-            "baselines": {k: row(v) for k, v in self.baselines.items()},
-            "smallest": {"name": self.smallest[0], **row(self.smallest[1])},
+            "config": None if self.config is None else {"config": self.config.to_dict(),
+                                                        **row(self.breakdown, "this config")},
+            "baselines": {k: row(v, k) for k, v in self.baselines.items()},
+            "smallest": {"name": self.smallest[0], **row(self.smallest[1], "smallest")},
         }
 
 
@@ -43,13 +46,17 @@ def plan(shape: ModelShape, space: SearchSpace, s: MemorySettings, config: Confi
          budget: str | None = None) -> Plan:
     """Breakdowns of ``config`` (validated against ``space``), of the uniform baselines' recipe (the baselines' rank,
     or the space's largest without it) at each of the space's bit-widths and of the smallest configuration (fewest
-    bits, smallest rank), with the budget in bytes when one is given."""
+    bits, smallest rank), with the budget in bytes when one is given, and each one's serving weights per export
+    part (``formats.serving_bytes``)."""
     if config is not None:
         space.validate(config)
     rank = BaselineSettings().rank
     rank = rank if rank in space.ranks else max(space.ranks)
-    base = {uniform_name(b, rank): memory(space.uniform(b, rank), shape, s) for b in space.bits}
+    configs = {uniform_name(b, rank): space.uniform(b, rank) for b in space.bits}
     small = uniform_name(space.bits[0], space.ranks[0])
-    return Plan(s, config, None if config is None else memory(config, shape, s), base,
-                (small, memory(space.uniform(space.bits[0], space.ranks[0]), shape, s)),
-                None if budget is None else budget_bytes(budget, space, shape, s))
+    smallest = space.uniform(space.bits[0], space.ranks[0])
+    serving = {k: serving_bytes(c, shape, s.group_size) for k, c in
+               [*configs.items(), ("smallest", smallest), *([("this config", config)] if config else [])]}
+    return Plan(s, config, None if config is None else memory(config, shape, s),
+                {k: memory(c, shape, s) for k, c in configs.items()}, (small, memory(smallest, shape, s)),
+                None if budget is None else budget_bytes(budget, space, shape, s), serving)

@@ -33,8 +33,8 @@ from torch import nn
 from .data import Task, train_blocks
 from .fidelity import BATCH_SIZE, SEQ_LEN, Fidelity
 from .finetune import TrainSettings, build, fit, held_out
-from .formats import (CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, FormatError,
-                      save_compressed_tensors, save_gguf)
+from .formats import (CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, MERGED_CT_DIR,
+                      FormatError, save_compressed_tensors, save_gguf)
 from .model import LayerMap
 from .protocol import mean_sd
 from .quantize import QuantSettings, quantize_model
@@ -42,6 +42,7 @@ from .space import Config
 
 MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CARD_FILE = "model", "adapter", "merged", "README.md"
 METRICS_FILE, CURVE_FILE = "autoqra_metrics.json", "training_curve.png"
+PARTS = (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, MERGED_CT_DIR, GGUF_DIR)  # the folders an export writes
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ExportSettings:
     batch_size: int = BATCH_SIZE
     seeds: tuple[int, ...] = (0,)  # the first seed's model is exported; test numbers are over all (spread: the report)
     eval_examples: int | None = None  # test examples scored; None: the whole test split
-    merge: bool = False
+    merge: bool = False  # also merged/ (and merged-ct/ when "ct" is in formats): the adapter merged in
     merged_dtype: str = "bfloat16"
     formats: tuple[str, ...] = FORMATS  # parts written beside model/: "ct" (model-ct/), "gguf" (gguf/)
 
@@ -197,7 +198,7 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
     q = training_backend(q)
     fid = final_fidelity(s, task, tokenizer)
     out = Path(out)
-    for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, GGUF_DIR):  # a re-export replaces, never mixes
+    for part in PARTS:  # a re-export replaces, never mixes
         shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     per_seed, curves, kept = [], {}, None
@@ -232,6 +233,10 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
             except FormatError as e:  # a model or tokenizer GGUF cannot hold: said in the card, the rest written
                 shutil.rmtree(out / GGUF_DIR, ignore_errors=True)
                 formats["gguf"] = {"skipped": str(e)}
+        if s.merge and "ct" in s.formats:
+            save_compressed_tensors(pack(m, config, lmap, q.group_size), tokenizer, out / MERGED_CT_DIR)
+            formats["merged-ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / MERGED_CT_DIR), tokenizer,
+                                                                           task, fid, "test")))
         if s.merge:
             m = m.to(getattr(torch, s.merged_dtype))
             save_merged(m, tokenizer, out / MERGED_DIR)
@@ -248,8 +253,7 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         "files": {"loss": files_loss, "accuracy": files_acc},  # model/ + adapter/ reloaded from disk
         "merged": merged,
         "formats": formats,  # model-ct/ (+ adapter/) and gguf/ reloaded through transformers: test loss, accuracy
-        "bytes": {part: folder_bytes(out / part) for part in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, GGUF_DIR)
-                  if (out / part).is_dir()},
+        "bytes": {part: folder_bytes(out / part) for part in PARTS if (out / part).is_dir()},
         "fine_tune": {"steps": fid.steps, "data_fraction": fid.data_fraction, "seq_len": fid.seq_len,
                       "batch_size": fid.batch_size, "seeds": list(s.seeds), "test_examples": fid.eval_examples,
                       "backend": q.backend, "group_size": q.group_size,
@@ -314,7 +318,8 @@ class Card:
         if self.merged:
             lines.append(f"| merged/ ({self.merged.get('dtype')}, seed {seed0}) | "
                          f"{fmt(self.merged.get('loss'))} | {fmt(self.merged.get('accuracy'))} | |")
-        for part, label in (("ct", f"{CT_DIR}/ + adapter/ (transformers)"), ("gguf", f"{GGUF_DIR}/ (merged)")):
+        for part, label in (("ct", f"{CT_DIR}/ + adapter/ (transformers)"),
+                            ("merged-ct", f"{MERGED_CT_DIR}/ (merged, re-quantized)"), ("gguf", f"{GGUF_DIR}/ (merged)")):
             r = self.formats.get(part)
             if r and "loss" in r:
                 lines.append(f"| {label}, seed {seed0} | {fmt(r['loss'])} | {fmt(r.get('accuracy'))} | |")
@@ -351,6 +356,10 @@ class Card:
                       "```", "",
                       f"Not run here (no GPU): `vllm serve {CT_DIR} --enable-lora --lora-modules champion=adapter`; "
                       "vLLM's kernels for this scheme take 4 and 8 bits, so 2/3-bit layers may not serve there.", ""]
+        if "loss" in self.formats.get("merged-ct", {}):
+            lines += [f"`{MERGED_CT_DIR}/`: the adapter merged into the base, re-quantized by HQQ at each layer's "
+                      "bits and written like `model-ct/`; for a server that applies no LoRA to a quantized base: "
+                      f'`AutoModelForCausalLM.from_pretrained("{MERGED_CT_DIR}")`.', ""]
         gguf = self.formats.get("gguf", {})
         if "skipped" in gguf:
             lines += [f"`{GGUF_DIR}/` not written: {gguf['skipped']}", ""]

@@ -8,6 +8,9 @@
   packs it as a b-bit integer, which rounds HQQ's zero away. So each weight is stored as int8 (8 bits on
   disk whatever b), and transformers dequantizes to dense weights on load. The LoRA adapter stays the
   standard peft ``adapter/``, which attaches to this base as to ``model/``.
+* ``merged-ct/`` (with ``merge``): the adapter merged into the dequantized base, then quantized again by HQQ at
+  each layer's searched bits and written as ``model-ct/`` is: for servers that cannot apply a LoRA adapter to a
+  quantized base, at the searched memory (the re-quantization costs some accuracy; the card says how much).
 * ``gguf/``: the adapter merged into the dequantized base, then each linear weight written in the GGML type
   of its layer's bits (``GGUF_TYPES``; llama.cpp applies no adapter to an HQQ base). The ``gguf`` package
   writes Q8_0/Q5_x/Q4_x but no K-quants, so 2 and 3 bits round up to Q4_1 (asymmetric, like HQQ). Llama
@@ -24,10 +27,11 @@ import torch
 from torch import nn
 
 from .errors import AutoQRAError
+from .memory import GROUP_SIZE, MemorySettings, ModelShape, packed_bytes
 from .model import LayerMap
-from .space import Config
+from .space import UNQUANTIZED, Config
 
-CT_DIR, GGUF_DIR, GGUF_FILE = "model-ct", "gguf", "model.gguf"
+CT_DIR, MERGED_CT_DIR, GGUF_DIR, GGUF_FILE = "model-ct", "merged-ct", "gguf", "model.gguf"
 FORMATS = ("ct", "gguf")  # what ``--formats`` may name, besides the always-written hqq ``model/``
 GGUF_TYPES = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 8: "Q8_0"}  # searched bits -> the GGML type written
 GGUF_UNQUANTIZED = "F16"  # 16-bit layers, embeddings and the head (never searched); norms stay F32
@@ -35,6 +39,32 @@ GGUF_UNQUANTIZED = "F16"  # 16-bit layers, embeddings and the head (never search
 
 class FormatError(AutoQRAError):
     """A model or tokenizer a format cannot hold (the message says which and what to do)."""
+
+
+def serving_bytes(config: Config, shape: ModelShape, group_size: int = GROUP_SIZE,
+                  dtype_bytes: int = 2) -> dict[str, int]:
+    """Weight bytes a server holds for each export part of ``config``, 16-bit where a part is not quantized
+    (the KV cache and activations come on top, and depend on the server's context length and batch):
+
+    * ``model/+adapter/``: HQQ's packed weights (scale and zero in the serving dtype) plus the adapter;
+    * ``model-ct/+adapter/``: in transformers, which decompresses to dense weights on load (vLLM's packed
+      kernels would hold about ``model/``'s bytes; not measured here);
+    * ``merged/``: dense; ``gguf/``: the bytes of each tensor's GGML type (``gguf_type``)."""
+    import gguf
+
+    s = MemorySettings(backend="hqq", group_size=group_size, meta_bytes=dtype_bytes, base_bytes=dtype_bytes)
+    packed = ggml = lora = 0
+    for layer, (_, mods) in zip(config.layers, shape.layers):
+        for m in mods:
+            w, meta = packed_bytes(m.numel, layer.bits, s, rows=m.out_features)
+            packed += w + meta + (m.numel * dtype_bytes if layer.bits >= UNQUANTIZED else 0)
+            block, size = gguf.GGML_QUANT_SIZES[gguf_type(layer.bits, m.in_features)]
+            ggml += m.numel // block * size
+            lora += layer.rank * (m.in_features + m.out_features) * dtype_bytes
+    other = shape.other_params * dtype_bytes  # embeddings, norms, head: 16-bit in every part
+    dense = shape.linear_params * dtype_bytes + other
+    return {"model/+adapter/": packed + other + lora, "model-ct/+adapter/": dense + lora, "merged/": dense,
+            "gguf/": ggml + other}
 
 
 def hqq_groups(layer: nn.Module) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -360,9 +360,14 @@ def _plan_table(model: str, p, shape) -> None:
         table.add_row(t, *(format_bytes(b.to_dict()[t]) for _, b in rows))
     if p.budget_bytes is not None:
         table.add_row(f"fits {format_bytes(p.budget_bytes)}", *("yes" if p.fits(b) else "NO" for _, b in rows))
+    keys = ["this config"] * bool(p.breakdown) + list(p.baselines) + ["smallest"]
+    for part in next(iter(p.serving.values())):
+        table.add_row(f"serving {part}", *(format_bytes(p.serving[k][part]) for k in keys))
     Console(width=200).print(table)
     typer.echo("total = max(training_peak, scoring_peak), what torch.cuda.max_memory_allocated reports; not in it: "
-               "the CUDA context (~0.3-0.6 GiB per process) and allocator slack (reserved - allocated).")
+               "the CUDA context (~0.3-0.6 GiB per process) and allocator slack (reserved - allocated). "
+               "serving: the weights a server holds for each export part, 16-bit where not quantized "
+               "(the KV cache comes on top).")
 
 
 @stack_app.command("up")

@@ -1,9 +1,10 @@
 """MLflow pyfunc of an exported champion ("models from code": MLflow copies this file into the model).
 
-It imports only torch, transformers, hqq, peft, pandas and mlflow, never AutoQRA, so
-``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` work on
-any machine with those libraries. The export folder is the model's artifact ``export``:
-``model/`` (hqq pre-quantized, per-layer bits) + ``adapter/`` (peft LoRA).
+It imports only torch, transformers, peft, pandas and mlflow (with compressed-tensors or hqq), never AutoQRA,
+so ``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` work on any machine with
+those libraries. The export folder is the model's artifact ``export``: the base is ``model-ct/``
+(compressed-tensors, through transformers alone) when the export wrote it, else ``model/`` (hqq's loader); both
+hold the same per-layer quantized weights, with ``adapter/`` (peft LoRA) on top.
 
 ``predict`` takes rows (a DataFrame, or records over REST):
 * ``{"prompt": str, "choices": [str, ...]}`` -> ``{"scores": [mean log-likelihood per choice], "choice": index}``
@@ -25,17 +26,23 @@ from mlflow.models import set_model
 class ChampionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
-        from hqq.models.hf.base import AutoHQQHFModel
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         root = Path(context.artifacts["export"])
-        model = AutoHQQHFModel.from_quantized(str(root / "model"), compute_dtype=torch.float32, device="cpu")
+        base = root / "model-ct"
+        if (base / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        else:
+            from hqq.models.hf.base import AutoHQQHFModel
+
+            base = root / "model"
+            model = AutoHQQHFModel.from_quantized(str(base), compute_dtype=torch.float32, device="cpu")
         if (root / "adapter" / "adapter_config.json").is_file():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(root / "adapter"))
         self.model = model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -372,7 +372,8 @@ def log_pyfunc(run_id: str, export_dir: str | Path, artifact_path: str = "champi
 
     import mlflow.pyfunc
 
-    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "peft", "hqq", "pandas")]
+    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "peft", "hqq", "compressed-tensors",
+                                           "pandas")]
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / artifact_path
         mlflow.pyfunc.save_model(str(local), python_model=str(CHAMPION_CODE),

@@ -30,10 +30,16 @@ BITS, RANKS = [2, 3, 4, 8, 16, 4], [8, 0, 16, 4, 8, 32]  # every bit-width, unqu
 RELOAD = r"""
 import json, sys, torch
 kind, folder, data = sys.argv[1:4]
-if kind == "ct":
+if kind == "ct-without-adapter":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder + "/model-ct", dtype=torch.float32)
+elif kind == "ct":
     from peft import PeftModel; from transformers import AutoModelForCausalLM
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder + "/model-ct", dtype=torch.float32),
                                       folder + "/adapter")
+elif kind == "merged-ct":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder + "/merged-ct", dtype=torch.float32)
 elif kind == "gguf":
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder + "/gguf", gguf_file="model.gguf", dtype=torch.float32)
@@ -125,9 +131,10 @@ def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
 
 @pytest.mark.slow
 def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp_path):
-    """model-ct/ + adapter/ (compressed-tensors) and gguf/ load in a process that never imports AutoQRA:
-    model-ct/ holds HQQ's weights exactly (checked weight by weight) and reproduces the fine-tuned model's loss;
-    gguf/ holds each weight in its layer's GGML type, as the gguf package rounds it."""
+    """model-ct/ + adapter/ (compressed-tensors), merged-ct/ and gguf/ load in a process that never imports
+    AutoQRA: model-ct/ holds HQQ's weights exactly (checked weight by weight) and reproduces the fine-tuned
+    model's loss; merged-ct/ holds the merged weights re-quantized at each layer's bits; gguf/ holds each weight
+    in its layer's GGML type, as the gguf package rounds it."""
     import gguf
     from safetensors.torch import load_file
 
@@ -161,6 +168,17 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
         assert kinds[f"blk.{i}.attn_q.weight"] == GGUF_TYPES.get(bits, "F16")
         assert kinds[f"blk.{i}.attn_norm.weight"] == "F32"
     assert metrics["formats"]["gguf"]["tensor_types"] == kinds
+    # `autoqra estimate`'s serving bytes: GGUF's tensor data as written (norms are F32 there, 16-bit in the
+    # estimate) and model/'s packed state (HQQ's scale/zero in fp32 here: 4 bytes).
+    from autoqra_core.formats import serving_bytes
+    from autoqra_core.model import model_shape
+
+    shape = model_shape(base, lmap)
+    assert serving_bytes(cfg, shape)["gguf/"] == pytest.approx(sum(int(t.n_bytes) for t in reader.tensors), rel=0.01)
+    packed = serving_bytes(cfg, shape, dtype_bytes=4)
+    assert packed["model/+adapter/"] == pytest.approx(ex.folder_bytes(out / "model") + ex.folder_bytes(out / "adapter")
+                                                      - sum(f.stat().st_size for f in (out / "model").glob("tok*")),
+                                                      rel=0.03)
     # A fresh process: the same loss as the export measured, within 1e-3 of the model in memory for model-ct/.
     data = _eval_data(task, tok, tmp_path)
     ct_run, gguf_run = _reload_loss("ct", out, data), _reload_loss("gguf", out, data)
@@ -169,7 +187,18 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
     assert ct_run["loss"] == pytest.approx(metrics["formats"]["ct"]["loss"], abs=1e-4)
     assert gguf_run["loss"] == pytest.approx(metrics["formats"]["gguf"]["loss"], abs=1e-4)
     assert metrics["formats"]["gguf"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=0.2)
-    assert set(metrics["bytes"]) == {"model", "adapter", "merged", "model-ct", "gguf"}
+    # merged-ct/: the merged model re-quantized at the searched bits, the same groups as model-ct/.
+    mcfg = json.loads((out / "merged-ct" / "config.json").read_text())["quantization_config"]
+    assert {m: g["weights"]["num_bits"] for g in mcfg["config_groups"].values() for m in g["targets"]} == targets
+    assert "lora_A" not in "".join(load_file(out / "merged-ct" / "model.safetensors"))
+    merged_ct = _reload_loss("merged-ct", out, data)
+    assert merged_ct["autoqra_imported"] == []
+    assert merged_ct["loss"] == pytest.approx(metrics["formats"]["merged-ct"]["loss"], abs=1e-4)
+    # Re-quantizing the merged weights moves the loss (by how much is the card's), but it keeps the adapter's
+    # effect: closer to the fine-tuned model than the quantized base without its adapter.
+    plain = _reload_loss("ct-without-adapter", out, data)["loss"]
+    assert abs(merged_ct["loss"] - metrics["in_memory"]["loss"]) < abs(plain - metrics["in_memory"]["loss"])
+    assert set(metrics["bytes"]) == {"model", "adapter", "merged", "model-ct", "merged-ct", "gguf"}
 
 
 @pytest.mark.slow
@@ -203,7 +232,7 @@ def test_model_card_has_what_a_user_needs(exported):
                 memory={"weights": 2**20, "total": 3 * 2**20}, test=metrics["test"], fine_tune=metrics["fine_tune"],
                 versions=library_versions(), mlflow_run_id="run123", prefect_flow_run_id="flow456",
                 merged=metrics["merged"], formats=metrics["formats"], bytes=metrics["bytes"]).render()
-    for needle in ("model-ct/ + adapter/ (transformers)", "gguf/ (merged)", "Q8_0 ", "vllm serve", "| model-ct/ |",
+    for needle in ("model-ct/ + adapter/ (transformers)", "merged-ct/ (merged, re-quantized)", "gguf/ (merged)", "Q8_0 ", "vllm serve", "| model-ct/ |",
                    "run123", "flow456", "AutoHQQHFModel.from_quantized", "PeftModel.from_pretrained",
                    "| model.layers.0 | 2 | 8 |", "allocation.png", "5.00 MiB", "hqq", "transformers",
                    f"{metrics['test']['loss_mean']:.4f} ± {metrics['test']['loss_sd']:.4f}"):
@@ -310,6 +339,8 @@ def test_registered_champion_loads_as_pyfunc(registered, embedded):
     pred = model.predict(pd.DataFrame(rows))
     acc = sum(p["choice"] == r["label"] for p, r in zip(pred, task.test)) / len(rows)
     assert acc == pytest.approx(second["files"]["accuracy"])  # the export's own accuracy, from the registry
+    inner = model.unwrap_python_model().model  # the base came from model-ct/ through transformers, not hqq
+    assert not any(type(m).__name__ == "HQQLinear" for m in inner.modules())
     text = model.predict(pd.DataFrame([{"prompt": "dog:"}]), params={"max_new_tokens": 5})
     assert isinstance(text[0]["text"], str)
 

@@ -224,6 +224,12 @@ def test_estimate_reads_a_config_only_folder(tmp_path):
     assert terms["unquantized"] == 49152 * 576 * 2 + (2 * 30 + 1) * 576 * 2  # tied embedding once, norms; bf16
     assert set(out["baselines"]) == {"uniform-2bit-r16", "uniform-3bit-r16", "uniform-4bit-r16", "uniform-8bit-r16"}
     assert terms["fits"] is (terms["total"] <= 2 * 2**30) and out["smallest"]["name"] == "uniform-2bit-r0"
+    # Serving weights per export part: packed 4-bit (+ adapter) and GGUF Q4_1 about half the dense bf16 model;
+    # the dense parts do not depend on bits, model-ct/ adds its adapter.
+    serve, eight = terms["serving"], out["baselines"]["uniform-8bit-r16"]["serving"]
+    assert max(serve["model/+adapter/"], serve["gguf/"]) < 0.5 * serve["merged/"] < serve["model-ct/+adapter/"]
+    assert serve["merged/"] == 134_515_008 * 2 == eight["merged/"]  # every parameter in bf16
+    assert eight["gguf/"] > serve["gguf/"] and eight["model/+adapter/"] > serve["model/+adapter/"]
     bad = CliRunner().invoke(app, ["estimate", "--model", str(tmp_path / "nope"), "--bits", "4", "--rank", "16"])
     assert bad.exit_code == 2 and "not found" in bad.output
 
