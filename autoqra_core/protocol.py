@@ -19,7 +19,7 @@ from typing import Sequence
 from .evaluation import Evaluation
 from .fidelity import Ladder
 
-REFERENCES = ("uniform-4bit-r16", "random")  # every method is compared, seed by seed, with these
+REFERENCES = ("uniform-4bit-r16", "uniform-best", "random")  # every method is compared, seed by seed, with these
 
 
 SEED_STRIDE = 10_000  # race seeds are search_seed + k * SEED_STRIDE; report seeds lie strictly between

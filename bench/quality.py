@@ -1,6 +1,8 @@
 """The test report of one search (its ``result.json``) as a markdown table: every method's memory, the
 fine-tuning tokens it spent choosing its configuration, its validation loss (what the search decided on) and
-its test loss and accuracy over the report seeds, with the paired differences to uniform-4bit-r16 and random.
+its test loss and accuracy over the report seeds, with the paired differences to the references
+(``protocol.REFERENCES``: uniform-4bit-r16, uniform-best, random), recomputed from the per-seed scores, so a
+result written before a reference was added gets it too; "*" marks a difference beyond 2 standard errors.
 
     .venv/bin/python bench/quality.py RUN_DIR [--out bench/results/NAME.md] [--command "how RUN_DIR was made"]
 """
@@ -18,20 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoqra_core.memory import format_bytes  # noqa: E402
-from autoqra_core.protocol import REFERENCES, fmt_mean_sd  # noqa: E402
+from autoqra_core.protocol import REFERENCES, SeedScores, compare, fmt_mean_sd  # noqa: E402
 from autoqra_core.space import Config  # noqa: E402
 
 
 def _diff(t: dict, ref: str, key: str) -> str:
     d = (t.get("vs") or {}).get(ref)
-    if not d or d.get("n", 0) == 0:
+    if not d or d.get("n", 0) == 0 or d[f"{key}_diff_mean"] is None:
         return "-"
-    wins = f" ({d['loss_wins']}/{d['n']} lower)" if key == "loss" else ""
-    return f"{d[f'{key}_diff_mean']:+.4f} ± {d[f'{key}_diff_sd']:.4f}{wins}"
+    mean, sd, n = d[f"{key}_diff_mean"], d[f"{key}_diff_sd"] or 0.0, d["n"]
+    beyond = "*" if n > 1 and abs(mean) > 2 * sd / n**0.5 else ""
+    wins = f" ({d['loss_wins']}/{n} lower)" if key == "loss" else ""
+    return f"{mean:+.4f} ± {sd:.4f}{beyond}{wins}"
+
+
+def compared(result: dict) -> dict[str, dict]:
+    """Every method's test summary with its paired differences to the references, from the per-seed scores."""
+    rows = {"autoqra": result["best"], **result["baselines"]}
+    scores = {name: SeedScores(tuple(t["seeds"]), tuple(t["losses"]), tuple(t["accuracies"]))
+              for name, e in rows.items() if e and (t := e.get("test"))}
+    return compare(scores, REFERENCES)
 
 
 def table(result: dict) -> list[str]:
     budget = result["budget_bytes"]
+    tests = compared(result)
     rows = [("autoqra", result["best"])] + list(result["baselines"].items())
     head = ["method", "memory", "within budget", "tokens to choose", "validation loss", "test loss",
             "test accuracy"] + [f"Δ loss vs {r}" for r in REFERENCES] + [f"Δ accuracy vs {r}" for r in REFERENCES]
@@ -39,7 +52,7 @@ def table(result: dict) -> list[str]:
     for name, e in rows:
         if not e:
             continue
-        t = e.get("test") or {}
+        t = tests.get(name, {})
         val = e.get("eval_loss")
         cells = [f"**{name}**" if name == "autoqra" else name, format_bytes(e["memory_bytes"]),
                  "yes" if e["memory_bytes"] <= budget else "**no**", f"{e.get('train_tokens') or 0:,}",
@@ -70,7 +83,7 @@ def main() -> None:
         f"Selection on `{p['selection_split']}` ({p['validation_examples']} rows at the top rung), report on "
         f"`{p['report_split']}` ({p['test_examples']} rows), training seeds {p['report_seeds']} (never used by "
         "the search). Δ: paired by seed, mean ± sd of the per-seed differences (negative loss / positive "
-        "accuracy favour the row's method).",
+        "accuracy favour the row's method); * beyond 2 standard errors of the paired difference.",
         "",
         *table(r),
         "",

@@ -161,7 +161,7 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
         if t["failed"] == 0:
             assert t["loss_mean"] > 0 and t["loss_sd"] >= 0 and 0 <= t["accuracy_mean"] <= 1
     vs = a["best"]["test"]["vs"]
-    assert set(vs) == {"uniform-4bit-r16", "random"} and vs["random"]["seeds"] == [3, 4]
+    assert set(vs) == {"uniform-4bit-r16", "uniform-best", "random"} and vs["random"]["seeds"] == [3, 4]
     assert (tmp_path / "a" / "out" / "test.png").is_file()
     from tasks.search import _LENT
     assert not _LENT  # each flow released what it lent its steps (the loaded model, the packed weights)
