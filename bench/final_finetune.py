@@ -1,0 +1,131 @@
+"""The fine-tune a user runs after the search: the search's winner, uniform-4bit-r16 and uniform-best fine-tuned
+at the export's length and at one epoch of the train split, scored on the test split over the report's fresh
+seeds, beside their top-rung test report. Does the ordering at the search's top rung survive a longer fine-tune?
+
+Each length is a one-rung ladder handed to the same cached evaluation as the search (``Run.test_report``), so a
+rerun reuses every finished fine-tune. Nothing here is chosen: the configurations are those ``result.json``
+already names.
+
+    .venv/bin/python bench/final_finetune.py RUN_DIR --model smollm2-135m --dataset addition \
+        --config bench/smollm2-addition.yaml [--seeds 2] [--out bench/results/NAME.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ("autoqra", "uniform-4bit-r16", "uniform-best")
+
+
+def lengths(run, rc) -> dict[str, dict]:
+    """The export's fine-tune and one epoch of the whole train split, as rung settings (the longer one last)."""
+    from autoqra_core.data import train_blocks
+    from autoqra_core.export import final_fidelity
+
+    es = rc.export_settings()
+    export = final_fidelity(es, run.wb.task, run.wb.tokenizer)
+    blocks = len(train_blocks(run.wb.task, run.wb.tokenizer, es.seq_len, 1.0, rc.train.answer_only))
+    shape = dict(seq_len=es.seq_len, batch_size=es.batch_size, eval_examples=rc.search.rungs[-1].eval_examples)
+    out = {"export": dict(steps=export.steps, data_fraction=export.data_fraction, **shape),
+           "one epoch": dict(steps=math.ceil(blocks / es.batch_size), data_fraction=1.0, **shape)}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["steps"]))
+
+
+def measure(args) -> dict:
+    from prefect import flow
+
+    from autoqra_core.protocol import compare
+    from autoqra_core.space import Config
+    from bench.quality import compared
+    from flows.config import RungSection, load_run_config
+    from flows.prepared_run import Run
+
+    result = json.loads((args.run / "result.json").read_text())
+    entries = {"autoqra": result["best"], **result["baselines"]}
+    methods = {m: Config.from_dict(entries[m]["config"]) for m in METHODS if entries.get(m)}
+
+    @flow(name="bench-final-finetune")
+    def bench() -> dict:
+        rc = load_run_config(args.config)
+        rc = rc.model_copy(update={"report": rc.report.model_copy(update={"seeds": args.seeds})})
+        out = {}
+        todo = lengths(Run.prepare(args.model, args.dataset, None, rc, result["seed"]), rc)
+        for name, rung in ((k, v) for k, v in todo.items() if k in args.lengths):
+            one = rc.model_copy(update={"search": rc.search.model_copy(update={"rungs": [RungSection(**rung)]})})
+            start = time.perf_counter()
+            scores = Run.prepare(args.model, args.dataset, None, one, result["seed"]).test_report(methods)
+            out[name] = {"rung": rung, "seconds": time.perf_counter() - start,
+                         "test": compare(scores, ("uniform-4bit-r16", "uniform-best"))}
+            print(name, json.dumps(out[name]["test"], default=str)[:400], flush=True)
+        return out
+
+    return {"methods": {m: c.to_dict() for m, c in methods.items()},
+            "top_rung": {m: compared(result)[m] for m in methods}, "final": bench()}
+
+
+def report(data: dict, args, wall: float) -> str:
+    from autoqra_core.protocol import fmt_mean_sd
+
+    from bench.quality import _diff
+
+    cols = [("top rung (the search's)", data["top_rung"])] + [
+        (f"{name}: {d['rung']['steps']} steps", d["test"]) for name, d in data["final"].items()]
+    lines = [
+        "# The fine-tune a user runs: the search's top rung vs the export's length and one epoch (test)", "",
+        f"Command: `.venv/bin/python bench/final_finetune.py {args.run} --model {args.model} --dataset "
+        f"{args.dataset} --config {args.config} --seeds {args.seeds}"
+        + (f" --lengths {' '.join(repr(x) for x in args.lengths)}" if len(args.lengths) < 2 else "") + "`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time {wall / 60:.0f} min.  ",
+        "Test loss and accuracy, mean ± sd over the report's fresh seeds; Δ paired by seed (* beyond 2 standard "
+        "errors).", "",
+        "| method | " + " | ".join(f"{c}: loss | {c}: accuracy" for c, _ in cols) + " |",
+        "|---|" + "---:|---:|" * len(cols),
+    ]
+    for m in data["methods"]:
+        cells = []
+        for _, t in cols:
+            r = t.get(m) or {}
+            cells += [fmt_mean_sd(r.get("loss_mean"), r.get("loss_sd")),
+                      fmt_mean_sd(r.get("accuracy_mean"), r.get("accuracy_sd"), 3)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "AutoQRA minus each reference (loss; accuracy):", ""]
+    for c, t in cols:
+        a = t.get("autoqra") or {}
+        refs = "; ".join(f"vs {ref}: {_diff(a, ref, 'loss')}, accuracy {_diff(a, ref, 'accuracy')}"
+                         for ref in ("uniform-4bit-r16", "uniform-best"))
+        lines.append(f"* {c}: {refs}")
+    for name, d in data["final"].items():
+        lines.append(f"* {name}: {d['seconds'] / 60:.0f} min for {len(data['methods'])} methods x {args.seeds} seeds")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a search's --out folder (with result.json and its baselines)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="addition")
+    ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
+    ap.add_argument("--seeds", type=int, default=2, help="fresh report seeds per method and length")
+    ap.add_argument("--lengths", nargs="+", default=["export", "one epoch"], choices=["export", "one epoch"])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    data = measure(args)
+    text = report(data, args, time.perf_counter() - start)
+    if args.out:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
