@@ -2,12 +2,17 @@
 at the export's length and at one epoch of the train split, scored on the test split over the report's fresh
 seeds, beside their top-rung test report. Does the ordering at the search's top rung survive a longer fine-tune?
 
+``--runner-up`` adds the search's closest raced challenger (lowest mean top-rung validation loss over 2+ seeds,
+within budget, not the winner) and ``--uniform uniform-8bit-r4 ...`` more uniform recipes: when the winner is a
+uniform recipe itself, they say whether a per-layer allocation or another recipe overtakes it at a longer fine-tune.
+
 Each length is a one-rung ladder handed to the same cached evaluation as the search (``Run.test_report``), so a
 rerun reuses every finished fine-tune. Nothing here is chosen: the configurations are those ``result.json``
 already names.
 
     .venv/bin/python bench/final_finetune.py RUN_DIR --model smollm2-135m --dataset addition \
-        --config bench/smollm2-addition.yaml [--seeds 2] [--out bench/results/NAME.md]
+        --config bench/smollm2-addition.yaml [--seeds 2] [--runner-up] [--uniform uniform-8bit-r4] \
+        [--out bench/results/NAME.md]
 """
 
 from __future__ import annotations
@@ -40,6 +45,35 @@ def lengths(run, rc) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]["steps"]))
 
 
+def runner_up(result: dict) -> dict | None:
+    """The raced challenger closest to the winner: lowest mean validation loss at the top rung over 2+ seeds,
+    within budget, other than the winner (validation only: chosen by what the search itself saw)."""
+    top = max(e["fidelity"] for e in result["evaluations"])
+    runs: dict[str, list[dict]] = {}
+    for e in result["evaluations"]:
+        if e["fidelity"] == top and e["status"] == "ok" and e["memory_bytes"] <= result["budget_bytes"]:
+            runs.setdefault(e["config_key"], []).append(e)
+    winner = best_key(result["best"]["config"])
+    raced = {k: sum(e["eval_loss"] for e in v) / len(v) for k, v in runs.items() if len(v) >= 2 and k != winner}
+    return runs[min(raced, key=raced.get)][0]["config"] if raced else None
+
+
+def best_key(config: dict) -> str:
+    from autoqra_core.space import Config
+
+    return Config.from_dict(config).key()
+
+
+def uniform(like: dict, recipe: str) -> dict:
+    """``uniform-8bit-r4`` over the layers of ``like``."""
+    import re
+
+    m = re.fullmatch(r"uniform-(\d+)bit-r(\d+)", recipe)
+    if not m:
+        raise SystemExit(f"cannot read {recipe!r}: write a uniform recipe as uniform-<bits>bit-r<rank>")
+    return {"layers": [{**layer, "bits": int(m[1]), "rank": int(m[2])} for layer in like["layers"]]}
+
+
 def measure(args) -> dict:
     from prefect import flow
 
@@ -52,6 +86,10 @@ def measure(args) -> dict:
     result = json.loads((args.run / "result.json").read_text())
     entries = {"autoqra": result["best"], **result["baselines"]}
     methods = {m: Config.from_dict(entries[m]["config"]) for m in METHODS if entries.get(m)}
+    if args.runner_up and (c := runner_up(result)):
+        methods["runner-up (raced)"] = Config.from_dict(c)
+    for recipe in args.uniform:
+        methods[recipe] = Config.from_dict(uniform(result["best"]["config"], recipe))
 
     @flow(name="bench-final-finetune")
     def bench() -> dict:
@@ -69,7 +107,7 @@ def measure(args) -> dict:
         return out
 
     return {"methods": {m: c.to_dict() for m, c in methods.items()},
-            "top_rung": {m: compared(result)[m] for m in methods}, "final": bench()}
+            "top_rung": {m: t for m in methods if (t := compared(result).get(m))}, "final": bench()}
 
 
 def report(data: dict, args, wall: float) -> str:
@@ -83,6 +121,7 @@ def report(data: dict, args, wall: float) -> str:
         "# The fine-tune a user runs: the search's top rung vs the export's length and one epoch (test)", "",
         f"Command: `.venv/bin/python bench/final_finetune.py {args.run} --model {args.model} --dataset "
         f"{args.dataset} --config {args.config} --seeds {args.seeds}"
+        + (" --runner-up" if args.runner_up else "") + "".join(f" --uniform {u}" for u in args.uniform)
         + (f" --lengths {' '.join(repr(x) for x in args.lengths)}" if len(args.lengths) < 2 else "") + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time {wall / 60:.0f} min.  ",
         "Test loss and accuracy, mean ± sd over the report's fresh seeds; Δ paired by seed (* beyond 2 standard "
@@ -97,12 +136,12 @@ def report(data: dict, args, wall: float) -> str:
             cells += [fmt_mean_sd(r.get("loss_mean"), r.get("loss_sd")),
                       fmt_mean_sd(r.get("accuracy_mean"), r.get("accuracy_sd"), 3)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "AutoQRA minus each reference (loss; accuracy):", ""]
+    lines += ["", "Each method minus each reference (loss; accuracy):", ""]
     for c, t in cols:
-        a = t.get("autoqra") or {}
-        refs = "; ".join(f"vs {ref}: {_diff(a, ref, 'loss')}, accuracy {_diff(a, ref, 'accuracy')}"
-                         for ref in ("uniform-4bit-r16", "uniform-best"))
-        lines.append(f"* {c}: {refs}")
+        for m in (m for m in data["methods"] if m not in ("uniform-4bit-r16", "uniform-best") and m in t):
+            refs = "; ".join(f"vs {ref}: {_diff(t[m], ref, 'loss')}, accuracy {_diff(t[m], ref, 'accuracy')}"
+                             for ref in ("uniform-4bit-r16", "uniform-best"))
+            lines.append(f"* {c}, {m}: {refs}")
     for name, d in data["final"].items():
         lines.append(f"* {name}: {d['seconds'] / 60:.0f} min for {len(data['methods'])} methods x {args.seeds} seeds")
     return "\n".join(lines) + "\n"
@@ -115,6 +154,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="addition")
     ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
     ap.add_argument("--seeds", type=int, default=2, help="fresh report seeds per method and length")
+    ap.add_argument("--runner-up", action="store_true", help="add the search's closest raced challenger")
+    ap.add_argument("--uniform", nargs="*", default=[], help="more uniform recipes, e.g. uniform-8bit-r4")
     ap.add_argument("--lengths", nargs="+", default=["export", "one epoch"], choices=["export", "one epoch"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
