@@ -104,7 +104,7 @@ def test_the_default_sections_become_the_default_dataclasses():
     assert dataclasses.replace(cfg.train_settings(0), grad_checkpointing=False) == TrainSettings()
 
 
-@pytest.mark.parametrize("path", ["infra/demo.yaml", "bench/smollm2.yaml"])
+@pytest.mark.parametrize("path", ["infra/demo.yaml", "bench/smollm2.yaml", "bench/smollm2-addition.yaml"])
 def test_shipped_settings_files_load_and_change_only_what_they_say(path):
     """The settings files that `make demo` and the smollm2 bench pass: valid against the schema, and every
     section they do not name keeps its default (a renamed field would otherwise fail only at the end of a demo)."""
