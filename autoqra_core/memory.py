@@ -284,11 +284,17 @@ def parse_budget(text: str | int, space: SearchSpace, shape: ModelShape, s: Memo
     return budget
 
 
+def reference_recipe(text: str | int) -> tuple[int, int] | None:
+    """(bits, rank) of a uniform recipe's name ('uniform-4bit-r16'), or None if ``text`` is not one."""
+    m = _REFERENCE.fullmatch(str(text).strip().lower())
+    return (int(m[1]), int(m[2])) if m else None
+
+
 def budget_bytes(text: str | int, space: SearchSpace, shape: ModelShape, s: MemorySettings = MemorySettings()) -> int:
     """The bytes a budget text means ('6GiB', '1500MB', '123456', 'uniform-4bit-r16'), feasible or not."""
     raw = str(text).strip().lower()
-    if m := _REFERENCE.fullmatch(raw):
-        return total_bytes(space.uniform(int(m[1]), int(m[2])), shape, s)
+    if recipe := reference_recipe(raw):
+        return total_bytes(space.uniform(*recipe), shape, s)
     if (m := _SIZE.fullmatch(raw)) and m[2] in _UNITS:
         return int(float(m[1]) * _UNITS[m[2]])
     raise BudgetError(

@@ -43,8 +43,7 @@ def profile(args) -> dict:
     rc = load_run_config(args.config)
     run = Run.prepare(args.model, args.dataset, None, rc, 0)
     wb, top = run.wb, run.ladder[run.ladder.top]
-    config = run.space.uniform(4, 16)
-    config = type(config).from_dict(uniform(config.to_dict(), args.recipe))
+    config = uniform(run.space, args.recipe)
     q, t = QuantSettings(**rc.quant.model_dump()), rc.train_settings(0)
     cache = PackedCache(wb.base)
     out: dict = {"recipe": args.recipe, "rung": top.__dict__, "threads": torch.get_num_threads()}

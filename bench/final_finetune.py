@@ -48,37 +48,32 @@ def lengths(run, rc) -> dict[str, dict]:
 def runner_up(result: dict) -> dict | None:
     """The raced challenger closest to the winner: lowest mean validation loss at the top rung over 2+ seeds,
     within budget, other than the winner (validation only: chosen by what the search itself saw)."""
+    from autoqra_core.space import Config
+
     top = max(e["fidelity"] for e in result["evaluations"])
     runs: dict[str, list[dict]] = {}
     for e in result["evaluations"]:
         if e["fidelity"] == top and e["status"] == "ok" and e["memory_bytes"] <= result["budget_bytes"]:
             runs.setdefault(e["config_key"], []).append(e)
-    winner = best_key(result["best"]["config"])
+    winner = Config.from_dict(result["best"]["config"]).key()
     raced = {k: sum(e["eval_loss"] for e in v) / len(v) for k, v in runs.items() if len(v) >= 2 and k != winner}
     return runs[min(raced, key=raced.get)][0]["config"] if raced else None
 
 
-def best_key(config: dict) -> str:
-    from autoqra_core.space import Config
+def uniform(space, recipe: str):
+    """The configuration ``uniform-8bit-r4`` names, over ``space``'s layers."""
+    from autoqra_core.memory import reference_recipe
 
-    return Config.from_dict(config).key()
-
-
-def uniform(like: dict, recipe: str) -> dict:
-    """``uniform-8bit-r4`` over the layers of ``like``."""
-    import re
-
-    m = re.fullmatch(r"uniform-(\d+)bit-r(\d+)", recipe)
-    if not m:
+    if (choice := reference_recipe(recipe)) is None:
         raise SystemExit(f"cannot read {recipe!r}: write a uniform recipe as uniform-<bits>bit-r<rank>")
-    return {"layers": [{**layer, "bits": int(m[1]), "rank": int(m[2])} for layer in like["layers"]]}
+    return space.uniform(*choice)
 
 
 def measure(args) -> dict:
     from prefect import flow
 
     from autoqra_core.protocol import compare
-    from autoqra_core.space import Config
+    from autoqra_core.space import Config, SearchSpace
     from bench.quality import compared
     from flows.config import RungSection, load_run_config
     from flows.prepared_run import Run
@@ -89,7 +84,7 @@ def measure(args) -> dict:
     if args.runner_up and (c := runner_up(result)):
         methods["runner-up (raced)"] = Config.from_dict(c)
     for recipe in args.uniform:
-        methods[recipe] = Config.from_dict(uniform(result["best"]["config"], recipe))
+        methods[recipe] = uniform(SearchSpace(methods["autoqra"].names), recipe)
 
     @flow(name="bench-final-finetune")
     def bench() -> dict:
@@ -107,7 +102,7 @@ def measure(args) -> dict:
         return out
 
     return {"methods": {m: c.to_dict() for m, c in methods.items()},
-            "top_rung": {m: t for m in methods if (t := compared(result).get(m))}, "final": bench()}
+            "top_rung": {m: top[m] for m in methods if m in (top := compared(result))}, "final": bench()}
 
 
 def report(data: dict, args, wall: float) -> str:
