@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -126,6 +127,30 @@ def test_simulated_backend_matches_packed_hqq(embedded):
             assert torch.equal(deq, sm[name].weight), name
     ev = eval_set(task, tok, 20, 64)
     assert score(packed, ev) == pytest.approx(score(sim, ev), rel=1e-4)
+
+
+def test_tied_choices_earn_a_share_of_a_hit_not_a_whole_one(embedded):
+    """A model that scores every choice alike (bf16 logits often tie on choices one token apart) is at chance,
+    1 / choices per question, not right on every question."""
+    _, tok, task, _ = embedded
+    ev = eval_set(task, tok, 20, 64)
+    choices = torch.bincount(ev.example).float()
+    assert (choices > 1).all()
+
+    class Flat(torch.nn.Module):  # the same logits at every position: every choice ties
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(1, 1)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids):
+            return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(tok)))
+
+    loss, acc = score(Flat(), ev)
+    assert loss == pytest.approx(math.log(len(tok)), rel=1e-5)
+    assert acc == pytest.approx((1 / choices).mean().item())
 
 
 def test_scoring_runs_the_body_in_large_batches_with_the_same_numbers(embedded):
