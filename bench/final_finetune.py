@@ -60,6 +60,13 @@ def runner_up(result: dict) -> dict | None:
     return runs[min(raced, key=raced.get)][0]["config"] if raced else None
 
 
+def study_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model, --dataset and --config, defaulting to the smollm2-135m addition study's."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="addition")
+    ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
+
+
 def uniform(space, recipe: str):
     """The configuration ``uniform-8bit-r4`` names, over ``space``'s layers."""
     from autoqra_core.memory import reference_recipe
@@ -145,9 +152,7 @@ def report(data: dict, args, wall: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search's --out folder (with result.json and its baselines)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="addition")
-    ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
+    study_arguments(ap)
     ap.add_argument("--seeds", type=int, default=2, help="fresh report seeds per method and length")
     ap.add_argument("--runner-up", action="store_true", help="add the search's closest raced challenger")
     ap.add_argument("--uniform", nargs="*", default=[], help="more uniform recipes, e.g. uniform-8bit-r4")

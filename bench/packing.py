@@ -111,10 +111,10 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
+    from bench.final_finetune import study_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="addition")
-    ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
+    study_arguments(ap)
     ap.add_argument("--recipe", default="uniform-4bit-r16")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", type=Path)
