@@ -376,6 +376,11 @@ class Blocks:
         return {"input_ids": self.ids, "labels": self.ids if self.labels is None else self.labels}
 
 
+def pad_id(tokenizer) -> int:
+    """The token that fills a row to its batch's width (never trained or scored): pad, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def train_blocks(task: Task, tokenizer, seq_len: int, fraction: float, answer_only: bool = False) -> Blocks:
     """The first ``fraction`` of the training rows as [n, seq_len] blocks.
 
@@ -392,7 +397,7 @@ def train_blocks(task: Task, tokenizer, seq_len: int, fraction: float, answer_on
             raise DatasetError(f"{n_rows} training rows give fewer than {seq_len} tokens; use more data or a shorter "
                                f"seq_len")
         return Blocks(torch.tensor(stream[: n * seq_len]).view(n, seq_len))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     blocks: list[tuple[list[int], list[int]]] = []
     ids: list[int] = []
     labels: list[int] = []
@@ -482,7 +487,7 @@ def eval_set(task: Task, tokenizer, n_examples: int, max_len: int, split: str = 
             example.append(i)
             correct.append(kind != "choice" or j == row["label"])
     width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     return EvalSet(
         input_ids=torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
         target_mask=torch.tensor([m + [False] * (width - len(m)) for m in masks]),

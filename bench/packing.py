@@ -36,7 +36,7 @@ def padded(rows: list[tuple[list[int], list[bool]]], pad: int) -> tuple[torch.Te
 
 
 def measure(args) -> dict:
-    from autoqra_core.data import _examples, masked, train_blocks
+    from autoqra_core.data import _examples, masked, pad_id, train_blocks
     from autoqra_core.finetune import IGNORE, build, exact_split, make_optimizer, masked_loss
     from autoqra_core.packed import PackedCache
     from autoqra_core.quantize import QuantSettings
@@ -56,7 +56,7 @@ def measure(args) -> dict:
     per_block = len(rows) / len(blocks)
     rows_per_step = round(per_block * top.batch_size)
     n = args.steps + 1
-    pad = wb.tokenizer.pad_token_id if wb.tokenizer.pad_token_id is not None else wb.tokenizer.eos_token_id
+    pad = pad_id(wb.tokenizer)
     packed = [(blocks.ids[i * top.batch_size:(i + 1) * top.batch_size],
                blocks.labels[i * top.batch_size:(i + 1) * top.batch_size]) for i in range(n)]
     pads = [padded(rows[i * rows_per_step:(i + 1) * rows_per_step], pad) for i in range(n)]
