@@ -447,6 +447,7 @@ class EvalSet:
     example: torch.Tensor  # [n_rows] which example a row belongs to
     correct: torch.Tensor  # [n_rows] True for the row whose loss counts (the labelled choice / the only row)
     labelled: bool
+    max_len: int  # the longest a row may be (the rung's seq_len): the width the memory model charges scoring
 
 
 def fit_window(ctx: list[int], target: list[int], max_len: int) -> tuple[list[int], int]:
@@ -494,4 +495,5 @@ def eval_set(task: Task, tokenizer, n_examples: int, max_len: int, split: str = 
         example=torch.tensor(example),
         correct=torch.tensor(correct),
         labelled=task.labelled,
+        max_len=max_len,
     )

@@ -185,16 +185,126 @@ def _scored_nll(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, hea
     return torch.zeros(len(ids)).index_add_(0, row, nll)
 
 
+SHARED_TOL_16BIT = 0.05  # nats per token: bf16/fp16 rounding of a differently shaped forward stays far below
+
+
+def token_batches(sizes: torch.Tensor, tokens: int) -> list[slice]:
+    """Consecutive slices of ascending ``sizes`` holding at most ``tokens`` (rows x the longest), one row at least:
+    short rows go in large batches, so the body sees about ``tokens`` tokens per forward whatever the width."""
+    out, i = [], 0
+    while i < len(sizes):
+        j = i + 1
+        while j < len(sizes) and (j + 1 - i) * int(sizes[j]) <= tokens:
+            j += 1
+        out.append(slice(i, j))
+        i = j
+    return out
+
+
+@dataclass(frozen=True)
+class SharedPrompts:
+    """Scoring rows packed so that each prompt runs once: a packed row holds a question's prompt, then each of
+    its choices, every choice attending to the prompt and to itself only (block-causal) at positions that restart
+    after the prompt, so each choice sees what its own row shows it (prefix sharing, as in DPO trainers)."""
+
+    ids: torch.Tensor  # [packed, L] right-padded
+    positions: torch.Tensor  # [packed, L] position ids
+    segment: torch.Tensor  # [packed, L] 0: the prompt, r + 1: scoring row r's tokens, -1: padding
+    group: torch.Tensor  # [rows] the packed row holding each scoring row
+    source: torch.Tensor  # [rows, T] where each position of a scoring row sits in its packed row
+
+
+def block_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask [rows, 1, L, L] of packed ``segment`` ids: causal, a choice sees the prompt
+    (segment 0) and itself, padding (-1) sees itself only."""
+    width = segment.shape[1]
+    key, query = segment[:, None, :], segment[:, :, None]
+    sees = torch.ones(width, width, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))
+    sees |= torch.eye(width, dtype=torch.bool)
+    return torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+
+
+def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
+    """``ev``'s rows packed by shared prompt (the tokens before a row's first scored one, within one question), at
+    most ``max_tokens`` per packed row; None where that saves under a tenth of the tokens (one row per question:
+    completions, chats, texts)."""
+    first = ev.target_mask.long().argmax(1)
+    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
+    packed: list[tuple[list[int], list[int], list[int]]] = []  # (ids, segment, positions)
+    open_rows: dict[tuple, int] = {}
+    group = torch.zeros(len(first), dtype=torch.long)
+    source = torch.zeros_like(ev.input_ids)
+    for r in range(len(first)):
+        p, n = int(first[r]), int(lengths[r])
+        key = (int(ev.example[r]), tuple(ev.input_ids[r, :p].tolist()))
+        g = open_rows.get(key)
+        if g is None or len(packed[g][0]) + n - p > max_tokens:
+            g = open_rows[key] = len(packed)
+            packed.append((list(key[1]), [0] * p, list(range(p))))
+        ids, seg, pos = packed[g]
+        group[r] = g
+        source[r, :p] = torch.arange(p)
+        source[r, p:n] = torch.arange(len(ids), len(ids) + n - p)
+        ids += ev.input_ids[r, p:n].tolist()
+        seg += [r + 1] * (n - p)
+        pos += range(p, n)
+    if sum(len(ids) for ids, _, _ in packed) > 0.9 * int(lengths.sum()):
+        return None
+    width = max(len(ids) for ids, _, _ in packed)
+    return SharedPrompts(
+        ids=torch.tensor([ids + [0] * (width - len(ids)) for ids, _, _ in packed]),  # padding: any token id
+        positions=torch.tensor([pos + [0] * (width - len(pos)) for _, _, pos in packed]),
+        segment=torch.tensor([seg + [-1] * (width - len(seg)) for _, seg, _ in packed]),
+        group=group,
+        source=source,
+    )
+
+
+def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedPrompts, lengths: torch.Tensor,
+                tokens: int, chunk_rows: int, tol: float) -> torch.Tensor | None:
+    """Per-row summed NLL with each prompt run once (``shared``), or None when the first batch's first rows differ
+    from the same rows run alone by more than ``tol`` nats per token (a model that ignores a custom 4D mask or position ids
+    is then scored the plain way)."""
+    body, head = split
+    device = model_device(body)
+    dtype = body.get_input_embeddings().weight.dtype
+    sizes = (shared.segment >= 0).sum(1)
+    order = torch.argsort(sizes)
+    local = torch.full((len(sizes),), -1)  # packed row -> its index in the current batch
+    nll_sum = torch.zeros(len(ev.input_ids))
+    for k, batch in enumerate(token_batches(sizes[order], tokens)):
+        idx = order[batch]
+        width = int(sizes[idx].max())
+        hidden = body(input_ids=shared.ids[idx, :width].to(device),
+                      position_ids=shared.positions[idx, :width].to(device),
+                      attention_mask=block_mask(shared.segment[idx, :width], dtype).to(device)).last_hidden_state
+        local[idx] = torch.arange(len(idx))
+        rows = (local[shared.group] >= 0).nonzero()[:, 0]
+        w = int(lengths[rows].max())
+        ids, mask = ev.input_ids[rows, :w].to(device), ev.target_mask[rows, 1:w]
+        gathered = hidden[local[shared.group[rows]][:, None].to(device), shared.source[rows, :w].to(device)]
+        local[idx] = -1
+        nll_sum[rows] = _scored_nll(gathered, ids, mask, head, chunk_rows * w)
+        if k == 0:  # the check: the first ``chunk_rows`` rows, each run alone
+            ids, mask, rows = ids[:chunk_rows], mask[:chunk_rows], rows[:chunk_rows]
+            alone = _scored_nll(body(input_ids=ids).last_hidden_state, ids, mask, head, chunk_rows * w)
+            per_token = mask.sum(1).clamp(min=1)
+            if not torch.allclose(nll_sum[rows] / per_token, alone / per_token, rtol=0.0, atol=tol):
+                return None
+    return nll_sum
+
+
 @torch.no_grad()
 def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
-          body_rows: int | None = None) -> tuple[float, float | None]:
+          body_rows: int | None = None, share: bool = True) -> tuple[float, float | None]:
     """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks).
 
-    The model's body runs on ``body_rows`` rows at a time (default ``batch_size``) and the LM head on
-    ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay training-sized
-    while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a CPU). The
-    split is used only where it reproduces the full forward (checked on the first batch); the head then
-    runs only on the positions that are scored."""
+    With ``body_rows`` the model's body runs on ``body_rows`` rows of ``ev.max_len`` tokens' worth at a time and the
+    LM head on ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay
+    training-sized while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a
+    CPU), and the head runs only on the positions that are scored. The body/head split is used only where it
+    reproduces the full forward (checked on the first batch). With ``share``, choices of a question run their
+    common prompt once (``share_prompts``), checked the same way; without ``body_rows``, every row runs whole."""
     model.eval()
     device = model_device(model)
     nll_sum = torch.zeros(len(ev.input_ids))
@@ -204,21 +314,33 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     split = None
     if body_rows and body_rows > batch_size:  # the split must give the model's own logits
         split = exact_split(model, ev.input_ids[order[:2], : int(lengths[order[:2]].max())].to(device))
-    step = body_rows if split is not None else batch_size
-    for i in range(0, len(order), step):
-        rows = order[i : i + step]
-        width = int(lengths[rows].max())
-        ids = ev.input_ids[rows, :width].to(device)
-        if split is not None:
-            nll_sum[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids,
-                                        ev.target_mask[rows, 1:width], split[1], batch_size * width)
-            continue
-        for j in range(0, len(rows), batch_size):
-            sub, sub_ids = rows[j : j + batch_size], ids[j : j + batch_size]
-            logits = model(input_ids=sub_ids).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sub_ids[:, 1:], reduction="none").cpu()
+    if split is not None:
+        tokens = body_rows * ev.max_len  # what the memory model charges the body (memory.score_rows)
+        shared = share_prompts(ev, ev.max_len) if share else None  # packed rows no wider than a row may be
+        dtype = split[0].get_input_embeddings().weight.dtype
+        tol = 1e-4 if dtype == torch.float32 else SHARED_TOL_16BIT
+        try:
+            nll = None if shared is None else _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol)
+        except TypeError:  # a body that takes no position ids
+            nll = None
+        if nll is not None:
+            nll_sum = nll
+        else:
+            for batch in token_batches(lengths[order], tokens):
+                rows = order[batch]
+                width = int(lengths[rows].max())
+                ids = ev.input_ids[rows, :width].to(device)
+                nll_sum[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids,
+                                            ev.target_mask[rows, 1:width], split[1], batch_size * width)
+    else:
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            width = int(lengths[rows].max())
+            ids = ev.input_ids[rows, :width].to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
             del logits
-            nll_sum[sub] = (nll * ev.target_mask[sub, 1:width]).sum(1)
+            nll_sum[rows] = (nll * ev.target_mask[rows, 1:width]).sum(1)
     if not torch.isfinite(nll_sum).all():
         raise CandidateFailed("diverged: non-finite held-out loss")
     correct = ev.correct

@@ -13,7 +13,8 @@ import torch
 from autoqra_core.data import eval_set, load_task
 from autoqra_core.errors import BudgetError, DatasetError, ModelLoadError, SpaceError
 from autoqra_core.fidelity import Fidelity
-from autoqra_core.finetune import TrainSettings, build, evaluate_config, make_optimizer, score
+from autoqra_core.finetune import (TrainSettings, _shared_nll, build, evaluate_config, exact_split,
+                                   make_optimizer, score, share_prompts)
 from autoqra_core.importance import compute_priors
 from autoqra_core.memory import MemorySettings, memory, parse_budget
 from autoqra_core.model import layer_map, load_model, model_shape, select_layers
@@ -175,6 +176,39 @@ def test_scoring_runs_the_body_in_large_batches_with_the_same_numbers(embedded):
         hook.remove()
 
 
+def test_scoring_runs_each_prompt_once_with_the_same_numbers(embedded):
+    """Choices of a question share their prompt's forward (one packed row per question, a block-causal mask):
+    the numbers of every row run alone. A body that drops the mask fails the first batch's check and the
+    rows are scored alone instead."""
+    base, tok, task, lmap = embedded
+    model = build(base, SearchSpace(lmap.names).uniform(4, 16), lmap, QuantSettings("hqq"), TrainSettings(seed=0))
+    ev = eval_set(task, tok, 40, 64)
+    shared = share_prompts(ev, 64 * 64)
+    assert shared is not None and len(shared.ids) == 40  # one packed row per question
+    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
+    prompts = ev.target_mask.long().argmax(1)  # each of a question's 4 rows repeats its prompt: 3 copies saved
+    assert int((shared.segment >= 0).sum()) == int(lengths.sum()) - 3 * int(prompts[::4].sum())
+    body = model.get_base_model().model
+    seen = []  # tokens each scoring pass runs through the body
+    hook = body.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        alone = score(model, ev, batch_size=8, body_rows=64, share=False)
+        n_alone, seen[:] = sum(seen), []
+        packed = score(model, ev, batch_size=8, body_rows=64)
+    finally:
+        hook.remove()
+    assert packed[0] == pytest.approx(alone[0], rel=1e-5) and packed[1] == alone[1]
+    assert sum(seen) < 0.9 * n_alone  # 4,754 vs 5,604 here (packed rows of at most 64 tokens), the check's rows included
+    hook = body.register_forward_pre_hook(lambda m, args, kw: (args, {**kw, "attention_mask": None}),
+                                          with_kwargs=True)
+    try:
+        split = (body, model.get_base_model().lm_head)
+        assert _shared_nll(split, ev, shared, lengths, 64 * 64, 8, tol=1e-4) is None  # choices saw each other
+        assert score(model, ev, batch_size=8, body_rows=64)[0] == pytest.approx(alone[0], rel=1e-5)
+    finally:
+        hook.remove()
+
+
 def test_rank_pattern_gives_each_layer_its_rank(embedded):
     base, _, _, lmap = embedded
     ranks = [0, 4, 8, 16, 32, 64]
@@ -255,6 +289,10 @@ def test_loads_architectures_from_local_files(tmp_path, arch):
     assert len(lmap.names) == 2 and all(len(mods) >= 4 for _, mods in lmap.layers)
     fine = layer_map(model, "module")
     assert len(fine.names) == sum(len(m) for _, m in lmap.layers)
+    ev = eval_set(load_task(EMBEDDED_DATA), tok, 8, 64)  # the choices' shared prompt: mask and positions honoured
+    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
+    split = exact_split(model, ev.input_ids[:2])
+    assert _shared_nll(split, ev, share_prompts(ev, 64), lengths, 64 * 64, 8, tol=1e-4) is not None
     cfg = SearchSpace(lmap.names).config([2, 4], [8, 0])
     model2 = build(model, cfg, lmap, QuantSettings("hqq"), TrainSettings())
     x = torch.randint(0, 100, (2, 8))

@@ -1,0 +1,162 @@
+"""Scoring before and after the prompt-sharing cut, on one fine-tuned model: same numbers, how much faster.
+
+Fine-tunes one recipe at the study's top rung (as the search does), then scores its validation rows (the
+rung's size, what every search evaluation pays) and the whole test split (the report) three ways, interleaved
+so that a slow spell of the shared machine hits each alike:
+
+* ``before``: ``finetune.score`` as of commit f74802e (body on a fixed number of rows per forward, each row
+  run whole), loaded from git;
+* ``token batches``: today's ``score(share=False)``: the body on a fixed number of tokens per forward;
+* ``shared prompts``: today's ``score``: each question's prompt runs once, its choices packed after it under
+  a block-causal mask (``finetune.share_prompts``).
+
+For each: seconds, tokens through the model's body, loss and accuracy; and the largest per-row difference
+(nats per scored token) between a row scored packed and the same row run alone, the check ``score`` applies.
+
+    .venv/bin/python bench/scoring.py [--model smollm2-135m --dataset addition \
+        --config bench/smollm2-addition.yaml] [--recipe uniform-4bit-r16] [--repeats 2] [--out bench/results/F.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BEFORE = "f74802e"
+
+
+def score_before():
+    """``finetune.score`` as it was at ``BEFORE`` (its module imported from git beside today's package)."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:autoqra_core/finetune.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("autoqra_core._finetune_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "autoqra_core"
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    exec(compile(source, f"{BEFORE}:autoqra_core/finetune.py", "exec"), module.__dict__)
+    return module.score
+
+
+def largest_difference(model, ev, batch_size: int, body_rows: int) -> float:
+    """Max over rows of |packed - alone| NLL per scored token (what ``score``'s check bounds)."""
+    from autoqra_core.finetune import _scored_nll, _shared_nll, exact_split, share_prompts, token_batches
+
+    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
+    split = exact_split(model, ev.input_ids[:2, : int(lengths[:2].max())])
+    tokens, shared = body_rows * ev.max_len, share_prompts(ev, ev.max_len)
+    if shared is None:
+        return float("nan")
+    packed = _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf"))
+    alone = torch.zeros(len(lengths))
+    order = torch.argsort(lengths)
+    for batch in token_batches(lengths[order], tokens):
+        rows = order[batch]
+        w = int(lengths[rows].max())
+        ids = ev.input_ids[rows, :w]
+        alone[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids, ev.target_mask[rows, 1:w],
+                                  split[1], batch_size * w)
+    per_token = ev.target_mask.sum(1).clamp(min=1)
+    return float(((packed - alone).abs() / per_token).max())
+
+
+def measure(args) -> dict:
+    from autoqra_core.data import eval_set
+    from autoqra_core.finetune import build, fit, score
+    from autoqra_core.memory import score_rows
+    from autoqra_core.quantize import QuantSettings
+    from bench.final_finetune import uniform
+    from flows.config import load_run_config
+    from flows.prepared_run import Run
+
+    rc = load_run_config(args.config)
+    run = Run.prepare(args.model, args.dataset, None, rc, 0)
+    wb, top = run.wb, run.ladder[run.ladder.top]
+    q, t = QuantSettings(**rc.quant.model_dump()), rc.train_settings(0)
+    model = build(wb.base, uniform(run.space, args.recipe), wb.lmap, q, t)
+    start = time.perf_counter()
+    fit(model, wb.tokenizer, wb.task, top, t)
+    out: dict = {"fit s": time.perf_counter() - start, "threads": torch.get_num_threads(), "rung": top.__dict__}
+    body = model.get_base_model().model
+    seen: list[int] = []
+    body.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    before = score_before()
+    kw = dict(batch_size=top.batch_size, body_rows=score_rows(top.batch_size, top.seq_len))
+    modes = {
+        "before": lambda ev: before(model, ev, **kw),
+        "token batches": lambda ev: score(model, ev, **kw, share=False),
+        "shared prompts": lambda ev: score(model, ev, **kw),
+    }
+    for split, n in (("validation", top.eval_examples), ("test", None)):
+        ev = eval_set(wb.task, wb.tokenizer, n or len(wb.task.test), top.seq_len, split)
+        rows = out[split] = {"questions": int(ev.example.max()) + 1, "rows": len(ev.example),
+                             "largest difference": largest_difference(model, ev, **kw)}
+        for r in range(args.repeats):
+            for name, fn in modes.items():
+                seen.clear()
+                t0 = time.perf_counter()
+                loss, acc = fn(ev)
+                s = time.perf_counter() - t0
+                m = rows.setdefault(name, {"seconds": [], "loss": loss, "accuracy": acc, "body tokens": sum(seen)})
+                m["seconds"].append(s)
+                print(f"{split} repeat {r} {name}: {s:.2f} s, loss {loss:.5f}, accuracy {acc:.4f}", flush=True)
+    return out
+
+
+def report(d: dict, args, wall: float) -> str:
+    lines = [
+        f"# Scoring before and after sharing each question's prompt: `{args.model}` on `{args.dataset}`, "
+        f"{args.recipe}", "",
+        f"Command: `.venv/bin/python bench/scoring.py --model {args.model} --dataset {args.dataset} "
+        f"--config {args.config} --recipe {args.recipe} --repeats {args.repeats}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({d['threads']} torch threads), no GPU; "
+        f"wall time {wall / 60:.1f} min.  ",
+        f"Model fine-tuned at the top rung first ({d['rung']['steps']} steps, batch {d['rung']['batch_size']} x "
+        f"{d['rung']['seq_len']}, {d['fit s']:.0f} s with its validation score). `before` is `finetune.score` at "
+        f"commit {BEFORE}; seconds are the mean (min-max) of {args.repeats} interleaved repeats.", "",
+        "| split | questions (rows) | scoring | seconds | speed-up vs before | tokens through the body | loss | "
+        "accuracy |", "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for split in ("validation", "test"):
+        s = d[split]
+        ref = statistics.mean(s["before"]["seconds"])
+        for name in ("before", "token batches", "shared prompts"):
+            m = s[name]
+            mean = statistics.mean(m["seconds"])
+            lines.append(f"| {split} | {s['questions']} ({s['rows']}) | {name} | {mean:.2f} "
+                         f"({min(m['seconds']):.2f}-{max(m['seconds']):.2f}) | {ref / mean:.2f}x | "
+                         f"{m['body tokens']:,} | {m['loss']:.5f} | {m['accuracy']:.4f} |")
+    lines += ["", "Largest difference between a row scored packed and alone, nats per scored token: " + ", ".join(
+        f"{split} {d[split]['largest difference']:.2e}" for split in ("validation", "test")) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from bench.final_finetune import study_arguments
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study_arguments(ap)
+    ap.add_argument("--recipe", default="uniform-4bit-r16")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    text = report(measure(args), args, time.perf_counter() - start)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
