@@ -12,9 +12,6 @@ the same configuration is timed whole beside it, so the pieces can be checked ag
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -93,14 +90,13 @@ def profile(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
+    from bench.final_finetune import bench_header
+
     steps = d["rung"]["steps"]
     fwd = d["train"]["body forward"] + d["train"]["LM head + loss"]
     lines = [
         f"# Where one evaluation's time goes: `{args.model}` on `{args.dataset}`, {d['recipe']}, top rung", "",
-        f"Command: `.venv/bin/python bench/eval_profile.py --model {args.model} --dataset {args.dataset} "
-        f"--config {args.config} --recipe {args.recipe}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({d['threads']} torch threads), no GPU; "
-        f"wall time {wall / 60:.1f} min.  ",
+        *bench_header("bench/eval_profile.py", args, wall),
         f"Rung: {steps} steps, batch {d['rung']['batch_size']} x {d['rung']['seq_len']} tokens, "
         f"{d['rung']['eval_examples']} validation questions.", "",
         "| part | seconds | per step | share of the step |", "|---|---:|---:|---:|",
@@ -121,18 +117,9 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
-    from bench.final_finetune import study_arguments
+    from bench.final_finetune import run_bench
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    study_arguments(ap)
-    ap.add_argument("--recipe", default="uniform-4bit-r16")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    start = time.perf_counter()
-    text = report(profile(args), args, time.perf_counter() - start)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    run_bench(__doc__, profile, report)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,34 @@ def study_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
 
 
+def run_bench(doc: str, measure, report, **options) -> None:
+    """The command line of a one-recipe bench on the study's model: ``study_arguments``, ``--recipe``, each of
+    ``options`` (``name=default``, its type the default's) and ``--out``; prints the report, writes it to --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study_arguments(ap)
+    ap.add_argument("--recipe", default="uniform-4bit-r16")
+    for name, default in options.items():
+        ap.add_argument(f"--{name}", type=type(default), default=default)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    text = report(measure(args), args, time.perf_counter() - start)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+def bench_header(script: str, args, wall: float) -> list[str]:
+    """The Command and Machine lines of a ``run_bench`` report: every option as given, this machine, wall time."""
+    import torch
+
+    shown = {k: os.path.relpath(v, ROOT) if str(v).startswith(str(ROOT)) else v for k, v in vars(args).items()}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k != "out")
+    return [f"Command: `.venv/bin/python {script} {flags}`  ",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
+            f"no GPU; wall time {wall / 60:.1f} min.  "]
+
+
 def uniform(space, recipe: str):
     """The configuration ``uniform-8bit-r4`` names, over ``space``'s layers."""
     from autoqra_core.memory import reference_recipe

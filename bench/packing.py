@@ -12,9 +12,6 @@ same rows with the same loss, except that a packed row also attends to the rows 
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -90,13 +87,12 @@ def measure(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
+    from bench.final_finetune import bench_header
+
     lines = [
         f"# Packing short masked rows vs padding per batch; the LM head at the trained positions only "
         f"(`{args.model}`, `{args.dataset}`, {args.recipe})", "",
-        f"Command: `.venv/bin/python bench/packing.py --model {args.model} --dataset {args.dataset} "
-        f"--config {args.config} --recipe {args.recipe} --steps {args.steps}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), no GPU; "
-        f"wall time {wall / 60:.1f} min.  ",
+        *bench_header("bench/packing.py", args, wall),
         f"Multiple choice trained on the answer only (masked rows); blocks of {d['rung']['seq_len']} tokens hold "
         f"{d['rows per block']:.1f} rows on average, so a packed batch of {d['rung']['batch_size']} blocks trains "
         f"{d['rows per step']} rows; the padded batches take the same {d['rows per step']} rows. "
@@ -111,19 +107,9 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
-    from bench.final_finetune import study_arguments
+    from bench.final_finetune import run_bench
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    study_arguments(ap)
-    ap.add_argument("--recipe", default="uniform-4bit-r16")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    start = time.perf_counter()
-    text = report(measure(args), args, time.perf_counter() - start)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    run_bench(__doc__, measure, report, steps=6)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ For each: seconds, tokens through the model's body, loss and accuracy; and the l
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -87,7 +84,7 @@ def measure(args) -> dict:
     model = build(wb.base, uniform(run.space, args.recipe), wb.lmap, q, t)
     start = time.perf_counter()
     fit(model, wb.tokenizer, wb.task, top, t)
-    out: dict = {"fit s": time.perf_counter() - start, "threads": torch.get_num_threads(), "rung": top.__dict__}
+    out: dict = {"fit s": time.perf_counter() - start, "rung": top.__dict__}
     body = model.get_base_model().model
     seen: list[int] = []
     body.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
@@ -115,13 +112,12 @@ def measure(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
+    from bench.final_finetune import bench_header
+
     lines = [
         f"# Scoring before and after sharing each question's prompt: `{args.model}` on `{args.dataset}`, "
         f"{args.recipe}", "",
-        f"Command: `.venv/bin/python bench/scoring.py --model {args.model} --dataset {args.dataset} "
-        f"--config {args.config} --recipe {args.recipe} --repeats {args.repeats}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({d['threads']} torch threads), no GPU; "
-        f"wall time {wall / 60:.1f} min.  ",
+        *bench_header("bench/scoring.py", args, wall),
         f"Model fine-tuned at the top rung first ({d['rung']['steps']} steps, batch {d['rung']['batch_size']} x "
         f"{d['rung']['seq_len']}, {d['fit s']:.0f} s with its validation score). `before` is `finetune.score` at "
         f"commit {BEFORE}; seconds are the mean (min-max) of {args.repeats} interleaved repeats.", "",
@@ -143,19 +139,9 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
-    from bench.final_finetune import study_arguments
+    from bench.final_finetune import run_bench
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    study_arguments(ap)
-    ap.add_argument("--recipe", default="uniform-4bit-r16")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    start = time.perf_counter()
-    text = report(measure(args), args, time.perf_counter() - start)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    run_bench(__doc__, measure, report, repeats=2)
 
 
 if __name__ == "__main__":
