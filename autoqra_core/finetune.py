@@ -260,11 +260,27 @@ def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
     )
 
 
+def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.Tensor, tokens: int,
+               chunk_rows: int) -> torch.Tensor:
+    """Per-row summed NLL, each row run whole through the body, about ``tokens`` tokens per forward."""
+    body, head = split
+    device = model_device(body)
+    order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
+    nll_sum = torch.zeros(len(ev.input_ids))
+    for batch in token_batches(lengths[order], tokens):
+        rows = order[batch]
+        width = int(lengths[rows].max())
+        ids = ev.input_ids[rows, :width].to(device)
+        nll_sum[rows] = _scored_nll(body(input_ids=ids).last_hidden_state, ids, ev.target_mask[rows, 1:width],
+                                    head, chunk_rows * width)
+    return nll_sum
+
+
 def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedPrompts, lengths: torch.Tensor,
                 tokens: int, chunk_rows: int, tol: float) -> torch.Tensor | None:
     """Per-row summed NLL with each prompt run once (``shared``), or None when the first batch's first rows differ
-    from the same rows run alone by more than ``tol`` nats per token (a model that ignores a custom 4D mask or position ids
-    is then scored the plain way)."""
+    from the same rows run alone by more than ``tol`` nats per token (a model that ignores a custom 4D mask or
+    position ids is then scored the plain way)."""
     body, head = split
     device = model_device(body)
     dtype = body.get_input_embeddings().weight.dtype
@@ -299,8 +315,8 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
           body_rows: int | None = None, share: bool = True) -> tuple[float, float | None]:
     """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks).
 
-    With ``body_rows`` the model's body runs on ``body_rows`` rows of ``ev.max_len`` tokens' worth at a time and the
-    LM head on ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay
+    With ``body_rows`` the model's body runs on ``body_rows`` rows of ``ev.max_len`` tokens' worth at a time and
+    the LM head on ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay
     training-sized while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a
     CPU), and the head runs only on the positions that are scored. The body/head split is used only where it
     reproduces the full forward (checked on the first batch). With ``share``, choices of a question run their
@@ -317,21 +333,12 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     if split is not None:
         tokens = body_rows * ev.max_len  # what the memory model charges the body (memory.score_rows)
         shared = share_prompts(ev, ev.max_len) if share else None  # packed rows no wider than a row may be
-        dtype = split[0].get_input_embeddings().weight.dtype
-        tol = 1e-4 if dtype == torch.float32 else SHARED_TOL_16BIT
+        tol = 1e-4 if split[0].get_input_embeddings().weight.dtype == torch.float32 else SHARED_TOL_16BIT
         try:
             nll = None if shared is None else _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol)
         except TypeError:  # a body that takes no position ids
             nll = None
-        if nll is not None:
-            nll_sum = nll
-        else:
-            for batch in token_batches(lengths[order], tokens):
-                rows = order[batch]
-                width = int(lengths[rows].max())
-                ids = ev.input_ids[rows, :width].to(device)
-                nll_sum[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids,
-                                            ev.target_mask[rows, 1:width], split[1], batch_size * width)
+        nll_sum = nll if nll is not None else _split_nll(split, ev, lengths, tokens, batch_size)
     else:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]

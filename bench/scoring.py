@@ -48,7 +48,7 @@ def score_before():
 
 def largest_difference(model, ev, batch_size: int, body_rows: int) -> float:
     """Max over rows of |packed - alone| NLL per scored token (what ``score``'s check bounds)."""
-    from autoqra_core.finetune import _scored_nll, _shared_nll, exact_split, share_prompts, token_batches
+    from autoqra_core.finetune import _shared_nll, _split_nll, exact_split, share_prompts
 
     lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
     split = exact_split(model, ev.input_ids[:2, : int(lengths[:2].max())])
@@ -56,14 +56,7 @@ def largest_difference(model, ev, batch_size: int, body_rows: int) -> float:
     if shared is None:
         return float("nan")
     packed = _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf"))
-    alone = torch.zeros(len(lengths))
-    order = torch.argsort(lengths)
-    for batch in token_batches(lengths[order], tokens):
-        rows = order[batch]
-        w = int(lengths[rows].max())
-        ids = ev.input_ids[rows, :w]
-        alone[rows] = _scored_nll(split[0](input_ids=ids).last_hidden_state, ids, ev.target_mask[rows, 1:w],
-                                  split[1], batch_size * w)
+    alone = _split_nll(split, ev, lengths, tokens, batch_size)
     per_token = ev.target_mask.sum(1).clamp(min=1)
     return float(((packed - alone).abs() / per_token).max())
 

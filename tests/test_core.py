@@ -198,7 +198,7 @@ def test_scoring_runs_each_prompt_once_with_the_same_numbers(embedded):
     finally:
         hook.remove()
     assert packed[0] == pytest.approx(alone[0], rel=1e-5) and packed[1] == alone[1]
-    assert sum(seen) < 0.9 * n_alone  # 4,754 vs 5,604 here (packed rows of at most 64 tokens), the check's rows included
+    assert sum(seen) < 0.9 * n_alone  # 4,754 vs 5,604 (packed rows of at most 64 tokens), the check's rows included
     hook = body.register_forward_pre_hook(lambda m, args, kw: (args, {**kw, "attention_mask": None}),
                                           with_kwargs=True)
     try:
