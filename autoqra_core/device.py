@@ -62,6 +62,19 @@ def resolve(device: str = "auto", dtype: str | torch.dtype = "auto", backend: st
     return device, dtype, backend
 
 
+def slow_16bit(device: str, dtype: str | torch.dtype) -> str | None:
+    """Why this compute dtype is a poor choice here, or None: a 16-bit dtype on a CPU without bf16 matrix units
+    (AVX512-BF16 or AMX) runs its matmuls tens of times slower than float32."""
+    if not str(device).startswith("cpu") or torch_dtype(dtype) == torch.float32:
+        return None
+    units = [getattr(torch.cpu, f"_is_{u}_supported", lambda: True)() for u in ("avx512_bf16", "amx_tile")]
+    if any(units):
+        return None
+    return (f"compute dtype {dtype_name(torch_dtype(dtype))} on a CPU without bf16 matrix units (AVX512-BF16 or "
+            f"AMX): its matmuls run about 70x slower than float32 (bench/results/scoring-smollm2-addition.md); "
+            f"set quant.compute_dtype to 'auto' or 'float32' unless you need 16-bit numbers")
+
+
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     """A resolved compute dtype ('float32' | 'bfloat16' | 'float16', or a torch dtype) as torch's dtype."""
     if isinstance(name, torch.dtype):

@@ -74,7 +74,7 @@ def run_bench(doc: str, measure, report, **options) -> None:
     study_arguments(ap)
     ap.add_argument("--recipe", default="uniform-4bit-r16")
     for name, default in options.items():
-        ap.add_argument(f"--{name}", type=type(default), default=default)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     start = time.perf_counter()

@@ -10,11 +10,16 @@ so that a slow spell of the shared machine hits each alike:
 * ``shared prompts``: today's ``score``: each question's prompt runs once, its choices packed after it under
   a block-causal mask (``finetune.share_prompts``).
 
-For each: seconds, tokens through the model's body, loss and accuracy; and the largest per-row difference
-(nats per scored token) between a row scored packed and the same row run alone, the check ``score`` applies.
+For each: seconds, tokens through the model's body, loss and accuracy; and per-row differences (nats per
+scored token) between a row scored packed and the same row run alone (what ``score``'s check bounds), beside
+the rounding any change of batch shape brings and the fault the check is for (the mask dropped).
 
     .venv/bin/python bench/scoring.py [--model smollm2-135m --dataset addition \
-        --config bench/smollm2-addition.yaml] [--recipe uniform-4bit-r16] [--repeats 2] [--out bench/results/F.md]
+        --config bench/smollm2-addition.yaml] [--recipe uniform-4bit-r16] [--repeats 2] \
+        [--compute-dtype float32] [--check-16bit 20] [--out bench/results/F.md]
+
+``--compute-dtype`` overrides the config's (a CPU without bf16 matrix units multiplies bf16 ~70x slower than
+fp32); ``--check-16bit N`` also measures the differences in bfloat16 on N validation questions.
 """
 
 from __future__ import annotations
@@ -46,19 +51,38 @@ def score_before():
     return module.score
 
 
-def largest_difference(model, ev, batch_size: int, body_rows: int) -> float:
-    """Max over rows of |packed - alone| NLL per scored token (what ``score``'s check bounds)."""
+@torch.no_grad()
+def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) -> dict[str, tuple[float, float]]:
+    """(max, mean) over rows of the |difference| in NLL per scored token between two ways of scoring a row:
+    packed vs run alone in token batches (what ``score``'s check bounds); with ``full`` also alone in batches vs
+    one row per forward (the rounding any change of shape brings) and packed with the mask dropped (the fault
+    the check is for: choices that see each other)."""
     from autoqra_core.finetune import _shared_nll, _split_nll, exact_split, share_prompts
 
     lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
     split = exact_split(model, ev.input_ids[:2, : int(lengths[:2].max())])
     tokens, shared = body_rows * ev.max_len, share_prompts(ev, ev.max_len)
     if shared is None:
-        return float("nan")
+        return {}
+    per_token = ev.target_mask.sum(1).clamp(min=1)
+
+    def gap(a, b):
+        d = (a - b).abs() / per_token
+        return float(d.max()), float(d.mean())
+
     packed = _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf"))
     alone = _split_nll(split, ev, lengths, tokens, batch_size)
-    per_token = ev.target_mask.sum(1).clamp(min=1)
-    return float(((packed - alone).abs() / per_token).max())
+    out = {"packed vs alone": gap(packed, alone)}
+    if full:
+        out["alone in batches vs one row per forward"] = gap(alone, _split_nll(split, ev, lengths, 1, batch_size))
+        hook = split[0].register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "attention_mask": None}),
+                                                  with_kwargs=True)
+        try:
+            out["packed with the mask dropped vs alone"] = gap(
+                _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf")), alone)
+        finally:
+            hook.remove()
+    return out
 
 
 def measure(args) -> dict:
@@ -73,16 +97,25 @@ def measure(args) -> dict:
     rc = load_run_config(args.config)
     run = Run.prepare(args.model, args.dataset, None, rc, 0)
     wb, top = run.wb, run.ladder[run.ladder.top]
-    q, t = QuantSettings(**rc.quant.model_dump()), rc.train_settings(0)
-    model = build(wb.base, uniform(run.space, args.recipe), wb.lmap, q, t)
+    quant = rc.quant.model_dump() | ({} if args.compute_dtype == "config" else {"compute_dtype": args.compute_dtype})
+    q, t = QuantSettings(**quant), rc.train_settings(0)
+    config = uniform(run.space, args.recipe)
+    kw = dict(batch_size=top.batch_size, body_rows=score_rows(top.batch_size, top.seq_len))
+    out: dict = {"rung": top.__dict__, "compute dtype": quant["compute_dtype"]}
+    if args.check_16bit:  # the check's tolerance, in 16-bit: the built model (LoRA still zero), a few questions
+        half = build(wb.base, config, wb.lmap, QuantSettings(**quant | {"compute_dtype": "bfloat16"}), t)
+        ev = eval_set(wb.task, wb.tokenizer, args.check_16bit, top.seq_len)
+        out["bfloat16"] = {"questions": args.check_16bit, "differences": differences(half, ev, **kw, full=True)}
+        print(out["bfloat16"], flush=True)
+        del half
+    model = build(wb.base, config, wb.lmap, q, t)
     start = time.perf_counter()
     fit(model, wb.tokenizer, wb.task, top, t)
-    out: dict = {"fit s": time.perf_counter() - start, "rung": top.__dict__}
+    out["fit s"] = time.perf_counter() - start
     body = model.get_base_model().model
     seen: list[int] = []
     body.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
     before = score_before()
-    kw = dict(batch_size=top.batch_size, body_rows=score_rows(top.batch_size, top.seq_len))
     modes = {
         "before": lambda ev: before(model, ev, **kw),
         "token batches": lambda ev: score(model, ev, **kw, share=False),
@@ -91,7 +124,7 @@ def measure(args) -> dict:
     for split, n in (("validation", top.eval_examples), ("test", None)):
         ev = eval_set(wb.task, wb.tokenizer, n or len(wb.task.test), top.seq_len, split)
         rows = out[split] = {"questions": int(ev.example.max()) + 1, "rows": len(ev.example),
-                             "largest difference": largest_difference(model, ev, **kw)}
+                             "differences": differences(model, ev, **kw, full=split == "validation")}
         for r in range(args.repeats):
             for name, fn in modes.items():
                 seen.clear()
@@ -126,15 +159,24 @@ def report(d: dict, args, wall: float) -> str:
             lines.append(f"| {split} | {s['questions']} ({s['rows']}) | {name} | {mean:.2f} "
                          f"({min(m['seconds']):.2f}-{max(m['seconds']):.2f}) | {ref / mean:.2f}x | "
                          f"{m['body tokens']:,} | {m['loss']:.5f} | {m['accuracy']:.4f} |")
-    lines += ["", "Largest difference between a row scored packed and alone, nats per scored token: " + ", ".join(
-        f"{split} {d[split]['largest difference']:.2e}" for split in ("validation", "test")) + "."]
+    lines += ["", "Rows scored two ways, |difference| in NLL per scored token, max (mean) over rows:", "",
+              "| compute | rows | packed vs alone | alone in batches vs one row per forward | packed with the mask "
+              "dropped vs alone |", "|---|---|---:|---:|---:|"]
+    cases = [(d["compute dtype"], f"{split}, fine-tuned", d[split]["differences"]) for split in ("validation", "test")]
+    if "bfloat16" in d:
+        cases.append(("bfloat16", f"{d['bfloat16']['questions']} validation questions, as built (LoRA zero)",
+                      d["bfloat16"]["differences"]))
+    for dtype, rows, diff in cases:
+        cells = [f"{diff[k][0]:.2e} ({diff[k][1]:.1e})" if k in diff else "-" for k in
+                 ("packed vs alone", "alone in batches vs one row per forward", "packed with the mask dropped vs alone")]
+        lines.append(f"| {dtype} | {rows} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     from bench.final_finetune import run_bench
 
-    run_bench(__doc__, measure, report, repeats=2)
+    run_bench(__doc__, measure, report, repeats=2, compute_dtype="config", check_16bit=0)
 
 
 if __name__ == "__main__":

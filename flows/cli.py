@@ -62,11 +62,15 @@ def _preflight(model: str, dataset: str, budget: Optional[str], config: Optional
                columns: Optional[str] = None):
     """Check every input and server before Prefect starts: bad input fails in seconds, with exit 2.
     Returns the resolved Run (its space validates configurations)."""
+    from autoqra_core.device import slow_16bit
     from flows.config import load_run_config
     from flows.prepared_run import Run
     from infra.tracking import check_tracking
 
     run = Run.prepare(model, dataset, budget, load_run_config(config), seed, columns)
+    q = run.rc.quant_settings()
+    if why := slow_16bit(q.device, q.compute_dtype):
+        typer.secho(f"warning: {why}", err=True, fg=typer.colors.YELLOW)
     if out is not None:
         from flows.search import check_out
 

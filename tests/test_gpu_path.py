@@ -42,6 +42,18 @@ def test_auto_device_and_dtype_resolve_to_this_machine():
     assert QuantSettings("sim", device="cpu", compute_dtype="bfloat16").compute_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_16bit_compute_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, units):
+    from autoqra_core.device import slow_16bit
+
+    for unit in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda: units)
+    why = slow_16bit("cpu", "bfloat16")
+    assert (why is None) == units
+    assert units or ("without bf16 matrix units" in why and "'float32'" in why)
+    assert slow_16bit("cpu", torch.float32) is None and slow_16bit("cuda", "bfloat16") is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("device,match", [("cuda:7", "no usable CUDA GPU.*'auto' or 'cpu'"),
                                           ("tpu", "not supported: use 'auto'")])
