@@ -185,20 +185,9 @@ def _scored_nll(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, hea
     return torch.zeros(len(ids)).index_add_(0, row, nll)
 
 
-SHARED_TOL_16BIT = 0.05  # nats per token: bf16/fp16 rounding of a differently shaped forward stays far below
-
-
-def token_batches(sizes: torch.Tensor, tokens: int) -> list[slice]:
-    """Consecutive slices of ascending ``sizes`` holding at most ``tokens`` (rows x the longest), one row at least:
-    short rows go in large batches, so the body sees about ``tokens`` tokens per forward whatever the width."""
-    out, i = [], 0
-    while i < len(sizes):
-        j = i + 1
-        while j < len(sizes) and (j + 1 - i) * int(sizes[j]) <= tokens:
-            j += 1
-        out.append(slice(i, j))
-        i = j
-    return out
+# Nats per scored token a packed row may differ from the row alone in bf16/fp16: above the rounding of any change
+# of batch shape, far below what choices that see each other give (bench/results/scoring-smollm2-addition.md).
+SHARED_TOL_16BIT = 0.25
 
 
 @dataclass(frozen=True)
@@ -260,15 +249,15 @@ def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
     )
 
 
-def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.Tensor, tokens: int,
+def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.Tensor, body_rows: int,
                chunk_rows: int) -> torch.Tensor:
-    """Per-row summed NLL, each row run whole through the body, about ``tokens`` tokens per forward."""
+    """Per-row summed NLL, each row run whole through the body, ``body_rows`` rows of similar length per forward."""
     body, head = split
     device = model_device(body)
     order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
     nll_sum = torch.zeros(len(ev.input_ids))
-    for batch in token_batches(lengths[order], tokens):
-        rows = order[batch]
+    for i in range(0, len(order), body_rows):
+        rows = order[i : i + body_rows]
         width = int(lengths[rows].max())
         ids = ev.input_ids[rows, :width].to(device)
         nll_sum[rows] = _scored_nll(body(input_ids=ids).last_hidden_state, ids, ev.target_mask[rows, 1:width],
@@ -277,7 +266,7 @@ def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.T
 
 
 def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedPrompts, lengths: torch.Tensor,
-                tokens: int, chunk_rows: int, tol: float) -> torch.Tensor | None:
+                body_rows: int, chunk_rows: int, tol: float) -> torch.Tensor | None:
     """Per-row summed NLL with each prompt run once (``shared``), or None when the first batch's first rows differ
     from the same rows run alone by more than ``tol`` nats per token (a model that ignores a custom 4D mask or
     position ids is then scored the plain way)."""
@@ -288,8 +277,8 @@ def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedP
     order = torch.argsort(sizes)
     local = torch.full((len(sizes),), -1)  # packed row -> its index in the current batch
     nll_sum = torch.zeros(len(ev.input_ids))
-    for k, batch in enumerate(token_batches(sizes[order], tokens)):
-        idx = order[batch]
+    for k in range(0, len(order), body_rows):
+        idx = order[k : k + body_rows]
         width = int(sizes[idx].max())
         hidden = body(input_ids=shared.ids[idx, :width].to(device),
                       position_ids=shared.positions[idx, :width].to(device),
@@ -315,8 +304,8 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
           body_rows: int | None = None, share: bool = True) -> tuple[float, float | None]:
     """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks).
 
-    With ``body_rows`` the model's body runs on ``body_rows`` rows of ``ev.max_len`` tokens' worth at a time and
-    the LM head on ``batch_size`` rows: the vocabulary-sized logits, the part that grows with rows, stay
+    With ``body_rows`` the model's body runs on ``body_rows`` rows at a time and the LM head on ``batch_size``
+    rows: the vocabulary-sized logits, the part that grows with rows, stay
     training-sized while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a
     CPU), and the head runs only on the positions that are scored. The body/head split is used only where it
     reproduces the full forward (checked on the first batch). With ``share``, choices of a question run their
@@ -331,14 +320,14 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     if body_rows and body_rows > batch_size:  # the split must give the model's own logits
         split = exact_split(model, ev.input_ids[order[:2], : int(lengths[order[:2]].max())].to(device))
     if split is not None:
-        tokens = body_rows * ev.max_len  # what the memory model charges the body (memory.score_rows)
-        shared = share_prompts(ev, ev.max_len) if share else None  # packed rows no wider than a row may be
+        # packed rows no wider than a row may be: the body's shapes stay within what memory.score_rows charges
+        shared = share_prompts(ev, ev.max_len) if share else None
         tol = 1e-4 if split[0].get_input_embeddings().weight.dtype == torch.float32 else SHARED_TOL_16BIT
         try:
-            nll = None if shared is None else _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol)
+            nll = None if shared is None else _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol)
         except TypeError:  # a body that takes no position ids
             nll = None
-        nll_sum = nll if nll is not None else _split_nll(split, ev, lengths, tokens, batch_size)
+        nll_sum = nll if nll is not None else _split_nll(split, ev, lengths, body_rows, batch_size)
     else:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]

@@ -4,9 +4,9 @@ Fine-tunes one recipe at the study's top rung (as the search does), then scores 
 rung's size, what every search evaluation pays) and the whole test split (the report) three ways, interleaved
 so that a slow spell of the shared machine hits each alike:
 
-* ``before``: ``finetune.score`` as of commit f74802e (body on a fixed number of rows per forward, each row
-  run whole), loaded from git;
-* ``token batches``: today's ``score(share=False)``: the body on a fixed number of tokens per forward;
+* ``before``: ``finetune.score`` as of commit f74802e (each row run whole, a fixed number of rows per body
+  forward), loaded from git;
+* ``rows whole``: today's ``score(share=False)``, the same algorithm (a check that nothing else changed);
 * ``shared prompts``: today's ``score``: each question's prompt runs once, its choices packed after it under
   a block-causal mask (``finetune.share_prompts``).
 
@@ -54,14 +54,14 @@ def score_before():
 @torch.no_grad()
 def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) -> dict[str, tuple[float, float]]:
     """(max, mean) over rows of the |difference| in NLL per scored token between two ways of scoring a row:
-    packed vs run alone in token batches (what ``score``'s check bounds); with ``full`` also alone in batches vs
+    packed vs run alone in batches (what ``score``'s check bounds); with ``full`` also alone in batches vs
     one row per forward (the rounding any change of shape brings) and packed with the mask dropped (the fault
     the check is for: choices that see each other)."""
     from autoqra_core.finetune import _shared_nll, _split_nll, exact_split, share_prompts
 
     lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
     split = exact_split(model, ev.input_ids[:2, : int(lengths[:2].max())])
-    tokens, shared = body_rows * ev.max_len, share_prompts(ev, ev.max_len)
+    shared = share_prompts(ev, ev.max_len)
     if shared is None:
         return {}
     per_token = ev.target_mask.sum(1).clamp(min=1)
@@ -70,8 +70,8 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
         d = (a - b).abs() / per_token
         return float(d.max()), float(d.mean())
 
-    packed = _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf"))
-    alone = _split_nll(split, ev, lengths, tokens, batch_size)
+    packed = _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol=float("inf"))
+    alone = _split_nll(split, ev, lengths, body_rows, batch_size)
     out = {"packed vs alone": gap(packed, alone)}
     if full:
         out["alone in batches vs one row per forward"] = gap(alone, _split_nll(split, ev, lengths, 1, batch_size))
@@ -79,7 +79,7 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
                                                   with_kwargs=True)
         try:
             out["packed with the mask dropped vs alone"] = gap(
-                _shared_nll(split, ev, shared, lengths, tokens, batch_size, tol=float("inf")), alone)
+                _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol=float("inf")), alone)
         finally:
             hook.remove()
     return out
@@ -105,9 +105,13 @@ def measure(args) -> dict:
     if args.check_16bit:  # the check's tolerance, in 16-bit: the built model (LoRA still zero), a few questions
         half = build(wb.base, config, wb.lmap, QuantSettings(**quant | {"compute_dtype": "bfloat16"}), t)
         ev = eval_set(wb.task, wb.tokenizer, args.check_16bit, top.seq_len)
-        out["bfloat16"] = {"questions": args.check_16bit, "differences": differences(half, ev, **kw, full=True)}
+        out["bfloat16"] = {"questions": args.check_16bit, "differences": differences(half, ev, **kw, full=True),
+                           "scores": {"shared prompts": score(half, ev, **kw), "rows whole":
+                                      score(half, ev, **kw, share=False), "one row per forward": score(half, ev, 1)}}
         print(out["bfloat16"], flush=True)
         del half
+    if not args.repeats:
+        return out
     model = build(wb.base, config, wb.lmap, q, t)
     start = time.perf_counter()
     fit(model, wb.tokenizer, wb.task, top, t)
@@ -118,7 +122,7 @@ def measure(args) -> dict:
     before = score_before()
     modes = {
         "before": lambda ev: before(model, ev, **kw),
-        "token batches": lambda ev: score(model, ev, **kw, share=False),
+        "rows whole": lambda ev: score(model, ev, **kw, share=False),
         "shared prompts": lambda ev: score(model, ev, **kw),
     }
     for split, n in (("validation", top.eval_examples), ("test", None)):
@@ -144,7 +148,16 @@ def report(d: dict, args, wall: float) -> str:
         f"# Scoring before and after sharing each question's prompt: `{args.model}` on `{args.dataset}`, "
         f"{args.recipe}", "",
         *bench_header("bench/scoring.py", args, wall),
-        f"Model fine-tuned at the top rung first ({d['rung']['steps']} steps, batch {d['rung']['batch_size']} x "
+    ]
+    if "bfloat16" in d:
+        b = d["bfloat16"]
+        lines += ["", f"In bfloat16, the model as built (LoRA zero), {b['questions']} validation questions: loss "
+                  f"(accuracy) " + ", ".join(f"{k} {loss:.5f} ({acc:.4f})" for k, (loss, acc) in b["scores"].items())
+                  + "."]
+    if "fit s" not in d:  # --repeats 0: the 16-bit check alone
+        return "\n".join(lines + _differences_table(d)) + "\n"
+    lines += [
+        "", f"Model fine-tuned at the top rung first ({d['rung']['steps']} steps, batch {d['rung']['batch_size']} x "
         f"{d['rung']['seq_len']}, {d['fit s']:.0f} s with its validation score). `before` is `finetune.score` at "
         f"commit {BEFORE}; seconds are the mean (min-max) of {args.repeats} interleaved repeats.", "",
         "| split | questions (rows) | scoring | seconds | speed-up vs before | tokens through the body | loss | "
@@ -153,16 +166,21 @@ def report(d: dict, args, wall: float) -> str:
     for split in ("validation", "test"):
         s = d[split]
         ref = statistics.mean(s["before"]["seconds"])
-        for name in ("before", "token batches", "shared prompts"):
+        for name in ("before", "rows whole", "shared prompts"):
             m = s[name]
             mean = statistics.mean(m["seconds"])
             lines.append(f"| {split} | {s['questions']} ({s['rows']}) | {name} | {mean:.2f} "
                          f"({min(m['seconds']):.2f}-{max(m['seconds']):.2f}) | {ref / mean:.2f}x | "
                          f"{m['body tokens']:,} | {m['loss']:.5f} | {m['accuracy']:.4f} |")
-    lines += ["", "Rows scored two ways, |difference| in NLL per scored token, max (mean) over rows:", "",
-              "| compute | rows | packed vs alone | alone in batches vs one row per forward | packed with the mask "
-              "dropped vs alone |", "|---|---|---:|---:|---:|"]
-    cases = [(d["compute dtype"], f"{split}, fine-tuned", d[split]["differences"]) for split in ("validation", "test")]
+    return "\n".join(lines + _differences_table(d)) + "\n"
+
+
+def _differences_table(d: dict) -> list[str]:
+    lines = ["", "Rows scored two ways, |difference| in NLL per scored token, max (mean) over rows:", "",
+             "| compute | rows | packed vs alone | alone in batches vs one row per forward | packed with the mask "
+             "dropped vs alone |", "|---|---|---:|---:|---:|"]
+    cases = [(d["compute dtype"], f"{split}, fine-tuned", d[split]["differences"])
+             for split in ("validation", "test") if split in d]
     if "bfloat16" in d:
         cases.append(("bfloat16", f"{d['bfloat16']['questions']} validation questions, as built (LoRA zero)",
                       d["bfloat16"]["differences"]))
@@ -170,7 +188,7 @@ def report(d: dict, args, wall: float) -> str:
         cells = [f"{diff[k][0]:.2e} ({diff[k][1]:.1e})" if k in diff else "-" for k in
                  ("packed vs alone", "alone in batches vs one row per forward", "packed with the mask dropped vs alone")]
         lines.append(f"| {dtype} | {rows} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
