@@ -185,8 +185,8 @@ def _differences_table(d: dict) -> list[str]:
         cases.append(("bfloat16", f"{d['bfloat16']['questions']} validation questions, as built (LoRA zero)",
                       d["bfloat16"]["differences"]))
     for dtype, rows, diff in cases:
-        cells = [f"{diff[k][0]:.2e} ({diff[k][1]:.1e})" if k in diff else "-" for k in
-                 ("packed vs alone", "alone in batches vs one row per forward", "packed with the mask dropped vs alone")]
+        ways = ("packed vs alone", "alone in batches vs one row per forward", "packed with the mask dropped vs alone")
+        cells = [f"{diff[k][0]:.2e} ({diff[k][1]:.1e})" if k in diff else "-" for k in ways]
         lines.append(f"| {dtype} | {rows} | " + " | ".join(cells) + " |")
     return lines
 
