@@ -449,6 +449,11 @@ class EvalSet:
     labelled: bool
     max_len: int  # the longest a row may be (the rung's seq_len): the width the memory model charges scoring
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[n_rows] each row up to its last scored token: what must run through the model (padding never does)."""
+        return self.target_mask.long().cumsum(1).argmax(1) + 1
+
 
 def fit_window(ctx: list[int], target: list[int], max_len: int) -> tuple[list[int], int]:
     """(ids, number of context tokens kept) of ``ctx + target`` in at most ``max_len`` tokens.

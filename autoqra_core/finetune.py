@@ -217,8 +217,7 @@ def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
     """``ev``'s rows packed by shared prompt (the tokens before a row's first scored one, within one question), at
     most ``max_tokens`` per packed row; None where that saves under a tenth of the tokens (one row per question:
     completions, chats, texts)."""
-    first = ev.target_mask.long().argmax(1)
-    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
+    first, lengths = ev.target_mask.long().argmax(1), ev.lengths
     packed: list[tuple[list[int], list[int], list[int]]] = []  # (ids, segment, positions)
     open_rows: dict[tuple, int] = {}
     group = torch.zeros(len(first), dtype=torch.long)
@@ -249,11 +248,10 @@ def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
     )
 
 
-def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.Tensor, body_rows: int,
-               chunk_rows: int) -> torch.Tensor:
+def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, body_rows: int, chunk_rows: int) -> torch.Tensor:
     """Per-row summed NLL, each row run whole through the body, ``body_rows`` rows of similar length per forward."""
     body, head = split
-    device = model_device(body)
+    device, lengths = model_device(body), ev.lengths
     order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
     nll_sum = torch.zeros(len(ev.input_ids))
     for i in range(0, len(order), body_rows):
@@ -265,13 +263,13 @@ def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, lengths: torch.T
     return nll_sum
 
 
-def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedPrompts, lengths: torch.Tensor,
-                body_rows: int, chunk_rows: int, tol: float) -> torch.Tensor | None:
+def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedPrompts, body_rows: int,
+                chunk_rows: int, tol: float) -> torch.Tensor | None:
     """Per-row summed NLL with each prompt run once (``shared``), or None when the first batch's first rows differ
     from the same rows run alone by more than ``tol`` nats per token (a model that ignores a custom 4D mask or
     position ids is then scored the plain way)."""
     body, head = split
-    device = model_device(body)
+    device, lengths = model_device(body), ev.lengths
     dtype = body.get_input_embeddings().weight.dtype
     sizes = (shared.segment >= 0).sum(1)
     order = torch.argsort(sizes)
@@ -305,16 +303,16 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     """(held-out loss of the correct continuations, accuracy or None for unlabelled tasks).
 
     With ``body_rows`` the model's body runs on ``body_rows`` rows at a time and the LM head on ``batch_size``
-    rows: the vocabulary-sized logits, the part that grows with rows, stay
-    training-sized while the body runs in large batches (a forward per 8 rows is ~3x slower than per 64 on a
-    CPU), and the head runs only on the positions that are scored. The body/head split is used only where it
+    rows: the vocabulary-sized logits, the part that grows with rows, stay training-sized while the body runs
+    in large batches (a forward per 8 rows is ~3x slower than per 64 on a CPU), and the head runs only on the
+    positions that are scored. The body/head split is used only where it
     reproduces the full forward (checked on the first batch). With ``share``, choices of a question run their
     common prompt once (``share_prompts``), checked the same way; without ``body_rows``, every row runs whole."""
     model.eval()
     device = model_device(model)
     nll_sum = torch.zeros(len(ev.input_ids))
     n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
-    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1  # last scored position + 1
+    lengths = ev.lengths
     order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
     split = None
     if body_rows and body_rows > batch_size:  # the split must give the model's own logits
@@ -324,10 +322,10 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
         shared = share_prompts(ev, ev.max_len) if share else None
         tol = 1e-4 if split[0].get_input_embeddings().weight.dtype == torch.float32 else SHARED_TOL_16BIT
         try:
-            nll = None if shared is None else _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol)
+            nll = None if shared is None else _shared_nll(split, ev, shared, body_rows, batch_size, tol)
         except TypeError:  # a body that takes no position ids
             nll = None
-        nll_sum = nll if nll is not None else _split_nll(split, ev, lengths, body_rows, batch_size)
+        nll_sum = nll if nll is not None else _split_nll(split, ev, body_rows, batch_size)
     else:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]

@@ -59,8 +59,7 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
     the check is for: choices that see each other)."""
     from autoqra_core.finetune import _shared_nll, _split_nll, exact_split, share_prompts
 
-    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
-    split = exact_split(model, ev.input_ids[:2, : int(lengths[:2].max())])
+    split = exact_split(model, ev.input_ids[:2, : int(ev.lengths[:2].max())])
     shared = share_prompts(ev, ev.max_len)
     if shared is None:
         return {}
@@ -70,16 +69,16 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
         d = (a - b).abs() / per_token
         return float(d.max()), float(d.mean())
 
-    packed = _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol=float("inf"))
-    alone = _split_nll(split, ev, lengths, body_rows, batch_size)
+    packed = _shared_nll(split, ev, shared, body_rows, batch_size, tol=float("inf"))
+    alone = _split_nll(split, ev, body_rows, batch_size)
     out = {"packed vs alone": gap(packed, alone)}
     if full:
-        out["alone in batches vs one row per forward"] = gap(alone, _split_nll(split, ev, lengths, 1, batch_size))
+        out["alone in batches vs one row per forward"] = gap(alone, _split_nll(split, ev, 1, batch_size))
         hook = split[0].register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "attention_mask": None}),
                                                   with_kwargs=True)
         try:
             out["packed with the mask dropped vs alone"] = gap(
-                _shared_nll(split, ev, shared, lengths, body_rows, batch_size, tol=float("inf")), alone)
+                _shared_nll(split, ev, shared, body_rows, batch_size, tol=float("inf")), alone)
         finally:
             hook.remove()
     return out

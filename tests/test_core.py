@@ -185,9 +185,8 @@ def test_scoring_runs_each_prompt_once_with_the_same_numbers(embedded):
     ev = eval_set(task, tok, 40, 64)
     shared = share_prompts(ev, 64 * 64)
     assert shared is not None and len(shared.ids) == 40  # one packed row per question
-    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
     prompts = ev.target_mask.long().argmax(1)  # each of a question's 4 rows repeats its prompt: 3 copies saved
-    assert int((shared.segment >= 0).sum()) == int(lengths.sum()) - 3 * int(prompts[::4].sum())
+    assert int((shared.segment >= 0).sum()) == int(ev.lengths.sum()) - 3 * int(prompts[::4].sum())
     body = model.get_base_model().model
     masks = []  # the attention mask of each body forward
     hook = body.register_forward_pre_hook(lambda m, args, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
@@ -203,7 +202,7 @@ def test_scoring_runs_each_prompt_once_with_the_same_numbers(embedded):
                                           with_kwargs=True)
     try:
         split = (body, model.get_base_model().lm_head)
-        assert _shared_nll(split, ev, shared, lengths, 64, 8, tol=1e-4) is None  # choices saw each other
+        assert _shared_nll(split, ev, shared, 64, 8, tol=1e-4) is None  # choices saw each other
         assert score(model, ev, batch_size=8, body_rows=64)[0] == pytest.approx(alone[0], rel=1e-5)
     finally:
         hook.remove()
@@ -290,9 +289,8 @@ def test_loads_architectures_from_local_files(tmp_path, arch):
     fine = layer_map(model, "module")
     assert len(fine.names) == sum(len(m) for _, m in lmap.layers)
     ev = eval_set(load_task(EMBEDDED_DATA), tok, 8, 64)  # the choices' shared prompt: mask and positions honoured
-    lengths = ev.target_mask.long().cumsum(1).argmax(1) + 1
     split = exact_split(model, ev.input_ids[:2])
-    assert _shared_nll(split, ev, share_prompts(ev, 64), lengths, 64, 8, tol=1e-4) is not None
+    assert _shared_nll(split, ev, share_prompts(ev, 64), 64, 8, tol=1e-4) is not None
     cfg = SearchSpace(lmap.names).config([2, 4], [8, 0])
     model2 = build(model, cfg, lmap, QuantSettings("hqq"), TrainSettings())
     x = torch.randint(0, 100, (2, 8))
