@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE, Blocks, EvalSet, Task, batches, eval_set, train_blocks
-from .device import model_device, release
+from .device import fp32_matmuls, model_device, release
 from .errors import CandidateFailed
 from .evaluation import Evaluation
 from .fidelity import Fidelity
@@ -365,13 +365,15 @@ def fit(model: nn.Module, tokenizer, task: Task, fidelity: Fidelity, t: TrainSet
     """Fine-tune a built ``model`` at ``fidelity``, then score it on the held-out ``split``.
 
     The search scores ``validation``; only the test report and the export score ``test``. Returns
-    (training losses, held-out loss, accuracy). Raises CandidateFailed when a training step diverges or runs
+    (training losses, held-out loss, accuracy); 16-bit matrix products run in float32 on a CPU without bf16
+    units (``fp32_matmuls``). Raises CandidateFailed when a training step diverges or runs
     out of memory.
     """
     data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction, t.answer_only),
                    fidelity.steps, fidelity.batch_size, seed=t.seed)
-    losses = train(model, data, t, progress)
-    return (losses, *held_out(model, tokenizer, task, fidelity, split))
+    with fp32_matmuls(model_device(model), model.get_input_embeddings().weight.dtype):
+        losses = train(model, data, t, progress)
+        return (losses, *held_out(model, tokenizer, task, fidelity, split))
 
 
 def evaluate_config(

@@ -42,16 +42,75 @@ def test_auto_device_and_dtype_resolve_to_this_machine():
     assert QuantSettings("sim", device="cpu", compute_dtype="bfloat16").compute_dtype == torch.bfloat16
 
 
+def _no_bf16_units(monkeypatch, units: bool = False) -> None:
+    for unit in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda: units)
+
+
 @pytest.mark.parametrize("units", [False, True])
 def test_16bit_compute_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, units):
     from autoqra_core.device import slow_16bit
 
-    for unit in ("avx512_bf16", "amx_tile"):
-        monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda: units)
+    _no_bf16_units(monkeypatch, units)
     why = slow_16bit("cpu", "bfloat16")
     assert (why is None) == units
     assert units or ("without bf16 matrix units" in why and "'float32'" in why)
     assert slow_16bit("cpu", torch.float32) is None and slow_16bit("cuda", "bfloat16") is None
+
+
+def test_fp32_matmuls_round_bf16_products_as_bf16_units_do(monkeypatch):
+    from autoqra_core.device import Fp32Matmuls, fp32_matmuls
+
+    _no_bf16_units(monkeypatch, units=True)
+    assert not isinstance(fp32_matmuls("cpu", "bfloat16"), Fp32Matmuls)  # the CPU's own bf16 kernels are fast
+    _no_bf16_units(monkeypatch)
+    assert not isinstance(fp32_matmuls("cpu", torch.float32), Fp32Matmuls)
+    assert not isinstance(fp32_matmuls("cuda", "bfloat16"), Fp32Matmuls)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64).bfloat16()
+    x = torch.randn(3, 20, 96).bfloat16().requires_grad_()
+    seen = []
+
+    class Spy(Fp32Matmuls):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in self.OPS:
+                seen.append(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with Spy():
+        assert isinstance(fp32_matmuls("cpu", "bfloat16"), Fp32Matmuls)
+        y = lin(x)
+        y.float().square().sum().backward()
+    # forward and both backward products went through float32 (input and weight gradients)
+    assert len(seen) >= 3 and y.dtype == x.grad.dtype == lin.weight.grad.dtype == torch.bfloat16
+    ref = (x.float() @ lin.weight.float().T + lin.bias.float())
+    gy = (2 * y.float()).bfloat16().float()
+    ulp = 2.0 ** -7  # bf16's relative spacing: one rounding of a float32-accumulated product
+    for got, want in [(y, ref), (x.grad, gy @ lin.weight.float()),
+                      (lin.weight.grad, gy.reshape(-1, 64).T @ x.float().reshape(-1, 96))]:
+        assert ((got.float() - want).abs() <= ulp * want.abs() + 1e-6).all()
+    native = lin(x.detach())  # this CPU's own bf16 kernel: float32 accumulation too, same numbers within 1 ulp
+    assert ((native.float() - y.float()).abs() <= 2 * ulp * ref.abs() + 1e-6).all()
+
+
+def test_a_bf16_fine_tune_on_a_cpu_without_bf16_units_runs_its_products_in_fp32(monkeypatch, embedded):
+    from autoqra_core.device import Fp32Matmuls
+
+    base, tok, task, lmap = embedded
+    cfg = SearchSpace(lmap.names).config([4, 8, 3, 4, 2, 4], [8, 4, 16, 8, 4, 8])
+    q, t = QuantSettings("sim", device="cpu", compute_dtype="bfloat16"), TrainSettings(seed=1)
+    calls = []
+    inner = Fp32Matmuls.__torch_dispatch__
+    monkeypatch.setattr(Fp32Matmuls, "__torch_dispatch__",
+                        lambda self, func, *a, **k: (calls.append(func), inner(self, func, *a, **k))[1])
+    _no_bf16_units(monkeypatch, units=True)
+    native = evaluate_config(base, tok, task, lmap, cfg, TINY, 0, 0, q, t)
+    assert not calls
+    _no_bf16_units(monkeypatch)
+    emulated = evaluate_config(base, tok, task, lmap, cfg, TINY, 0, 0, q, t)
+    assert {torch.ops.aten.mm.default, torch.ops.aten.addmm.default} & set(calls)
+    assert native.ok and emulated.ok and emulated.accuracy is not None
+    assert emulated.eval_loss == pytest.approx(native.eval_loss, rel=0.02)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
