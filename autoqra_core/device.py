@@ -121,6 +121,11 @@ def model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a built model computes in: its input embeddings' (the compute dtype; never quantized)."""
+    return model.get_input_embeddings().weight.dtype
+
+
 def release(device: str) -> None:
     """Hand a finished candidate's memory back, so the next one starts from the resident weights alone."""
     gc.collect()

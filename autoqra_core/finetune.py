@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE, Blocks, EvalSet, Task, batches, eval_set, train_blocks
-from .device import fp32_matmuls, model_device, release
+from .device import fp32_matmuls, model_device, model_dtype, release
 from .errors import CandidateFailed
 from .evaluation import Evaluation
 from .fidelity import Fidelity
@@ -270,7 +270,7 @@ def _shared_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, shared: SharedP
     position ids is then scored the plain way)."""
     body, head = split
     device, lengths = model_device(body), ev.lengths
-    dtype = body.get_input_embeddings().weight.dtype
+    dtype = model_dtype(body)
     sizes = (shared.segment >= 0).sum(1)
     order = torch.argsort(sizes)
     local = torch.full((len(sizes),), -1)  # packed row -> its index in the current batch
@@ -320,7 +320,7 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     if split is not None:
         # packed rows no wider than a row may be: the body's shapes stay within what memory.score_rows charges
         shared = share_prompts(ev, ev.max_len) if share else None
-        tol = 1e-4 if split[0].get_input_embeddings().weight.dtype == torch.float32 else SHARED_TOL_16BIT
+        tol = 1e-4 if model_dtype(split[0]) == torch.float32 else SHARED_TOL_16BIT
         try:
             nll = None if shared is None else _shared_nll(split, ev, shared, body_rows, batch_size, tol)
         except TypeError:  # a body that takes no position ids
@@ -366,12 +366,11 @@ def fit(model: nn.Module, tokenizer, task: Task, fidelity: Fidelity, t: TrainSet
 
     The search scores ``validation``; only the test report and the export score ``test``. Returns
     (training losses, held-out loss, accuracy); 16-bit matrix products run in float32 on a CPU without bf16
-    units (``fp32_matmuls``). Raises CandidateFailed when a training step diverges or runs
-    out of memory.
+    units (``fp32_matmuls``). Raises CandidateFailed when a training step diverges or runs out of memory.
     """
     data = batches(train_blocks(task, tokenizer, fidelity.seq_len, fidelity.data_fraction, t.answer_only),
                    fidelity.steps, fidelity.batch_size, seed=t.seed)
-    with fp32_matmuls(model_device(model), model.get_input_embeddings().weight.dtype):
+    with fp32_matmuls(model_device(model), model_dtype(model)):
         losses = train(model, data, t, progress)
         return (losses, *held_out(model, tokenizer, task, fidelity, split))
 

@@ -47,6 +47,21 @@ def _no_bf16_units(monkeypatch, units: bool = False) -> None:
         monkeypatch.setattr(torch.cpu, f"_is_{unit}_supported", lambda: units)
 
 
+def _fp32_products(monkeypatch) -> list:
+    """The matrix products every Fp32Matmuls from now on is handed (whatever their dtype), in order."""
+    from autoqra_core.device import Fp32Matmuls
+
+    seen, inner = [], Fp32Matmuls.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            seen.append(func)
+        return inner(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(Fp32Matmuls, "__torch_dispatch__", spy)
+    return seen
+
+
 @pytest.mark.parametrize("units", [False, True])
 def test_16bit_compute_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, units):
     from autoqra_core.device import slow_16bit
@@ -69,15 +84,8 @@ def test_fp32_matmuls_round_bf16_products_as_bf16_units_do(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 64).bfloat16()
     x = torch.randn(3, 20, 96).bfloat16().requires_grad_()
-    seen = []
-
-    class Spy(Fp32Matmuls):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.OPS:
-                seen.append(func)
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
-    with Spy():
+    seen = _fp32_products(monkeypatch)
+    with Fp32Matmuls():
         assert isinstance(fp32_matmuls("cpu", "bfloat16"), Fp32Matmuls)
         y = lin(x)
         y.float().square().sum().backward()
@@ -94,15 +102,10 @@ def test_fp32_matmuls_round_bf16_products_as_bf16_units_do(monkeypatch):
 
 
 def test_a_bf16_fine_tune_on_a_cpu_without_bf16_units_runs_its_products_in_fp32(monkeypatch, embedded):
-    from autoqra_core.device import Fp32Matmuls
-
     base, tok, task, lmap = embedded
     cfg = SearchSpace(lmap.names).config([4, 8, 3, 4, 2, 4], [8, 4, 16, 8, 4, 8])
     q, t = QuantSettings("sim", device="cpu", compute_dtype="bfloat16"), TrainSettings(seed=1)
-    calls = []
-    inner = Fp32Matmuls.__torch_dispatch__
-    monkeypatch.setattr(Fp32Matmuls, "__torch_dispatch__",
-                        lambda self, func, *a, **k: (calls.append(func), inner(self, func, *a, **k))[1])
+    calls = _fp32_products(monkeypatch)
     _no_bf16_units(monkeypatch, units=True)
     native = evaluate_config(base, tok, task, lmap, cfg, TINY, 0, 0, q, t)
     assert not calls

@@ -35,7 +35,7 @@ def _wrap(old) -> None:
 
     @functools.wraps(fit)
     def fit_fp32_matmuls(model, *args, **kwargs):
-        with device.fp32_matmuls(old.model_device(model), model.get_input_embeddings().weight.dtype):
+        with device.fp32_matmuls(device.model_device(model), device.model_dtype(model)):
             return fit(model, *args, **kwargs)
 
     fit_fp32_matmuls.fp32_matmuls = True
