@@ -84,12 +84,16 @@ def run_bench(doc: str, measure, report, **options) -> None:
         args.out.write_text(text)
 
 
+def shown(value):
+    """An option as a command line in the README would write it: a path inside the checkout made relative."""
+    return os.path.relpath(value, ROOT) if str(value).startswith(str(ROOT)) else value
+
+
 def bench_header(script: str, args, wall: float) -> list[str]:
     """The Command and Machine lines of a ``run_bench`` report: every option as given, this machine, wall time."""
     import torch
 
-    shown = {k: os.path.relpath(v, ROOT) if str(v).startswith(str(ROOT)) else v for k, v in vars(args).items()}
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k != "out")
+    flags = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in vars(args).items() if k != "out")
     return [f"Command: `.venv/bin/python {script} {flags}`  ",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
             f"no GPU; wall time {wall / 60:.1f} min.  "]
@@ -150,7 +154,7 @@ def report(data: dict, args, wall: float) -> str:
     lines = [
         "# The fine-tune a user runs: the search's top rung vs the export's length and one epoch (test)", "",
         f"Command: `.venv/bin/python bench/final_finetune.py {args.run} --model {args.model} --dataset "
-        f"{args.dataset} --config {args.config} --seeds {args.seeds}"
+        f"{args.dataset} --config {shown(args.config)} --seeds {args.seeds}"
         + (" --runner-up" if args.runner_up else "") + "".join(f" --uniform {u}" for u in args.uniform)
         + (f" --lengths {' '.join(repr(x) for x in args.lengths)}" if len(args.lengths) < 2 else "") + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; wall time {wall / 60:.0f} min.  ",
