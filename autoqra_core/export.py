@@ -10,7 +10,11 @@ Layout (names in ``MODEL_DIR`` ...):
 * ``adapter/``: the peft LoRA adapter (per-layer ``rank_pattern``) for ``model/``.
 * ``merged/`` (optional): the adapter merged into the *dequantized* base (merging into
   packed 4-bit weights would round the update away, peft #2321), a plain checkpoint.
-* ``autoqra_metrics.json``: the test numbers of every seed, of the reloaded files and of ``merged/``.
+* ``autoqra_metrics.json``: the test report's numbers, and those of the exported run as trained, of the
+  reloaded files and of ``merged/``.
+
+Nothing is trained here: the exported run is the winner's fine-tune on the first report seed, the same run
+the test report scores (its checkpoint at the top rung).
 
 Packing is done here for real even when the search used the ``sim`` backend: ``sim``
 holds exactly HQQ's dequantized weights, so an adapter trained on it fits the packed base.
@@ -20,23 +24,21 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import Task, train_blocks
-from .fidelity import BATCH_SIZE, SEQ_LEN, Fidelity
-from .finetune import TrainSettings, build, fit, held_out
+from .data import Task
+from .errors import AutoQRAError
+from .fidelity import Fidelity
+from .finetune import Checkpoint, TrainSettings, build, held_out, restore
 from .formats import (CT_DIR, FORMATS, GGUF_DIR, GGUF_FILE, GGUF_TYPES, GGUF_UNQUANTIZED, MERGED_CT_DIR,
                       FormatError, save_compressed_tensors, save_gguf)
 from .model import LayerMap
-from .protocol import mean_sd
 from .quantize import QuantSettings, quantize_model
 from .space import Config
 
@@ -47,14 +49,9 @@ PARTS = (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, CT_DIR, MERGED_CT_DIR, GGUF_DIR)  #
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """The final fine-tune (its own budget, larger than the search's top rung) and what is written."""
+    """What is written. Nothing is trained: the export ships the winner's run on the first report seed, the
+    fine-tune the test report scores."""
 
-    steps: int | None = None  # None: one epoch of the chosen data fraction
-    data_fraction: float = 0.2  # one epoch of 20% of the train split: 3x the demo's top rung
-    seq_len: int = SEQ_LEN
-    batch_size: int = BATCH_SIZE
-    seeds: tuple[int, ...] = (0,)  # the first seed's model is exported; test numbers are over all (spread: the report)
-    eval_examples: int | None = None  # test examples scored; None: the whole test split
     merge: bool = False  # also merged/ (and merged-ct/ when "ct" is in formats): the adapter merged in
     merged_dtype: str = "bfloat16"
     formats: tuple[str, ...] = FORMATS  # parts written beside model/: "ct" (model-ct/), "gguf" (gguf/)
@@ -62,23 +59,16 @@ class ExportSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "ExportSettings":
         """From its JSON (``settings_dict``, the settings file's ``export:``): lists become tuples."""
-        return cls(**{**d, **{k: tuple(d[k]) for k in ("seeds", "formats") if k in d}})
+        return cls(**{**d, **{k: tuple(d[k]) for k in ("formats",) if k in d}})
 
 
-def final_fidelity(s: ExportSettings, task: Task, tokenizer) -> Fidelity:
-    """The fine-tune as a Fidelity; ``steps=None`` becomes one epoch over the data fraction."""
-    steps = s.steps
-    if steps is None:
-        n_blocks = len(train_blocks(task, tokenizer, s.seq_len, s.data_fraction))
-        steps = max(1, math.ceil(n_blocks / s.batch_size))
-    return Fidelity(steps=steps, data_fraction=s.data_fraction, seq_len=s.seq_len, batch_size=s.batch_size,
-                    eval_examples=s.eval_examples or len(task.test))
-
-
-def training_backend(q: QuantSettings) -> QuantSettings:
-    """HQQ numbers for the final fine-tune whatever the search ran: ``sim`` stays (same numbers, faster on a
-    CPU), anything else trains on packed HQQ, so the adapter fits the ``model/`` that is exported."""
-    return q if q.backend in ("sim", "hqq") else QuantSettings("hqq", q.group_size, q.compute_dtype, q.device)
+def check_exportable(q: QuantSettings) -> None:
+    """The exported ``model/`` is HQQ-packed: a run trained on another quantizer's weights (bitsandbytes' NF4)
+    would ship an adapter that does not fit it."""
+    if q.backend not in ("sim", "hqq"):
+        raise AutoQRAError(f"quant.backend {q.backend!r}: the export ships the search's own run, whose adapter fits "
+                           f"only the weights it was trained on, and model/ is HQQ-packed; search with quant.backend "
+                           f"hqq (or sim on a CPU) to export")
 
 
 def pack(base: nn.Module, config: Config, lmap: LayerMap, group_size: int) -> nn.Module:
@@ -170,57 +160,47 @@ def folder_bytes(folder: str | Path) -> int:
 
 def settings_dict(s: ExportSettings) -> dict:
     """``s`` as the JSON the metrics file records (and a re-export compares)."""
-    return {**asdict(s), "seeds": list(s.seeds), "formats": list(s.formats)}
+    return {**asdict(s), "formats": list(s.formats)}
 
 
-def holds(out: str | Path, config: Config, s: ExportSettings) -> bool:
-    """Whether ``out`` holds what ``write_export`` writes for ``config`` and ``s`` (its metrics file says so)."""
+def holds(out: str | Path, config: Config, s: ExportSettings, seed: int) -> bool:
+    """Whether ``out`` holds what ``write_export`` writes for ``config``'s run on ``seed`` and ``s``."""
     try:
         kept = json.loads((Path(out) / METRICS_FILE).read_text())
     except (OSError, ValueError):
         return False
     return (Path(out) / MODEL_DIR).is_dir() and kept.get("config_key") == config.key() \
-        and kept.get("settings") == settings_dict(s)
+        and kept.get("settings") == settings_dict(s) and kept.get("exported_seed") == seed
 
 
-Progress = Callable[[int, int, float], None]  # (step, steps, loss), once per training step
+def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, ckpt: Checkpoint,
+                 fidelity: Fidelity, s: ExportSettings, q: QuantSettings, t: TrainSettings, out: str | Path,
+                 report: dict | None = None) -> dict:
+    """Write ``config``'s run (its ``ckpt``, training seed ``t.seed``, at the end of the fine-tune ``fidelity``) as
+    ``out``/{model,adapter[,merged,...]} with the metrics (``METRICS_FILE``); returns the metrics.
 
-
-def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, s: ExportSettings,
-                 q: QuantSettings, t: TrainSettings, out: str | Path,
-                 progress: Callable[[int, int], Progress] | None = None) -> dict:
-    """Fine-tune ``config`` once per seed of ``s``, score each on the test split, and write the first seed's
-    model as ``out``/{model,adapter[,merged]} with the metrics (``METRICS_FILE``); returns the metrics.
-
-    The reloaded ``model/`` + ``adapter/`` is scored again, so the reported numbers are those of the files,
-    not of the object in memory. ``progress(seed, steps)`` gives each fine-tune's progress callback.
+    The run is scored on the test split as built in memory and again from the reloaded ``model/`` + ``adapter/``,
+    so the reported numbers are those of the files. ``report``: the test report's numbers of this configuration
+    (``protocol.SeedScores.to_dict``; the exported run is its first seed), shown as the card's test results.
     """
-    q = training_backend(q)
-    fid = final_fidelity(s, task, tokenizer)
+    check_exportable(q)
     out = Path(out)
     for part in PARTS:  # a re-export replaces, never mixes
         shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed, curves, kept = [], {}, None
-    for seed in s.seeds:
-        ts = replace(t, seed=seed)
-        trained = build(base, config, lmap, q, ts)
-        losses, loss, acc = fit(trained, tokenizer, task, fid, ts, progress(seed, fid.steps) if progress else None,
-                                "test")
-        per_seed.append({"seed": seed, "loss": loss, "accuracy": acc,
-                         "final_train_loss": losses[-1] if losses else None})
-        curves[seed] = losses
-        if kept is None:
-            kept = trained
-    adapter = save_adapter(kept, out / ADAPTER_DIR)
+    trained = build(base, config, lmap, q, t)
+    restore(trained, ckpt)
+    loss, acc = held_out(trained, tokenizer, task, fidelity, "test")
+    adapter = save_adapter(trained, out / ADAPTER_DIR)
+    del trained
     packed = pack(base, config, lmap, q.group_size)
     save_model(packed, tokenizer, out / MODEL_DIR)
-    files_loss, files_acc = held_out(load(out), tokenizer, task, fid, "test")
+    files_loss, files_acc = held_out(load(out), tokenizer, task, fidelity, "test")
     formats: dict[str, dict] = {}
     if "ct" in s.formats:
         save_compressed_tensors(packed, tokenizer, out / CT_DIR)
         formats["ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / CT_DIR, adapter), tokenizer, task,
-                                                                fid, "test")))
+                                                                fidelity, "test")))
     del packed
     merged = None
     if s.merge or "gguf" in s.formats:
@@ -228,41 +208,40 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         if "gguf" in s.formats:
             try:
                 types = save_gguf(m, tokenizer, config, lmap, out / GGUF_DIR, name=out.name)
-                loss, acc = held_out(load_gguf(out / GGUF_DIR), tokenizer, task, fid, "test")
-                formats["gguf"] = {"loss": loss, "accuracy": acc, "tensor_types": types}
+                g_loss, g_acc = held_out(load_gguf(out / GGUF_DIR), tokenizer, task, fidelity, "test")
+                formats["gguf"] = {"loss": g_loss, "accuracy": g_acc, "tensor_types": types}
             except FormatError as e:  # a model or tokenizer GGUF cannot hold: said in the card, the rest written
                 shutil.rmtree(out / GGUF_DIR, ignore_errors=True)
                 formats["gguf"] = {"skipped": str(e)}
         if s.merge and "ct" in s.formats:
             save_compressed_tensors(pack(m, config, lmap, q.group_size), tokenizer, out / MERGED_CT_DIR)
             formats["merged-ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / MERGED_CT_DIR), tokenizer,
-                                                                           task, fid, "test")))
+                                                                           task, fidelity, "test")))
         if s.merge:
             m = m.to(getattr(torch, s.merged_dtype))
             save_merged(m, tokenizer, out / MERGED_DIR)
-            m_loss, m_acc = held_out(m.float(), tokenizer, task, fid, "test")  # its dtype's weights, fp32 compute
+            m_loss, m_acc = held_out(m.float(), tokenizer, task, fidelity, "test")  # its dtype's weights, fp32 compute
             merged = {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
         del m
-    loss_mean, loss_sd = mean_sd([r["loss"] for r in per_seed])
-    acc_mean, acc_sd = mean_sd([r["accuracy"] for r in per_seed])
+    test = report or {"loss_mean": loss, "loss_sd": None, "accuracy_mean": acc, "accuracy_sd": None,
+                      "seeds": [t.seed], "losses": [loss], "accuracies": [acc]}
     metrics = {
-        "test": {"loss_mean": loss_mean, "loss_sd": loss_sd, "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
-                 "seeds": list(s.seeds), "per_seed": per_seed},
-        "exported_seed": s.seeds[0],
-        "in_memory": {"loss": per_seed[0]["loss"], "accuracy": per_seed[0]["accuracy"]},
+        "test": test,  # the test report's numbers of this configuration; the exported run is its first seed
+        "exported_seed": t.seed,
+        "in_memory": {"loss": loss, "accuracy": acc},  # the exported run, scored as trained
         "files": {"loss": files_loss, "accuracy": files_acc},  # model/ + adapter/ reloaded from disk
         "merged": merged,
         "formats": formats,  # model-ct/ (+ adapter/) and gguf/ reloaded through transformers: test loss, accuracy
         "bytes": {part: folder_bytes(out / part) for part in PARTS if (out / part).is_dir()},
-        "fine_tune": {"steps": fid.steps, "data_fraction": fid.data_fraction, "seq_len": fid.seq_len,
-                      "batch_size": fid.batch_size, "seeds": list(s.seeds), "test_examples": fid.eval_examples,
-                      "backend": q.backend, "group_size": q.group_size,
-                      "train_tokens": fid.steps * fid.batch_size * fid.seq_len},
-        "training_curves": {str(k): v for k, v in curves.items()},
+        "fine_tune": {"steps": fidelity.steps, "data_fraction": fidelity.data_fraction, "seq_len": fidelity.seq_len,
+                      "batch_size": fidelity.batch_size, "seed": t.seed, "schedule": t.schedule,
+                      "test_examples": fidelity.eval_examples, "backend": q.backend, "group_size": q.group_size,
+                      "train_tokens": fidelity.train_tokens},
+        "training_curves": {str(t.seed): ckpt.losses},
         "config_key": config.key(),
-        "settings": settings_dict(s),  # with config_key: what ``holds`` checks
-        # the search-era keys, kept for readers of export.json: the export's own test numbers
-        "eval_loss": loss_mean, "accuracy": acc_mean,
+        "settings": settings_dict(s),  # with config_key and exported_seed: what ``holds`` checks
+        # the search-era keys, kept for readers of export.json: the test numbers
+        "eval_loss": test["loss_mean"], "accuracy": test["accuracy_mean"],
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -284,8 +263,9 @@ class Card:
     config: Config
     budget_bytes: int
     memory: dict[str, int]  # breakdown, bytes
-    test: dict  # loss_mean, loss_sd, accuracy_mean, accuracy_sd, seeds, per_seed
-    fine_tune: dict  # steps, data_fraction, seq_len, batch_size, seeds
+    test: dict  # the test report's loss_mean, loss_sd, accuracy_mean, accuracy_sd, seeds
+    fine_tune: dict  # steps, data_fraction, seq_len, batch_size, seed, ...
+    exported: dict  # the exported run: seed, loss, accuracy (test split, as trained)
     versions: dict[str, str]
     mlflow_run_id: str | None = None
     prefect_flow_run_id: str | None = None
@@ -314,7 +294,7 @@ class Card:
             f"| model/ + adapter/ | {fmt(t.get('loss_mean'))} ± {fmt(t.get('loss_sd'))} | "
             f"{fmt(t.get('accuracy_mean'))} ± {fmt(t.get('accuracy_sd'))} | {t.get('seeds')} |",
         ]
-        seed0 = t.get("seeds", [None])[0]
+        seed0 = self.exported.get("seed")
         if self.merged:
             lines.append(f"| merged/ ({self.merged.get('dtype')}, seed {seed0}) | "
                          f"{fmt(self.merged.get('loss'))} | {fmt(self.merged.get('accuracy'))} | |")
@@ -323,9 +303,10 @@ class Card:
             r = self.formats.get(part)
             if r and "loss" in r:
                 lines.append(f"| {label}, seed {seed0} | {fmt(r['loss'])} | {fmt(r.get('accuracy'))} | |")
-        lines += ["", f"Exported weights are those of seed {seed0} "
-                      f"(test loss {fmt(t.get('per_seed', [{}])[0].get('loss'))}).", "",
-                  *self._formats(), "## Final fine-tune", "", "| setting | value |", "|---|---|",
+        lines += ["", f"The exported weights are the run on seed {seed0}, the first of the report's seeds, fixed before "
+                      f"anything was scored on test (test loss {fmt(self.exported.get('loss'))}, accuracy "
+                      f"{fmt(self.exported.get('accuracy'))}); the search chose the configuration on validation.", "",
+                  *self._formats(), "## The fine-tune", "", "| setting | value |", "|---|---|",
                   *[f"| {k} | {v} |" for k, v in self.fine_tune.items()], "",
                   "## Configuration", "",
                   f"Mean bits {sum(bits) / len(bits):.2f}, mean rank {sum(ranks) / len(ranks):.2f}.", ""]

@@ -3,8 +3,9 @@
 A search that picks its winner by held-out loss and then reports that same number is
 biased in the winner's favour, and one fine-tune per method cannot tell a real gap from
 seed noise. So every search decision reads the ``validation`` split; afterwards the
-winner and each baseline are fine-tuned again at the top rung with fresh seeds (none used
-during the search) and scored once on ``test``. Methods are compared by the paired
+winner and each baseline are fine-tuned again, the user's whole fine-tune (the top rung),
+with fresh seeds (none used during the search) and scored once on ``test``; the winner's
+run on the first of those seeds is what the export ships. Methods are compared by the paired
 difference on the same seeds (the same data order and LoRA initialisation), and each
 method's fine-tuning compute (tokens) is recorded so that comparisons are at equal compute.
 """
@@ -32,20 +33,35 @@ def race_seeds(search_seed: int, n: int) -> list[int]:
 
 
 def report_seeds(search_seed: int, n: int) -> list[int]:
-    """Fresh training seeds for the test report: never a seed the search fine-tuned with (``race_seeds``)."""
+    """Fresh training seeds for the test report: never a seed the search fine-tuned with (``race_seeds``). The
+    first is the export's, fixed before anything is scored on test."""
     if n >= SEED_STRIDE:
         raise ValueError(f"at most {SEED_STRIDE - 1} report seeds")
     return [search_seed + 1 + k for k in range(n)]
 
 
+def charged_tokens(history: Sequence[Evaluation], ladder: Ladder) -> list[int]:
+    """Fine-tuning tokens each evaluation of ``history`` spent, in order: a run's checkpoints are charged once, so a
+    promotion costs only the steps from the run's last checkpoint to its new one (failed evaluations count: their
+    compute was spent)."""
+    reached: dict[tuple[str, int], int] = {}  # (config, seed) -> tokens its run has been charged
+    out = []
+    for e in history:
+        run = (e.config.key(), e.seed)
+        tokens = ladder[e.fidelity].train_tokens
+        out.append(max(0, tokens - reached.get(run, 0)))
+        reached[run] = max(tokens, reached.get(run, 0))
+    return out
+
+
 def history_tokens(history: Sequence[Evaluation], ladder: Ladder) -> int:
-    """Fine-tuning tokens spent on ``history`` (failed evaluations count: their compute was spent)."""
-    return sum(ladder[e.fidelity].train_tokens for e in history)
+    """Fine-tuning tokens spent on ``history``, every token once (``charged_tokens``)."""
+    return sum(charged_tokens(history, ladder))
 
 
 def equal_compute_count(tokens: int, ladder: Ladder) -> int:
-    """How many top-rung fine-tunes cost ``tokens`` (at least one): random search's share at equal compute."""
-    return max(1, round(tokens / ladder[ladder.top].train_tokens))
+    """How many whole fine-tunes cost ``tokens`` (at least one): random search's share at equal compute."""
+    return max(1, round(ladder.fine_tunes(tokens)))
 
 
 def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:

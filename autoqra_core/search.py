@@ -12,27 +12,27 @@ because finished evaluations are cached).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 from . import evolution, turbo
 from .evaluation import EvaluateMany, Evaluation
 from .evolution import EvolutionSettings, EvolutionState
-from .fidelity import Fidelity, Ladder
+from .fidelity import Ladder
 from .importance import Priors
-from .protocol import race_seeds
+from .protocol import charged_tokens, race_seeds
 from .racing import RaceSettings, incumbent, standings
 from .repair import Cost, check_budget
 from .space import SearchSpace
 from .turbo import TurboRun, TurboSettings
 
 
+DEFAULT_STEPS = 54  # the library's fine-tune when none is given (the settings file's default is one epoch)
+
+
 def default_ladder() -> Ladder:
-    """Three rungs of growing steps, data and held-out examples (successive halving with promote_fraction 1/3),
-    sized for the embedded model on 2 CPU cores. The settings file's default rungs are these."""
-    return Ladder((Fidelity(15, 0.1, eval_examples=100), Fidelity(40, 0.3, eval_examples=200),
-                   Fidelity(60, 1.0, eval_examples=300)), 1 / 3)
+    """Checkpoints of a ``DEFAULT_STEPS``-step fine-tune at 1/9, 1/3 and its end (``fidelity.DEFAULT_RUNGS``)."""
+    return Ladder.of(DEFAULT_STEPS)
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ class SearchState:
 
 @dataclass(frozen=True)
 class ProgressPoint:
-    """The incumbent's top-rung loss (its mean over its seeds) after ``evaluations`` fine-tunes (``steps``
-    optimizer steps in all): what the search would return if stopped there. It can rise when a lucky
+    """The incumbent's top-rung loss (its mean over its seeds) after ``evaluations`` evaluations (``steps``
+    optimizer steps in all, each charged once): what the search would return if stopped there. It can rise when a lucky
     incumbent's replicates bring its mean back to its true level."""
 
     evaluations: int
@@ -150,10 +150,11 @@ def progress(state: SearchState, ladder: Ladder, seeds: Sequence[int]) -> list[P
     out, steps = [], 0
     labelled = [("evolution", e) for e in state.evolution.history]
     labelled += [("turbo", e) for e in (state.turbo.history if state.turbo else [])]
+    charged = charged_tokens([e for _, e in labelled], ladder)
     so_far: list[Evaluation] = []
     inc = None
-    for i, (stage, e) in enumerate(labelled, 1):
-        steps += ladder[e.fidelity].steps
+    for i, ((stage, e), tokens) in enumerate(zip(labelled, charged), 1):
+        steps += tokens // (ladder[e.fidelity].batch_size * ladder[e.fidelity].seq_len)
         so_far.append(e)
         if e.fidelity == ladder.top:
             inc = incumbent(so_far, ladder.top, seeds)

@@ -118,6 +118,11 @@ def _summary(result: dict) -> None:
         table.add_row(name, "-" if loss is None else f"{loss:.4f}", "-" if acc is None else f"{acc:.3f}",
                       format_bytes(e["memory_bytes"]), Config.from_dict(e["config"]).short())
     Console().print(table)
+    if cost := result.get("search_cost"):
+        ft = result["fine_tune"]
+        Console().print(f"search cost: {cost['fine_tunes']:.2f} full fine-tunes ({cost['train_tokens']:,} tokens, "
+                        f"{cost['evaluations']} evaluations, replicates included; one fine-tune = {ft['steps']} steps, "
+                        f"{ft['train_tokens']:,} tokens)")
 
 
 @app.command()
@@ -245,13 +250,15 @@ def evaluate(
     config_json: Path = typer.Option(..., "--config", help="Configuration JSON: {'layers': [{name, bits, rank}]}"),
     model: str = MODEL,
     dataset: str = DATASET,
-    fidelity: int = typer.Option(-1, help="Rung index (0 = cheapest); -1 = the top rung."),
+    fidelity: int = typer.Option(-1, help="Rung index (0 = the earliest checkpoint); -1 = the top rung, the whole "
+                                          "fine-tune."),
     seed: int = 0,
     search_config: Optional[Path] = typer.Option(None, "--search-config", help="Search settings (YAML)."),
     columns: Optional[str] = COLUMNS,
     settings: Optional[Path] = SETTINGS,
 ):
-    """Fine-tune and score one configuration."""
+    """Fine-tune one configuration up to a rung (its run continues from the previous rung's checkpoint when one is
+    cached) and score it on validation."""
     _setup(settings)
 
     def go():
@@ -274,8 +281,8 @@ def estimate(
     config_json: Optional[Path] = typer.Option(None, "--config", help="Configuration JSON {'layers': [{name, bits, rank}]} to break down."),
     bits: Optional[int] = typer.Option(None, help="Uniform bit-width on every layer (with --rank), instead of --config."),
     rank: Optional[int] = typer.Option(None, help="Uniform LoRA rank on every layer (with --bits)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: the top rung's)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (default: the top rung's)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: the fine-tune's, train.seq_len)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (default: the fine-tune's, train.batch_size)."),
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                                       help="Default: on for cuda, off for cpu (as the search)."),
     device: str = typer.Option("auto", help="cpu | cuda (plan for a GPU from any machine) | auto (this one's)."),
@@ -288,7 +295,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
     """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
-    from flows.config import QuantSection, SearchSection
+    from flows.config import QuantSection, TrainSection
     from flows.prepared_run import resolve
 
     def go():
@@ -328,9 +335,9 @@ def estimate(
                                 tuple(sorted(set(space.ranks) | set(cfg.ranks))))
         else:
             cfg = None
-        top = SearchSection().rungs[-1]  # the search's default top rung: the shape its cost charges
+        ft = TrainSection()  # the default fine-tune: the shape the search's cost charges
         group = QuantSection.model_fields["group_size"].default if group_size is None else group_size
-        mem = settings_for(dev, back, group, batch_size or top.batch_size, seq_len or top.seq_len, grad_checkpointing)
+        mem = settings_for(dev, back, group, batch_size or ft.batch_size, seq_len or ft.seq_len, grad_checkpointing)
         if score_batch_size is not None:
             mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
         return plan(shape, space, mem, cfg, budget), shape

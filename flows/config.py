@@ -19,12 +19,12 @@ from autoqra_core.device import resolve
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evolution import EvolutionSettings
 from autoqra_core.export import ExportSettings
-from autoqra_core.fidelity import Fidelity, Ladder
+from autoqra_core.fidelity import DEFAULT_RUNGS, FineTune, Ladder, Rung
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.memory import MemorySettings, settings_for
 from autoqra_core.quantize import QuantSettings, check_placement
 from autoqra_core.racing import RaceSettings
-from autoqra_core.search import SearchSettings, default_ladder
+from autoqra_core.search import SearchSettings
 from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
 from autoqra_core.turbo import TurboSettings
 from infra.settings import read_yaml
@@ -85,6 +85,18 @@ class QuantSection(_Strict):
 
 
 class TrainSection(_Strict):
+    """The user's one fine-tune: its length (``steps``, or ``epochs`` of ``data_fraction`` of the train split
+    capped by ``max_steps``), shape and hyperparameters. It is the search's top rung, what the report scores and
+    what the export ships; the lower rungs are its checkpoints (``search.rungs``)."""
+
+    steps: int | None = Field(_default(FineTune, "steps"), gt=0)  # None: epochs over the data
+    epochs: float = Field(_default(FineTune, "epochs"), gt=0)
+    max_steps: int | None = Field(_default(FineTune, "max_steps"), gt=0)
+    data_fraction: float = Field(_default(FineTune, "data_fraction"), gt=0, le=1)
+    seq_len: int = Field(_default(FineTune, "seq_len"), gt=1)
+    batch_size: int = Field(_default(FineTune, "batch_size"), gt=0)
+    schedule: Literal["cosine", "wsd"] = _default(TrainSettings, "schedule")
+    decay_fraction: float = Field(_default(TrainSettings, "decay_fraction"), gt=0, le=1)
     lr: float = Field(_default(TrainSettings, "lr"), gt=0)
     weight_decay: float = Field(_default(TrainSettings, "weight_decay"), ge=0)
     warmup_steps: int = Field(_default(TrainSettings, "warmup_steps"), ge=0)
@@ -96,15 +108,14 @@ class TrainSection(_Strict):
 
 
 class RungSection(_Strict):
-    steps: int = Field(gt=0)
-    data_fraction: float = Field(gt=0, le=1)
-    seq_len: int = Field(_default(Fidelity, "seq_len"), gt=1)
-    batch_size: int = Field(_default(Fidelity, "batch_size"), gt=0)
-    eval_examples: int = Field(_default(Fidelity, "eval_examples"), gt=0)
+    """A checkpoint of the fine-tune at ``fraction`` of its length (the last rung: 1, the whole run)."""
+
+    fraction: float = Field(gt=0, le=1)
+    eval_examples: int = Field(_default(Rung, "eval_examples"), gt=0)
 
 
 def _default_rungs() -> list[RungSection]:
-    return [RungSection(**dataclasses.asdict(f)) for f in default_ladder().rungs]
+    return [RungSection(**dataclasses.asdict(r)) for r in DEFAULT_RUNGS]
 
 
 class EvolutionSection(_Strict):
@@ -152,7 +163,15 @@ class RaceSection(_Strict):
 class SearchSection(_Strict):
     generations: int = Field(_default(SearchSettings, "generations"), ge=1)
     rungs: list[RungSection] = Field(default_factory=_default_rungs, min_length=1)
-    promote_fraction: float = Field(default_ladder().promote_fraction, gt=0, le=1)
+    promote_fraction: float = Field(_default(Ladder, "promote_fraction"), gt=0, le=1)
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, v: list[RungSection]) -> list[RungSection]:
+        fractions = [r.fraction for r in v]
+        if fractions[-1] != 1 or any(b <= a for a, b in zip(fractions, fractions[1:])):
+            raise ValueError(f"rung fractions must increase and end at 1 (the whole fine-tune); got {fractions}")
+        return v
     evolution: EvolutionSection = EvolutionSection()
     turbo: TurboSection = TurboSection()
     race: RaceSection = RaceSection()
@@ -176,14 +195,9 @@ class ReportSection(_Strict):
 
 
 class ExportSection(_Strict):
-    """The final fine-tune of the winner (autoqra_core.export.ExportSettings); more than the top rung."""
+    """What the export writes (autoqra_core.export.ExportSettings). It trains nothing: it ships the winner's run
+    on the first report seed, the fine-tune the report scores."""
 
-    steps: int | None = Field(_default(ExportSettings, "steps"), gt=0)  # None: one epoch of data_fraction of train
-    data_fraction: float = Field(_default(ExportSettings, "data_fraction"), gt=0, le=1)
-    seq_len: int = Field(_default(ExportSettings, "seq_len"), gt=1)
-    batch_size: int = Field(_default(ExportSettings, "batch_size"), gt=0)
-    seeds: list[int] = Field(default_factory=lambda: list(_default(ExportSettings, "seeds")), min_length=1)
-    eval_examples: int | None = Field(_default(ExportSettings, "eval_examples"), gt=0)  # None: the whole test split
     merge: bool = _default(ExportSettings, "merge")  # also write merged/: the adapter merged into the dequantized base
     merged_dtype: Literal["bfloat16", "float16", "float32"] = _default(ExportSettings, "merged_dtype")
     # parts beside model/: "ct" (model-ct/, compressed-tensors), "gguf" (gguf/, llama.cpp); [] for neither
@@ -215,11 +229,17 @@ class RunConfig(_Strict):
     export: ExportSection = ExportSection()
 
     # ---- conversions to the core's dataclasses ----
-    def ladder(self) -> Ladder:
-        return Ladder(tuple(Fidelity(**r.model_dump()) for r in self.search.rungs), self.search.promote_fraction)
+    def fine_tune(self) -> FineTune:
+        return FineTune(**{f.name: getattr(self.train, f.name) for f in dataclasses.fields(FineTune)})
 
-    def search_settings(self, seed: int) -> SearchSettings:
-        return SearchSettings(seed=seed, generations=self.search.generations, ladder=self.ladder(),
+    def ladder(self, total_steps: int) -> Ladder:
+        """The rungs as checkpoints of a ``total_steps``-step fine-tune (``FineTune.total_steps`` of the data)."""
+        ft = self.fine_tune()
+        return Ladder.of(total_steps, tuple(Rung(**r.model_dump()) for r in self.search.rungs), ft.data_fraction,
+                         ft.seq_len, ft.batch_size, self.search.promote_fraction)
+
+    def search_settings(self, seed: int, total_steps: int) -> SearchSettings:
+        return SearchSettings(seed=seed, generations=self.search.generations, ladder=self.ladder(total_steps),
                               evolution=EvolutionSettings(**self.search.evolution.model_dump()),
                               turbo=TurboSettings(**self.search.turbo.model_dump()),
                               race=RaceSettings(**self.search.race.model_dump()))
@@ -235,14 +255,14 @@ class RunConfig(_Strict):
 
     def train_settings(self, seed: int) -> TrainSettings:
         gc = self.train.grad_checkpointing
-        return TrainSettings(seed=seed, **{**self.train.model_dump(),
+        names = {f.name for f in dataclasses.fields(TrainSettings)}
+        return TrainSettings(seed=seed, **{**{k: v for k, v in self.train.model_dump().items() if k in names},
                                            "grad_checkpointing": self.quant.device.startswith("cuda") if gc is None else gc})
 
     def memory_settings(self) -> MemorySettings:
-        """What the search's cost charges: the top rung's training shape on this run's device and dtype."""
-        top = self.ladder()[self.ladder().top]
-        return settings_for(self.quant.device, self.quant.backend, self.quant.group_size, top.batch_size,
-                            top.seq_len, self.train_settings(0).grad_checkpointing, self.quant.compute_dtype)
+        """What the search's cost charges: the fine-tune's training shape on this run's device and dtype."""
+        return settings_for(self.quant.device, self.quant.backend, self.quant.group_size, self.train.batch_size,
+                            self.train.seq_len, self.train_settings(0).grad_checkpointing, self.quant.compute_dtype)
 
 
 def load_run_config(path: str | Path | None) -> RunConfig:

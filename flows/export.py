@@ -1,25 +1,28 @@
-"""The export flow: a finished search's best configuration fine-tuned with the ``export:`` settings, saved as
-an export folder standard tools load (``model/``, ``adapter/``, optional ``merged/``, a model card),
-uploaded to the object store and registered in MLflow as a pyfunc model with alias "champion"."""
+"""The export flow: a finished search's best configuration, its run on the first report seed (the fine-tune the
+test report scores; nothing is trained again), saved as an export folder standard tools load (``model/``,
+``adapter/``, optional ``merged/``, a model card), uploaded to the object store and registered in MLflow as a
+pyfunc model with alias "champion"."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
 from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
-from autoqra_core.export import ADAPTER_DIR, CARD_FILE, CURVE_FILE, Card, holds
+from autoqra_core.export import ADAPTER_DIR, CARD_FILE, CURVE_FILE, Card, check_exportable, holds
 from autoqra_core.memory import memory as memory_breakdown
+from autoqra_core.protocol import report_seeds
 from autoqra_core.space import Config
 from infra.fingerprint import NUMERIC_LIBRARIES, library_versions
 from infra.plots import plot_allocation, plot_training_curve
 from infra.settings import embedded_model_path
 from infra.tracking import compact_config
-from tasks.export import final_finetune, publish
+from tasks.export import export_run, publish
 
 from .config import RunConfig
 from .prepared_run import Run, write_json
@@ -64,9 +67,9 @@ def _flow_run_ids() -> tuple[str | None, str | None]:
 @flow(name="autoqra-export", log_prints=True, persist_result=True)
 def export_flow(run: str, store: str | None = None, name: str | None = None, merge: bool | None = None,
                 formats: list[str] | None = None) -> dict:
-    """Final fine-tune of ``run``/result.json's best configuration (the ``export:`` settings), written as an
-    export folder with a model card, then published; writes ``run``/export.json. ``merge`` overrides
-    ``export.merge`` (also write ``merged/``), ``formats`` ``export.formats`` (model-ct/, gguf/)."""
+    """``run``/result.json's best configuration, its run on the first report seed, written as an export folder
+    with a model card, then published; writes ``run``/export.json. ``merge`` overrides ``export.merge`` (also
+    write ``merged/``), ``formats`` ``export.formats`` (model-ct/, gguf/)."""
     log = get_run_logger()
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
@@ -84,18 +87,21 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
                            f"configuration is in {run_dir / 'result.json'} (best.config), export it by hand")
     name = name or model_name(result["model"])
     export_dir = run_dir / "export" / name
-    log.info(f"final fine-tune of {config.short()} ({rc.export.model_dump()}) -> {export_dir}")
-    # Prefect's cache is the resume: a re-run (e.g. after a failed upload) reuses the fine-tune, unless its
+    seed = report_seeds(r.seed, 1)[0]  # the first report seed: fixed before anything was scored on test
+    check_exportable(r.rc.quant_settings())
+    log.info(f"exporting {config.short()}, its run on seed {seed} ({r.total_steps} steps) -> {export_dir}")
+    # Prefect's cache is the resume: a re-run (e.g. after a failed upload) reuses the written export, unless its
     # files are gone from the folder, which a cache hit would not bring back.
-    fine_tune = final_finetune.with_options(refresh_cache=not holds(export_dir, config, rc.export_settings()))
-    state = fine_tune(
-        r.model, r.dataset, config.to_dict(), config.key(), rc.export.model_dump(), rc.quant.model_dump(),
-        rc.train_settings(r.seed).__dict__, rc.space.granularity, list(rc.space.layers or []), str(export_dir),
-        r.model_id, r.dataset_id, r.code, columns=r.columns, return_state=True,
+    write = export_run.with_options(refresh_cache=not holds(export_dir, config, rc.export_settings(), seed))
+    state = write(
+        r.model, r.dataset, config.to_dict(), config.key(), [asdict(f) for f in r.ladder.rungs],
+        asdict(r.test_fidelity()), rc.export.model_dump(), rc.quant.model_dump(), asdict(rc.train_settings(seed)),
+        rc.space.granularity, list(rc.space.layers or []), str(export_dir), r.model_id, r.dataset_id, r.code,
+        report=(result["best"].get("test") or None), columns=r.columns, return_state=True,
     )
     metrics = state.result()
     if state.name == "Cached":
-        log.info(f"{export_dir} already holds this fine-tune (a cached run of an earlier export): reused")
+        log.info(f"{export_dir} already holds this export (a cached run of an earlier one): reused")
     flow_id, parent_id = _flow_run_ids()
     search_flow = result.get("prefect_flow_run_id") or parent_id
     memory = memory_breakdown(config, r.wb.shape, r.mem).to_dict()
@@ -106,6 +112,7 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
         name=name, base_model=result["model"], dataset=result["dataset"], config=config,
         budget_bytes=r.budget_bytes, memory=memory, test=test,
         fine_tune={k: v for k, v in metrics["fine_tune"].items()},
+        exported={"seed": metrics["exported_seed"], **metrics["in_memory"]},
         versions=library_versions((*NUMERIC_LIBRARIES, "mlflow")),
         mlflow_run_id=result.get("mlflow_run_id"), prefect_flow_run_id=search_flow, merged=metrics["merged"],
         formats=metrics.get("formats", {}), bytes=metrics.get("bytes", {}),

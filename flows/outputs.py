@@ -115,6 +115,8 @@ class RunOutputs:
         """Write result.json (validation numbers of every evaluation; test numbers of the winner and of every
         baseline under ``test``; each method's fine-tuning tokens under ``train_tokens``), plots, artifacts."""
         tests, compute = tests or {}, compute or {}
+        ladder = self.run.ladder
+        full = ladder.full.train_tokens
         compared = compare(tests)
         history = list(res.history) if res else []
         extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
@@ -129,9 +131,15 @@ class RunOutputs:
             "columns": self.run.columns,
             "budget_bytes": self.run.budget_bytes,
             "best": _with_protocol(_best_entry(best), compared.get("autoqra" if res else _name_of(best, baselines)),
-                                   compute.get("autoqra" if res else _name_of(best, baselines))),
-            "baselines": {name: _with_protocol(_eval_entry(e), compared.get(name), compute.get(name))
+                                   compute.get("autoqra" if res else _name_of(best, baselines)), full),
+            "baselines": {name: _with_protocol(_eval_entry(e), compared.get(name), compute.get(name), full)
                           for name, e in baselines.items()},
+            # the user's one fine-tune: the top rung, what the test report scores and what the export ships
+            "fine_tune": {"steps": ladder.full.steps, "train_tokens": full,
+                          "rungs": [{"steps": f.steps, "fraction": round(f.steps / ladder.full.steps, 4),
+                                     "eval_examples": f.eval_examples} for f in ladder.rungs]},
+            "search_cost": ({"train_tokens": compute["autoqra"], "fine_tunes": round(compute["autoqra"] / full, 3),
+                             "evaluations": len(history)} if res and "autoqra" in compute else None),
             "evaluations": [_eval_entry(e) for e in all_evals],
             "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines
             "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
@@ -224,11 +232,13 @@ def _name_of(e: Evaluation | None, baselines: dict[str, Evaluation]) -> str | No
     return next((name for name, b in baselines.items() if e is not None and b is e), None)
 
 
-def _with_protocol(entry: dict | None, test: dict | None, tokens: int | None) -> dict | None:
-    """An entry of result.json with its test summary and its fine-tuning compute (None where not measured)."""
+def _with_protocol(entry: dict | None, test: dict | None, tokens: int | None, full: int) -> dict | None:
+    """An entry of result.json with its test summary and its fine-tuning compute, in tokens and in whole
+    fine-tunes of ``full`` tokens (None where not measured)."""
     if entry is None:
         return None
-    return entry | {"test": test, "train_tokens": tokens}
+    return entry | {"test": test, "train_tokens": tokens,
+                    "fine_tunes": None if tokens is None else round(tokens / full, 3)}
 
 
 def _test_rows(result: dict) -> list[dict]:

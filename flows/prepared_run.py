@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -17,17 +17,18 @@ from prefect.logging import get_run_logger
 
 from autoqra_core.data import check_task, columns_text, loss_tokens, masked, train_blocks
 from autoqra_core.evaluation import Evaluation, Request
-from autoqra_core.fidelity import Ladder
+from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.racing import incumbent
+from autoqra_core.search import SearchSettings
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
 from infra.fingerprint import code_version, fingerprint
 from infra.pretrained import NAMED_MODELS, named_model_path
 from infra.settings import EMBEDDED_DATASETS, Settings, embedded_dataset_path, embedded_model_path
 from infra.workbench import Workbench, workbench
-from tasks.evaluate import evaluate
+from tasks.evaluate import checkpoint_key, evaluate
 from tasks.priors import priors as priors_task
 
 from .config import RunConfig
@@ -60,6 +61,7 @@ class Run:
     model_id: str
     dataset_id: str
     code: str
+    total_steps: int  # the fine-tune's length (train.steps, or its epochs of the data)
     columns: str = ""  # the dataset's column mapping (data.columns_text); part of dataset_id
 
     @classmethod
@@ -68,25 +70,30 @@ class Run:
         m, d = resolve(model, "model"), resolve(dataset, "dataset")
         cols = columns_text(columns)
         wb = workbench(m, d, rc.space.granularity, tuple(rc.space.layers or ()), cols)
-        ladder = rc.ladder()
-        seq_lens = [f.seq_len for f in ladder.rungs] + [rc.export.seq_len]
-        check_task(wb.task, wb.tokenizer, min(seq_lens), rc.train.answer_only)  # before any fine-tune
+        ft = rc.fine_tune()
+        check_task(wb.task, wb.tokenizer, ft.seq_len, rc.train.answer_only)  # before any fine-tune
+        blocks = train_blocks(wb.task, wb.tokenizer, ft.seq_len, ft.data_fraction, rc.train.answer_only)
+        total_steps = ft.total_steps(len(blocks))
+        rc.ladder(total_steps)  # rungs that fit the fine-tune, checked before any work
         space = SearchSpace(wb.lmap.names, tuple(rc.space.bits), tuple(rc.space.ranks))
         from autoqra_core.quantize import check_backend
 
         check_backend(rc.quant.backend, space.bits)
         mem = rc.memory_settings()
         if masked(wb.task, rc.train.answer_only):  # the LM head runs on the trained positions only
-            top = ladder[ladder.top]
-            blocks = train_blocks(wb.task, wb.tokenizer, top.seq_len, top.data_fraction, rc.train.answer_only)
-            mem = replace(mem, loss_tokens=loss_tokens(blocks, top.batch_size))
+            mem = replace(mem, loss_tokens=loss_tokens(blocks, ft.batch_size))
         budget_bytes = parse_budget(budget, space, wb.shape, mem) if budget is not None else 0
         dataset_id = fingerprint(d, "dataset") + (f" columns {cols}" if cols else "")
-        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), dataset_id, code_version(), cols)
+        return cls(m, d, rc, seed, wb, space, mem, budget_bytes, fingerprint(m), dataset_id, code_version(),
+                   total_steps, cols)
 
     @property
     def ladder(self) -> Ladder:
-        return self.rc.ladder()
+        """The rungs: checkpoints of the one fine-tune, the top rung its end."""
+        return self.rc.ladder(self.total_steps)
+
+    def search_settings(self) -> SearchSettings:
+        return self.rc.search_settings(self.seed, self.total_steps)
 
     def evaluable(self) -> SearchSpace:
         """What ``autoqra evaluate`` accepts: the search space plus the baselines' levels (fp-lora's 16 bits, the
@@ -123,16 +130,17 @@ class Run:
         seeds and scores ``report.test_examples`` rows."""
         if not requests:
             return []
-        fidelities = [self.ladder[r] for _, r, _ in requests]
+        ladder = self.ladder
+        fidelities = [[asdict(f) for f in ladder.rungs[: r + 1]] for _, r, _ in requests]  # the run up to rung r
         if split == "test":
-            fidelities = [replace(f, eval_examples=self.rc.report.test_examples or len(self.wb.task.test)) for f in fidelities]
+            fidelities = [[*f[:-1], asdict(self.test_fidelity(ladder[len(f) - 1]))] for f in fidelities]
         common = dict(model=self.model, dataset=self.dataset, model_id=self.model_id, dataset_id=self.dataset_id,
                       quant=self.rc.quant.model_dump(), granularity=self.rc.space.granularity,
                       layers=list(self.rc.space.layers or []), code_version=self.code, split=split, columns=self.columns)
         per = dict(config=[c.to_dict() for c, _, _ in requests], config_key=[c.key() for c, _, _ in requests],
-                   rung=[r for _, r, _ in requests], fidelity=[f.__dict__ for f in fidelities],
+                   rung=[r for _, r, _ in requests], fidelities=fidelities,
                    memory_bytes=[self.cost(c) for c, _, _ in requests],
-                   train=[self.rc.train_settings(s).__dict__ for _, _, s in requests])
+                   train=[asdict(self.rc.train_settings(s)) for _, _, s in requests])
         ex = self.rc.execution
         if ex.task_runner == "thread" and ex.workers == 1:
             # One at a time in the flow's own thread: on a CPU, torch's OpenMP pool runs ~15% slower when
@@ -153,6 +161,16 @@ class Run:
         return out
 
 
+    def test_fidelity(self, top: Fidelity | None = None) -> Fidelity:
+        """The whole fine-tune, scored on ``report.test_examples`` test rows (all of them when None)."""
+        return replace(top or self.ladder.full, eval_examples=self.rc.report.test_examples or len(self.wb.task.test))
+
+    def checkpoint_key(self, config: Config, rung: int, seed: int) -> str:
+        """Where the run of ``config`` on ``seed`` keeps its checkpoint at ``rung`` (``tasks.evaluate``)."""
+        return checkpoint_key(self.model_id, self.dataset_id, config.key(), asdict(self.ladder[rung]),
+                              self.rc.quant.model_dump(), asdict(self.rc.train_settings(seed)),
+                              self.rc.space.granularity, list(self.rc.space.layers or []), self.code, self.columns)
+
     def test_report(self, methods: dict[str, Config], progress: "Progress | None" = None) -> dict[str, SeedScores]:
         """Each method's configuration fine-tuned at the top rung with ``report.seeds`` fresh seeds, scored on
         test. The only place the test split is read; nothing is chosen from what it returns."""
@@ -167,34 +185,42 @@ class Run:
 
 
 class Progress:
-    """Stage, generation, rung and evaluations done/planned with an ETA, on the flow's log."""
+    """Stage, rung and fine-tuning done/planned in whole fine-tunes (the user's unit: tokens over one fine-tune's,
+    every token charged once) with an ETA, on the flow's log."""
 
-    def __init__(self, run: Run, planned: int, label: str = "search"):
-        self.run, self.planned, self.label = run, max(1, planned), label
-        self.count, self.steps, self.start = 0, 0, time.time()
+    def __init__(self, run: Run, planned_tokens: int, label: str = "search"):
+        self.run, self.planned, self.label = run, max(1, planned_tokens), label
+        self.count, self.tokens, self.start = 0, 0, time.time()
+        self.reached: dict[tuple[str, int], int] = {}  # (config, seed) -> tokens its run was charged
         self.top: list[Evaluation] = []  # validation evaluations at the top rung: the incumbent's
         self.where = ""
 
     def at(self, where: str) -> None:
         self.where = where
 
+    def plan(self, fine_tunes: int) -> None:
+        """From here on, ``fine_tunes`` whole fine-tunes remain (at most)."""
+        self.planned = self.tokens + fine_tunes * self.run.ladder.full.train_tokens
+
     def done(self, ev: Evaluation) -> None:
+        ladder = self.run.ladder
         self.count += 1
-        self.planned = max(self.planned, self.count)  # the plan is an estimate: never show more done than planned
-        self.steps += self.run.ladder[ev.fidelity].steps
-        top = self.run.ladder.top
-        if ev.fidelity == top and self.where not in ("report", "baselines"):
+        run, tokens = (ev.config.key(), ev.seed), ladder[ev.fidelity].train_tokens
+        self.tokens += max(0, tokens - self.reached.get(run, 0))
+        self.reached[run] = max(tokens, self.reached.get(run, 0))
+        self.planned = max(self.planned, self.tokens)  # the plan is an estimate: never show more done than planned
+        if ev.fidelity == ladder.top and self.where not in ("report", "baselines"):
             self.top.append(ev)
         elapsed = time.time() - self.start
-        rate = elapsed / self.count
-        eta = max(0.0, (self.planned - self.count) * rate)
-        inc = incumbent(self.top, top, sorted({e.seed for e in self.top}))
+        eta = max(0.0, (self.planned - self.tokens) * elapsed / max(1, self.tokens))
+        inc = incumbent(self.top, ladder.top, sorted({e.seed for e in self.top}))
         best = f"{inc.eval_loss:.4f} ({inc.replicates} seeds)" if inc else "-"
         status = "ok" if ev.ok else f"FAILED ({ev.reason})"
         get_run_logger().info(
-            f"[{self.label} {self.where}] {self.count}/{self.planned} evaluations | rung {ev.fidelity} seed {ev.seed} "
-            f"{ev.config.short()} -> {ev.eval_loss:.4f} {status} | incumbent {best} | "
-            f"{elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
+            f"[{self.label} {self.where}] {ladder.fine_tunes(self.tokens):.2f}/{ladder.fine_tunes(self.planned):.1f} "
+            f"fine-tunes, {self.count} evaluations | rung {ev.fidelity} (step {ladder[ev.fidelity].steps}/"
+            f"{ladder.full.steps}) seed {ev.seed} {ev.config.short()} -> {ev.eval_loss:.4f} {status} | "
+            f"incumbent {best} | {elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
         )
 
 

@@ -6,19 +6,21 @@ the one resume mechanism. Every search decision reads the validation split; only
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
-from autoqra_core.baselines import uniform_best_candidates
+from autoqra_core.baselines import baseline_configs, uniform_best_candidates
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.protocol import history_tokens
+from autoqra_core.protocol import history_tokens, report_seeds
 from autoqra_core.repair import check_budget
 from autoqra_core.search import SearchState, result as search_result
 from autoqra_core.space import Config
+from tasks.evaluate import delete_checkpoints
 from tasks.search import Live, baselines_step, lend, report_step, search_step, step_name, step_summary
 
 from .config import load_run_config
@@ -47,40 +49,43 @@ def check_out(out: Path, params: dict) -> None:
         )
 
 
-def _planned_search(run: Run) -> tuple[list[int], int]:
+def _planned_search(run: Run) -> tuple[list[int], int, int]:
     """Evaluations a search at ``run``'s settings will make: per rung in stage 1 (its asynchronous successive
-    halving simulated on counts: each rung keeps at least ``promote_fraction`` of everything seen below it,
-    the references at the top), and at the top rung after it (TuRBO's batches and the replicates)."""
-    s = run.rc.search_settings(run.seed)
+    halving simulated on counts: each rung keeps at least ``promote_fraction`` of everything seen below it), the
+    references started at the top rung, and the whole fine-tunes after stage 1 (TuRBO's batches and the
+    replicates)."""
+    s = run.search_settings()
     seen = [0] * len(run.ladder.rungs)
     for g in range(s.generations):
         seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
         for r in range(1, len(seen)):
             seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
-    seen[-1] += len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0  # the references
+    refs = len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0
     turbo = s.turbo.iterations * s.turbo.batch_size
     # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
-    replicates = -(-(seen[-1] + turbo) * (s.race.max_config_calls - 1) // 4)  # rounded up
-    return seen, turbo + replicates
+    replicates = -(-(seen[-1] + refs + turbo) * (s.race.max_config_calls - 1) // 4)  # rounded up
+    return seen, refs, turbo + replicates
 
 
 def _planned_tokens(run: Run) -> int:
-    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``)."""
-    seen, later = _planned_search(run)
-    return sum(n * run.ladder[r].train_tokens for r, n in enumerate(seen)) + later * run.ladder[-1].train_tokens
+    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``): a promoted run pays only
+    the steps from its last checkpoint, a run started at the top rung the whole fine-tune."""
+    seen, refs, later = _planned_search(run)
+    tokens = [f.train_tokens for f in run.ladder.rungs]
+    steps = sum(n * (t - (tokens[r - 1] if r else 0)) for r, (n, t) in enumerate(zip(seen, tokens)))
+    return steps + (refs + later) * tokens[-1]
 
 
 def _planned(run: Run, baselines: bool) -> int:
-    """Evaluations the search will make (for the ETA): ``_planned_search``, the baselines (the fixed recipes and
-    random search at the search's fine-tuning tokens) and the test report (``report.seeds`` fine-tunes per
-    method). Made exact as each stage starts."""
-    seen, later = _planned_search(run)
-    total, methods = sum(seen) + later, 1
+    """Fine-tuning tokens of the whole run (for the ETA): ``_planned_tokens``, the baselines (the fixed recipes
+    and random search at the search's tokens, whole fine-tunes) and the test report (``report.seeds`` fine-tunes
+    per method). Made exact as each stage starts."""
+    total, methods, full = _planned_tokens(run), 1, run.ladder.full.train_tokens
     if baselines:
         b = run.rc.baseline_settings()
-        total += b.fixed + b.random_count(_planned_tokens(run), run.ladder)
+        total += (b.fixed + b.random_count(_planned_tokens(run), run.ladder)) * full
         methods += b.methods
-    return total + run.rc.report.seeds * methods
+    return total + run.rc.report.seeds * methods * full
 
 
 @flow(name="autoqra-search", log_prints=True)
@@ -110,7 +115,7 @@ def search_flow(
     outputs = RunOutputs.start(run, out_dir, kind="search")
     log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes")
     pri = run.priors()
-    settings = rc.search_settings(seed)
+    settings = run.search_settings()
     progress = Progress(run, _planned(run, baselines))
     with _lend(run, progress) as live:
         state, renames = SearchState.new(seed), []
@@ -129,12 +134,19 @@ def search_flow(
             # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
             b = rc.baseline_settings()
             n_random = b.random_count(compute["autoqra"], run.ladder)
-            progress.planned = progress.count + b.fixed + n_random + rc.report.seeds * b.methods
+            progress.plan(b.fixed + n_random + rc.report.seeds * b.methods)
             base = _baselines(run, pri, params, live, n_random, res.history, settings.seeds)
             compute |= baseline_compute(base, n_random, run)
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     _rename(renames)
     result = outputs.finish(res, base, pri, tests, compute)
+    log.info(f"the search cost {run.ladder.fine_tunes(compute['autoqra']):.2f} full fine-tunes "
+             f"({compute['autoqra']:,} tokens; one fine-tune: {run.total_steps} steps, "
+             f"{run.ladder.full.train_tokens:,} tokens), replicates included")
+    export_seed = report_seeds(seed, 1)[0]
+    keep = {run.checkpoint_key(res.best.config, run.ladder.top, export_seed)} if res.best else set()
+    ran = [e.config for e in res.history] + (_baseline_runs(run, pri, n_random) if baselines else [])
+    _drop_checkpoints(run, ran, keep)
     if export and result["best"]:
         progress.at("export")
         try:
@@ -164,18 +176,21 @@ def baselines_flow(
     pri = run.priors()
     b = rc.baseline_settings()
     n_random = b.random_count(_planned_tokens(run), run.ladder)
-    progress = Progress(run, b.fixed + n_random, "baselines")
+    progress = Progress(run, (b.fixed + n_random + rc.report.seeds * b.methods) * run.ladder.full.train_tokens,
+                        "baselines")
     params = run.params(budget)
     with _lend(run, progress) as live:
-        base = _baselines(run, pri, params, live, n_random, [], rc.search_settings(seed).seeds)
+        base = _baselines(run, pri, params, live, n_random, [], run.search_settings().seeds)
         tests = _test_report(run, params, live, {}, base, progress)
-    return outputs.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
+    result = outputs.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
+    _drop_checkpoints(run, _baseline_runs(run, pri, n_random), set())
+    return result
 
 
 def baseline_compute(base: dict, n_random: int, run: Run) -> dict[str, int]:
     """Fine-tuning tokens each baseline spent choosing its configuration: random search all its fine-tunes,
     uniform-best one fine-tune per candidate and seed it was chosen on, a fixed recipe none."""
-    top = run.ladder[run.ladder.top].train_tokens
+    top = run.ladder.full.train_tokens
     spent = {"random": n_random * top}
     if "uniform-best" in base:
         spent["uniform-best"] = (len(uniform_best_candidates(run.space, run.cost, run.budget_bytes))
@@ -205,9 +220,27 @@ def _test_report(run: Run, params: dict, live: str, best: dict, base: dict, prog
     if not methods or run.rc.report.seeds == 0:
         return {}
     progress.at("report")
-    progress.planned = progress.count + run.rc.report.seeds * len({c.key() for c in methods.values()})
+    progress.plan(run.rc.report.seeds * len({c.key() for c in methods.values()}))
     return report_step({name: c.to_dict() for name, c in methods.items()}, run.rc.report.seeds, len(methods), params,
                        live)
+
+
+def _drop_checkpoints(run: Run, configs: list[Config], keep: set[str]) -> None:
+    """Delete the checkpoints of every run the search, the baselines and the test report may have made (``configs``
+    on the race's and the report's seeds: none can be promoted once they are done), except ``keep`` (the exported
+    run's end). A re-run of the same search reads its cached evaluations and needs none of them."""
+    seeds = run.search_settings().seeds + report_seeds(run.seed, run.rc.report.seeds)
+    unique = {c.key(): c for c in configs}.values()
+    keys = {run.checkpoint_key(c, r, s) for c in unique for s in seeds for r in range(len(run.ladder.rungs))}
+    removed = delete_checkpoints(sorted(keys - keep))
+    get_run_logger().info(f"checkpoints: {removed} deleted, {len(keep & keys)} kept for the export")
+
+
+def _baseline_runs(run: Run, pri, n_random: int) -> list[Config]:
+    """Every configuration the baselines fine-tune (random search's draws included, not only its best)."""
+    b = replace(run.rc.baseline_settings(), n_random=n_random)
+    return [c for cs in baseline_configs(run.space, pri, run.cost, run.budget_bytes, b, seed=run.seed).values()
+            for c in cs]
 
 
 def _rename(renames: list) -> None:

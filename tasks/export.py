@@ -1,11 +1,13 @@
-"""Prefect tasks of the export: the final fine-tune of the chosen configuration written as an export folder
+"""Prefect tasks of the export: the winner's run on the first report seed written as an export folder
 (``autoqra_core.export.write_export``), then publishing it (object storage + an MLflow pyfunc model registered
 with alias "champion").
 
-The fine-tune is a cached, persisted task like an evaluation (keyed by content fingerprints, settings, folder
-and code version): an export re-run after a failed upload reuses it. Its product is files, which a cache hit
-does not recreate, so the caller refreshes the cache when the folder no longer holds them
-(``autoqra_core.export.holds``). Publishing is not cached: its products are registry entries and uploads.
+Nothing is fine-tuned for the export: its run is the checkpoint the test report's run left at the top rung
+(``tasks.evaluate.train_run``, a cache hit; trained again only if that checkpoint was never made here). The
+writing is a cached, persisted task (keyed by content fingerprints, settings, folder and code version): an
+export re-run after a failed upload reuses it. Its product is files, which a cache hit does not recreate, so the
+caller refreshes the cache when the folder no longer holds them (``autoqra_core.export.holds``). Publishing is
+not cached: its products are registry entries and uploads.
 """
 
 from __future__ import annotations
@@ -16,36 +18,25 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from autoqra_core import export as ex
+from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.quantize import QuantSettings
 from autoqra_core.space import Config
 from infra import tracking
 from infra.storage import open_store
 from infra.workbench import workbench
-
-
-def _bar(seed: int, total: int):
-    """A tqdm progress bar as the fine-tune's ``progress(step, steps, loss)`` callback."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=f"final fine-tune (seed {seed})", unit="step", mininterval=2.0)
-
-    def progress(step: int, steps: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step == steps:
-            bar.close()
-
-    return progress
+from tasks.evaluate import train_run
 
 
 @task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1,
-      task_run_name="final fine-tune {config_key}")
-def final_finetune(
+      task_run_name="export {config_key} seed {train[seed]}")
+def export_run(
     model: str,
     dataset: str,
     config: dict,
     config_key: str,
+    fidelities: list[dict],
+    test_fidelity: dict,
     export: dict,
     quant: dict,
     train: dict,
@@ -55,14 +46,18 @@ def final_finetune(
     model_id: str,
     dataset_id: str,
     code_version: str,
+    report: dict | None = None,
     columns: str = "",
 ) -> dict:
-    """``write_export`` of ``config`` into ``out_dir``: its metrics. ``model``/``dataset`` are paths (not in the
-    cache key: ``model_id``/``dataset_id`` are their content fingerprints)."""
+    """``write_export`` of ``config``'s run (seed in ``train``) at the end of its fine-tune (``fidelities``: the
+    ladder) into ``out_dir``, scored on ``test_fidelity``'s test rows: its metrics. ``model``/``dataset`` are paths
+    (not in the cache key: ``model_id``/``dataset_id`` are their content fingerprints)."""
+    ckpt = train_run(model, dataset, model_id, dataset_id, config, config_key, fidelities, quant, train, granularity,
+                     layers, code_version, columns)
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
-    s = ex.ExportSettings.from_dict(export)
-    return ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, Config.from_dict(config), s,
-                           QuantSettings(**quant), TrainSettings(**train), out_dir, progress=_bar)
+    return ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, Config.from_dict(config), ckpt,
+                           Fidelity(**test_fidelity), ex.ExportSettings.from_dict(export), QuantSettings(**quant),
+                           TrainSettings(**train), out_dir, report)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, task_run_name="publish {name}")

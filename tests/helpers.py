@@ -54,15 +54,15 @@ TINY_SEARCH = (ROOT / "infra" / "quick.yaml").read_text()
 # For tests that need every step of a search once, not its length: one rung, one TuRBO candidate, no
 # race, one report seed.
 MINI_SEARCH = """
+train: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4}
 search:
   generations: 1
   rungs:
-    - {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 20}
+    - {fraction: 1.0, eval_examples: 20}
   evolution: {population_size: 3, offspring: 2}
   turbo: {iterations: 1, batch_size: 1}
   race: {max_config_calls: 1}
 report: {seeds: 1, test_examples: 20}
-export: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4, seeds: [0], eval_examples: 20}
 """
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]
