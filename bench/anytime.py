@@ -102,7 +102,7 @@ def run_seed(seed: int, args) -> dict:
 
         rc = load_run_config(args.config)
         run = Run.prepare(args.model, args.dataset, args.budget, rc, seed)
-        base = rc.search_settings(seed)
+        base = run.search_settings()
         ladder, top = base.ladder, base.ladder.top
         priors = run.priors()
         evaluate = run.evaluate_many

@@ -32,7 +32,7 @@ from autoqra_core.finetune import TrainSettings, build, evaluate_config  # noqa:
 from autoqra_core.model import layer_map, load_model  # noqa: E402
 from autoqra_core.quantize import QuantSettings  # noqa: E402
 from autoqra_core.space import SearchSpace  # noqa: E402
-from flows.config import RunConfig  # noqa: E402
+from autoqra_core.search import default_ladder  # noqa: E402
 
 SMOLLM2 = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"RESULT build first {times[0]:.3f} s, mean of the rest {sum(times[1:]) / max(1, len(times) - 1):.3f} s, "
           f"peak RSS {rss() / 2**20:.0f} MiB, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}")
     if args.rung0:
-        fid = RunConfig().ladder()[0]
+        fid = default_ladder()[0]
         cfg = space.uniform(4, 16)
         t0 = time.perf_counter()
         ev = evaluate_config(base, tok, task, lmap, cfg, fid, 0, 0, q, t, **kw)

@@ -32,7 +32,7 @@ from autoqra_core.memory import format_bytes, memory, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.quantize import QuantSettings, storage_bytes  # noqa: E402
 from autoqra_core.space import SearchSpace  # noqa: E402
-from flows.config import RunConfig  # noqa: E402
+from autoqra_core.search import default_ladder  # noqa: E402
 
 CONFIGS = {
     "uniform 4-bit r16": ([4] * 6, [16] * 6),
@@ -70,7 +70,7 @@ def main() -> None:
     lmap = layer_map(base)
     shape = model_shape(base, lmap)
     space = SearchSpace(lmap.names, bits=(2, 3, 4, 8, 16))
-    ladder = RunConfig().ladder()
+    ladder = default_ladder()
     top = ladder[ladder.top]
     lines = [
         "# One evaluation at each fidelity, and memory: model vs measured",

@@ -32,28 +32,32 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8, 4, 3])
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=None, help="override export.steps (a shorter fine-tune)")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps (a shorter fine-tune)")
     ap.add_argument("--keep", default=None, help="write the export folder here instead of a temporary one")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "export.md"))
     args = ap.parse_args()
 
     from autoqra_core import export as ex
+    from autoqra_core.finetune import run_config
     from autoqra_core.space import Config, LayerChoice
     from flows.config import load_run_config
     from flows.prepared_run import Run
 
     rc = load_run_config(args.config)
+    if args.steps:
+        rc = rc.model_copy(update={"train": rc.train.model_copy(update={"steps": args.steps})})
     run = Run.prepare(args.model, args.dataset, None, rc, 0)
     names = run.space.layers
     config = Config(tuple(LayerChoice(n, args.bits[i % len(args.bits)], args.rank) for i, n in enumerate(names)))
-    s = dataclasses.replace(rc.export_settings(), merge=True, formats=ex.FORMATS,
-                            **({"steps": args.steps} if args.steps else {}))
-    wb = run.wb
+    s = dataclasses.replace(rc.export_settings(), merge=True, formats=ex.FORMATS)
+    wb, q, t = run.wb, rc.quant_settings(), rc.train_settings(1)
     start = time.perf_counter()
+    _, ckpt = run_config(wb.base, wb.tokenizer, wb.task, wb.lmap, config, run.ladder.full, run.ladder.top, 0, q, t,
+                         split=None, cache=wb.packed)  # the fine-tune the export ships
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep or tmp) / "champion"
-        m = ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, config, s, rc.quant_settings(),
-                            rc.train_settings(0), out)
+        m = ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, config, ckpt,
+                            dataclasses.replace(run.ladder.full, eval_examples=len(wb.task.test)), s, q, t, out)
     wall = time.perf_counter() - start
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     rows = [("in memory (fine-tuned, `sim`)", None, m["in_memory"]),

@@ -68,7 +68,7 @@ def main() -> None:
 
     rc = load_run_config(args.config)
     wb = Run.prepare(args.model, args.dataset, None, rc, 0).wb
-    s = rc.export_settings()
+    s = rc.fine_tune()
     ev = eval_set(wb.task, wb.tokenizer, len(wb.task.test), s.seq_len, "test")
     rows = []
     for name, load in (("transformers' GGUF loader", lambda: load_gguf(args.export / "gguf")),

@@ -1,6 +1,11 @@
 """Do the lower rungs predict the top one? Rank correlation (Spearman) of validation loss between each rung of a
 ladder and its top rung, over the same configurations, and the seed-to-seed sd of one configuration at the top.
 
+A rung is a checkpoint of the one fine-tune (its schedule spans the whole run). ``--restarted`` also runs, for
+each lower rung, the same configurations as a fresh fine-tune of that rung's steps with a schedule of its own (the
+ladder before rungs were checkpoints: the same tokens), and a learning-curve prediction of the final loss from the
+checkpoints seen so far (``lc_predict``): which of the three ranks the configurations more like the final.
+
 Configurations: the full-fidelity start's references (uniform-4bit-r16, the best prior-derived configuration,
 each bit-width at its largest fitting rank) and random ones drawn and repaired as the search draws them, all at
 the budget; each fine-tuned at every rung with the search's seed, and the first ``--replicated`` of them at the
@@ -33,6 +38,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def lc_predict(steps: list[int], losses: list[float], total: int, power: float = 0.5) -> float:
+    """The final loss of a run predicted from its checkpoints' losses: ``a + b * t**-power`` through the last two
+    (the last one alone: itself)."""
+    if len(losses) < 2:
+        return losses[-1]
+    (t0, l0), (t1, l1) = (steps[-2], losses[-2]), (steps[-1], losses[-1])
+    b = (l0 - l1) / (t0 ** -power - t1 ** -power)
+    return l1 + b * (total ** -power - t1 ** -power)
+
+
 def measure(args) -> dict:
     from prefect import flow
 
@@ -40,14 +55,14 @@ def measure(args) -> dict:
     from autoqra_core.protocol import race_seeds
     from autoqra_core.racing import pooled_sd, table
     from autoqra_core.repair import repair
-    from flows.config import load_run_config
+    from flows.config import RungSection, load_run_config
     from flows.prepared_run import Run
 
     @flow(name="bench-rungs")
     def bench() -> dict:
         rc = load_run_config(args.config)
         run = Run.prepare(args.model, args.dataset, args.budget, rc, args.seed)
-        settings, pri = rc.search_settings(args.seed), run.priors()
+        settings, pri = run.search_settings(), run.priors()
         ladder = run.ladder
         configs = references(run.space, pri, run.cost, run.budget_bytes)
         rng = random.Random(f"rungs-{args.seed}")
@@ -65,11 +80,22 @@ def measure(args) -> dict:
             losses[rung] = [e.eval_loss if e.ok else None for e in evals]
             seconds[rung] = [e.seconds for e in evals]
             print(f"rung {rung}: {len(evals)} evaluations in {time.time() - start:.0f} s", flush=True)
+        restarted: dict[int, list[float | None]] = {}
+        for rung in range(ladder.top) if args.restarted else ():
+            # the same steps and data as a fine-tune of its own: its schedule ends at the rung
+            fid = ladder[rung]
+            short = rc.model_copy(update={
+                "train": rc.train.model_copy(update={"steps": fid.steps}),
+                "search": rc.search.model_copy(update={"rungs": [RungSection(fraction=1.0, eval_examples=fid.eval_examples)]})})
+            alone = Run.prepare(args.model, args.dataset, args.budget, short, args.seed)
+            evals = alone.evaluate_many([(c, 0, args.seed) for c in configs])
+            restarted[rung] = [e.eval_loss if e.ok else None for e in evals]
+            print(f"restarted rung {rung}: {len(evals)} evaluations", flush=True)
         seeds = race_seeds(args.seed, 3)
         reps = run.evaluate_many([(c, ladder.top, s) for c in configs[:args.replicated] for s in seeds])
         tab = table(reps, ladder.top, seeds)
         return {"configs": [c.to_dict() for c in configs], "short": [c.short() for c in configs],
-                "losses": losses, "seconds": seconds, "ladder": ladder.to_dict(),
+                "losses": losses, "restarted": restarted, "seconds": seconds, "ladder": ladder.to_dict(),
                 "warmup_steps": rc.train.warmup_steps, "replicates": {c.short(): [tab[c.key()][s].eval_loss for s in seeds
                                                                                  if tab[c.key()][s].ok]
                                                                      for c in configs[:args.replicated]},
@@ -83,19 +109,30 @@ def report(res: dict, args, wall: float) -> list[str]:
     top = len(rungs) - 1
     lines = [f"# Rung correlations: `{args.model}` on `{args.dataset}`", "",
              f"Command: `.venv/bin/python bench/rungs.py --model {args.model} --dataset {args.dataset}"
-             + (f" --config {args.config}" if args.config else "") + f" --configs {args.configs} --seed {args.seed}`  ",
+             + (f" --config {args.config}" if args.config else "") + f" --configs {args.configs} --seed {args.seed}"
+             + (" --restarted" if args.restarted else "") + "`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; {wall / 60:.0f} min.  ",
              f"{len(res['configs'])} configurations at the budget (the references first, then random repaired ones), "
              f"each fine-tuned at every rung with seed {args.seed}; validation loss; warm-up {res['warmup_steps']} "
              "steps. Spearman's rho of each rung's losses against the top rung's over the configurations both finished.",
-             "", "| rung | steps | data fraction | held-out rows | tokens | s / evaluation (median) | Spearman vs top | n |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| rung | steps of | held-out rows | tokens | s / evaluation (median) | Spearman vs top: checkpoint "
+             "| restarted run | learning-curve fit | n |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    final = res["losses"][str(top)]
+    steps = [r["steps"] for r in rungs]
+
+    def rho(values) -> str:
+        pairs = [(a, b) for a, b in zip(values, final) if a is not None and b is not None]
+        return f"{spearman([a for a, _ in pairs], [b for _, b in pairs]):+.2f}" if len(pairs) > 2 else "-"
+
     for k, r in enumerate(rungs):
-        pairs = [(a, b) for a, b in zip(res["losses"][str(k)], res["losses"][str(top)]) if a is not None and b is not None]
-        rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) > 2 else float("nan")
-        lines.append(f"| {k} | {r['steps']} | {r['data_fraction']} | {r['eval_examples']} | "
+        seen = [[res["losses"][str(j)][i] for j in range(k + 1)] for i in range(len(final))]
+        fit = [None if None in ls else lc_predict(steps[:k + 1], ls, steps[-1]) for ls in seen]
+        again = res.get("restarted", {}).get(str(k))
+        lines.append(f"| {k} | {r['steps']} / {r.get('total_steps') or r['steps']} | {r['eval_examples']} | "
                      f"{r['steps'] * r['batch_size'] * r['seq_len']:,} | {statistics.median(res['seconds'][str(k)]):.1f} | "
-                     f"{rho:+.2f} | {len(pairs)} |")
+                     f"{rho(res['losses'][str(k)])} | {rho(again) if again else '-'} | {rho(fit)} | "
+                     f"{sum(v is not None for v in res['losses'][str(k)])} |")
     lines += ["", "Per configuration (bits/rank per layer), validation loss by rung:", "",
               "| configuration | " + " | ".join(f"rung {k}" for k in range(len(rungs))) + " |",
               "|---|" + "---:|" * len(rungs)]
@@ -118,6 +155,7 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=12)
     ap.add_argument("--replicated", type=int, default=3, help="configurations also run on the race's other seeds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restarted", action="store_true", help="also each lower rung as a fine-tune of its own")
     ap.add_argument("--work", default=None, help="where the raw results go (default: beside --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rungs-embedded.md"))
     args = ap.parse_args()

@@ -187,8 +187,8 @@ class BaselineSection(_Strict):
 
 
 class ReportSection(_Strict):
-    """The final report: the winner and every baseline fine-tuned again at the top rung with ``seeds`` fresh
-    seeds and scored on the test split (never read by the search)."""
+    """The final report: the winner and every baseline fine-tuned again (the whole fine-tune) with ``seeds`` fresh
+    seeds and scored on the test split (never read by the search); the winner's run on the first is exported."""
 
     seeds: int = Field(3, ge=0)  # 0: no test report
     test_examples: int | None = Field(500, gt=0)  # the first N test rows (accuracy sd ~0.02); None: all of them

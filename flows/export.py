@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
+from pydantic import ValidationError
 from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
@@ -73,7 +74,12 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     log = get_run_logger()
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
-    rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
+    try:
+        rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
+    except ValidationError as e:
+        raise AutoQRAError(f"{run_dir / 'result.json'}'s settings do not match this AutoQRA ({e.errors()[0]['loc']}: "
+                           f"{e.errors()[0]['msg']}): it was written before the fine-tune's rungs were checkpoints of "
+                           f"one run; re-run the search with this version and export again") from None
     overrides = {k: v for k, v in (("merge", merge), ("formats", formats)) if v is not None}
     if overrides:
         rc = rc.model_copy(update={"export": rc.export.model_validate({**rc.export.model_dump(), **overrides})})

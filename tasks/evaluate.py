@@ -33,13 +33,14 @@ from autoqra_core.quantize import QuantSettings
 from autoqra_core.space import Config
 from infra.workbench import workbench
 
-COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation and run segment (tests)
+COUNTER_ENV = "AUTOQRA_COUNT_EVALUATIONS"  # a file to append one line per evaluation actually run (tests)
+SEGMENTS_ENV = "AUTOQRA_COUNT_SEGMENTS"  # a file to append a line when a run's segment starts and ends (tests)
 CHECKPOINT_FORMAT = 1  # bumped when a Checkpoint's contents change
 RUN_FIELDS = ("steps", "total_steps", "data_fraction", "seq_len", "batch_size")  # what a checkpoint depends on
 
 
-def _count(line: str) -> None:
-    if path := os.environ.get(COUNTER_ENV):
+def _count(line: str, env: str = COUNTER_ENV) -> None:
+    if path := os.environ.get(env):
         with open(path, "a") as f:
             f.write(line + "\n")
 
@@ -156,13 +157,13 @@ def train_run(
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     cfg, fid = Config.from_dict(config), Fidelity(**fidelities[-1])
     first = start.step if start else 0
-    _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} started")
+    _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} started", SEGMENTS_ENV)
     ev, ckpt = run_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, len(fidelities) - 1, 0,
                           QuantSettings(**quant), TrainSettings(**train), split=None, cache=wb.packed, start=start,
                           progress=step_log(f"seed {train['seed']} {cfg.short()}"))
     if ckpt is None:
         raise CandidateFailed(ev.reason or "failed")
-    _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} done")
+    _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} done", SEGMENTS_ENV)
     return ckpt
 
 

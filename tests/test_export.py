@@ -22,8 +22,8 @@ import torch
 
 from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, ROOT, embedded  # noqa: F401 - fixture
 
-TINY_EXPORT = {"steps": 4, "data_fraction": 0.02, "seq_len": 32, "batch_size": 4, "seeds": [0, 1],
-               "eval_examples": 12, "merge": True, "merged_dtype": "float32"}
+TINY_EXPORT = {"steps": 4, "data_fraction": 0.02, "seq_len": 32, "batch_size": 4,  # the fine-tune (train:)
+               "eval_examples": 12}  # test rows scored (report.test_examples)
 BITS, RANKS = [2, 3, 4, 8, 16, 4], [8, 0, 16, 4, 8, 32]  # every bit-width, unquantized, and a layer without LoRA
 
 # Scores a folder with transformers/hqq/peft only and proves autoqra was never imported.
@@ -85,17 +85,27 @@ def _reload_loss(kind: str, folder: Path, data: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The export task run for real (tiny settings, two seeds, merged/ in fp32) into a temporary folder."""
-    from tasks.export import final_finetune
+    """A test report of one configuration over two seeds (tiny fine-tune), then the export of its first seed's
+    run (merged/ in fp32) into a temporary folder, as the export flow writes it."""
+    from autoqra_core import export as ex
+    from autoqra_core.data import load_task
+    from autoqra_core.fidelity import Fidelity
+    from autoqra_core.finetune import TrainSettings, run_config
+    from autoqra_core.model import layer_map, load_model
+    from autoqra_core.protocol import SeedScores
+    from autoqra_core.quantize import QuantSettings
 
     out = tmp_path_factory.mktemp("export") / "champion"
-    from autoqra_core.model import layer_map, load_model
-
-    base, _ = load_model(EMBEDDED_MODEL)
-    cfg = _config(layer_map(base))
-    metrics = final_finetune.fn(str(EMBEDDED_MODEL), str(EMBEDDED_DATA), cfg.to_dict(), cfg.key(), TINY_EXPORT,
-                                {"backend": "sim", "group_size": 64, "device": "cpu"}, {}, "block", [], str(out),
-                                "model-id", "dataset-id", "code-version")
+    base, tok = load_model(EMBEDDED_MODEL)
+    task, lmap = load_task(EMBEDDED_DATA), layer_map(base)
+    cfg, q = _config(lmap), QuantSettings("sim")
+    fid = Fidelity(**TINY_EXPORT)
+    report = {s: run_config(base, tok, task, lmap, cfg, fid, 0, 0, q, TrainSettings(seed=s), split="test")
+              for s in (1, 2)}
+    scores = SeedScores.from_evaluations([1, 2], [report[s][0] for s in (1, 2)]).to_dict()
+    metrics = ex.write_export(base, tok, task, lmap, cfg, report[1][1], fid,
+                              ex.ExportSettings(merge=True, merged_dtype="float32"), q, TrainSettings(seed=1), out,
+                              scores)
     return out, metrics, cfg
 
 
@@ -104,12 +114,14 @@ def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
     out, metrics, cfg = exported
     model, tok, task, lmap = embedded
 
-    # The reported numbers are the test split's, over both seeds, and the files reproduce the model in memory.
+    # The reported numbers are the report's, over both seeds; the exported run is its first seed's (the same run:
+    # the same test loss to the last digit), and the files reproduce the model in memory.
     t = metrics["test"]
-    assert t["seeds"] == [0, 1] and len(t["per_seed"]) == 2 and t["loss_sd"] > 0
+    assert t["seeds"] == [1, 2] and t["loss_sd"] > 0 and metrics["exported_seed"] == 1
+    assert metrics["in_memory"]["loss"] == t["losses"][0]
     assert metrics["files"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-4)
     assert metrics["merged"]["loss"] == pytest.approx(metrics["in_memory"]["loss"], abs=1e-4)
-    assert metrics["fine_tune"]["steps"] == 4 and len(metrics["training_curves"]["0"]) == 4
+    assert metrics["fine_tune"]["steps"] == 4 and len(metrics["training_curves"]["1"]) == 4
 
     # Per-layer bits are in the packed weights, per-layer ranks in the adapter.
     state = torch.load(out / "model" / "qmodel.pt", weights_only=True)
@@ -230,6 +242,7 @@ def test_model_card_has_what_a_user_needs(exported):
     out, metrics, cfg = exported
     card = Card(name="autoqra-x", base_model="m", dataset="d", config=cfg, budget_bytes=5 * 2**20,
                 memory={"weights": 2**20, "total": 3 * 2**20}, test=metrics["test"], fine_tune=metrics["fine_tune"],
+                exported={"seed": metrics["exported_seed"], **metrics["in_memory"]},
                 versions=library_versions(), mlflow_run_id="run123", prefect_flow_run_id="flow456",
                 merged=metrics["merged"], formats=metrics["formats"], bytes=metrics["bytes"]).render()
     for needle in ("model-ct/ + adapter/ (transformers)", "merged-ct/ (merged, re-quantized)", "gguf/ (merged)", "Q8_0 ", "vllm serve", "| model-ct/ |",
@@ -247,7 +260,9 @@ def test_runs_from_before_the_export_settings_still_export(tmp_path):
     old_settings = RunConfig().model_dump(mode="json")
     del old_settings["export"]
     rc = RunConfig.model_validate(old_settings)
-    assert rc.export_settings().steps is None and rc.export_settings().seeds == (0,)
+    from autoqra_core.export import ExportSettings
+
+    assert rc.export_settings() == ExportSettings()
     result = {"model": "m", "dataset": "d", "budget_bytes": 1, "best": {"config": {"layers": []}}}
     (tmp_path / "result.json").write_text(json.dumps(result))
     with pytest.raises(AutoQRAError, match="re-run the search with the same --out"):
@@ -275,7 +290,9 @@ def registered(tmp_path_factory):
         mp.setenv(k, v)
     base, _ = load_model(EMBEDDED_MODEL)
     cfg = _config(layer_map(base))
-    settings = RunConfig.model_validate({"export": {**TINY_EXPORT, "merge": False, "seeds": [0]},
+    fine_tune = {k: v for k, v in TINY_EXPORT.items() if k != "eval_examples"}
+    settings = RunConfig.model_validate({"train": fine_tune, "search": {"rungs": [{"fraction": 1.0}]},
+                                         "report": {"test_examples": TINY_EXPORT["eval_examples"]},
                                          "space": {"bits": [2, 3, 4, 8, 16]}})
     run = home / "run"
     run.mkdir()

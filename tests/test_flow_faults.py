@@ -73,39 +73,28 @@ def test_servers_dying_mid_search_lose_nothing(prefect_env, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_rung_with_too_little_data_fails_its_evaluations_and_the_search_goes_on(prefect_env, tmp_path, monkeypatch):
-    """A real DatasetError (the top rung's data fraction gives fewer tokens than one block) inside the evaluation:
-    those evaluations fail with the reason, are not retried (bad input fails the same way again), the rest go on."""
+def test_fine_tune_with_too_little_data_is_refused_before_any_work(prefect_env, tmp_path, monkeypatch):
+    """A fine-tune whose data fraction gives fewer tokens than one block: a DatasetError naming the problem, raised
+    when the run is prepared, before any evaluation (bad input fails the same way in every evaluation)."""
     import tasks.evaluate as te
+    from autoqra_core.errors import DatasetError
     from flows.search import search_flow
 
-    calls: Counter = Counter()
-    real = te.evaluate_config
-
-    def counting(base, tok, task, lmap, config, fid, rung, *args, **kwargs):
-        calls[(config.key(), rung)] += 1
-        return real(base, tok, task, lmap, config, fid, rung, *args, **kwargs)
-
-    monkeypatch.setattr(te, "evaluate_config", counting)
-    cfg = tmp_path / "small-top.yaml"
-    cfg.write_text(TINY.replace("- {steps: 6, data_fraction: 0.05, seq_len: 32",
-                                "- {steps: 6, data_fraction: 0.00001, seq_len: 64"))
-    result = search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=False, export=False)
-
-    top = [e for e in result["evaluations"] if e["fidelity"] == 1]
-    low = [e for e in result["evaluations"] if e["fidelity"] == 0]
-    assert top and all(e["status"] == "failed" for e in top)
-    assert all(e["reason"].startswith("DatasetError: 1 training rows give fewer than 64 tokens") for e in top)
-    assert low and all(e["status"] == "ok" for e in low)  # rung 0 is fine: the search went on past the bad rung
-    assert all(calls[(e["config_key"], 1)] == 1 for e in top)  # not retried
-    assert result["best"] is None
-    assert (tmp_path / "out" / "result.json").is_file()
+    calls = []
+    monkeypatch.setattr(te, "run_config", lambda *a, **k: calls.append(1))
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(TINY.replace("train: {steps: 6, data_fraction: 0.05, seq_len: 32",
+                                "train: {steps: 6, data_fraction: 0.00001, seq_len: 64"))
+    with pytest.raises(DatasetError, match="1 training rows give fewer than 64 tokens"):
+        search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=False, export=False)
+    assert not calls and not (tmp_path / "out" / "result.json").exists()
 
 
 ONE_RUNG = """
+train: {steps: 2, data_fraction: 0.05, seq_len: 32, batch_size: 4}
 search:
   rungs:
-    - {steps: 2, data_fraction: 0.05, seq_len: 32, batch_size: 4, eval_examples: 10}
+    - {fraction: 1.0, eval_examples: 10}
 """
 
 
@@ -123,8 +112,8 @@ def test_checkpoint_rewritten_in_place_is_not_served_from_the_cache(prefect_env,
     from .helpers import tiny_checkpoint
 
     ran = []
-    real = te.evaluate_config
-    monkeypatch.setattr(te, "evaluate_config", lambda *a, **k: ran.append(1) or real(*a, **k))
+    real = te.run_config
+    monkeypatch.setattr(te, "run_config", lambda *a, **k: ran.append(1) or real(*a, **k))
     ckpt = tiny_checkpoint(tmp_path, "llama")
     cfg = tmp_path / "one-rung.yaml"
     cfg.write_text(ONE_RUNG)

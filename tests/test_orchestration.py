@@ -224,7 +224,7 @@ with get_client(sync_client=True) as c:
                                  "state": t.state.type.value, "start": t.start_time.isoformat()} for t in tasks],
                       "export_parent": str(export.parent_task_run_id), "export_start": export.start_time.isoformat()}))"""))
     tasks = got["tasks"]
-    steps = [t for t in tasks if not t["name"].startswith(("eval ", "autoqra-export"))]  # the export: a subflow
+    steps = [t for t in tasks if not t["name"].startswith(("eval ", "train to step ", "autoqra-export"))]
     names = [t["name"].split(" (")[0] for t in steps]
     assert names == ["priors", "generation 0", "generation 1", "turbo 1", "report"], names  # no --baselines
     assert all(t["state"] == "COMPLETED" for t in steps)
@@ -245,6 +245,9 @@ with get_client(sync_client=True) as c:
     assert made_by["report"] and all(n.startswith("eval r1 test seed ") for n in made_by["report"])
     assert not any(" test " in n for step, ns in made_by.items() if step != "report" for n in ns)
     assert got["export_start"] > steps[-1]["start"]  # the export subflow comes after the report
+    # Each run's training is a nested task run of the evaluation (or the later checkpoint) that asked for it.
+    trains = [t for t in tasks if t["name"].startswith("train to step ")]
+    assert trains and all(by_id[p]["name"].startswith(("eval ", "train to step ")) for t in trains for p in t["parents"])
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from autoqra_core import protocol
 from autoqra_core.data import eval_set, load_task, train_blocks
 from autoqra_core.errors import DatasetError
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.fidelity import Fidelity, Ladder
+from autoqra_core.fidelity import Fidelity, Ladder, Rung
 from autoqra_core.space import SearchSpace
 
 from .helpers import EMBEDDED_DATA, MINI_SEARCH, embedded  # noqa: F401 - fixture
@@ -108,12 +108,16 @@ def test_seed_scores_and_paired_differences():
 
 
 def test_random_search_gets_the_search_compute():
-    ladder = Ladder((Fidelity(10, 0.1, seq_len=32, batch_size=4), Fidelity(40, 1.0, seq_len=64, batch_size=8)))
+    """Whole fine-tunes at the search's tokens, each token charged once: a promoted run pays from its checkpoint."""
+    ladder = Ladder.of(40, (Rung(0.25), Rung(1.0)), seq_len=64, batch_size=8)
     space = SearchSpace(("a", "b"), (2, 4), (0, 8))
-    history = [Evaluation(space.uniform(4, 8), 0, 1.0, 1)] * 16 + [Evaluation(space.uniform(4, 8), 1, 1.0, 1)] * 3
+    configs = [space.config(b, r) for b in [(2, 2), (2, 4), (4, 2), (4, 4)] for r in [(0, 0), (0, 8), (8, 0), (8, 8)]]
+    history = [Evaluation(c, 0, 1.0, 1) for c in configs]  # 16 runs to their first checkpoint: 10 steps each
+    history += [Evaluation(c, 1, 1.0, 1) for c in configs[:3]]  # 3 promoted: 30 more steps each
+    history += [Evaluation(configs[0], 1, 1.0, 1, seed=7)]  # a replicate: a whole fine-tune
     tokens = protocol.history_tokens(history, ladder)
-    assert tokens == 16 * 10 * 4 * 32 + 3 * 40 * 8 * 64
-    assert protocol.equal_compute_count(tokens, ladder) == 4  # 81920 / 20480 top-rung tokens
+    assert tokens == (16 * 10 + 3 * 30 + 40) * 8 * 64
+    assert protocol.equal_compute_count(tokens, ladder) == 7  # 290 / 40 steps of one fine-tune
     assert protocol.equal_compute_count(1, ladder) == 1
 
 

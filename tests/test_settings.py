@@ -16,11 +16,11 @@ from pydantic_core import PydanticUndefined
 from autoqra_core.baselines import BaselineSettings
 from autoqra_core.evolution import EvolutionSettings
 from autoqra_core.export import ExportSettings
-from autoqra_core.fidelity import Fidelity
+from autoqra_core.fidelity import FineTune, Rung
 from autoqra_core.finetune import TrainSettings
 from autoqra_core.quantize import QuantSettings
 from autoqra_core.racing import RaceSettings
-from autoqra_core.search import SearchSettings, default_ladder, run_search
+from autoqra_core.search import DEFAULT_STEPS, SearchSettings, default_ladder, run_search
 from autoqra_core.turbo import TurboSettings
 from flows.config import (BaselineSection, ConfigError, EvolutionSection, ExportSection, QuantSection, RaceSection,
                           RunConfig, RungSection, SearchSection, TrainSection, TurboSection, load_run_config)
@@ -35,7 +35,7 @@ def _load(tmp_path, text: str) -> RunConfig:
 
 
 def test_partial_override_keeps_the_other_defaults(tmp_path):
-    s = _load(tmp_path, "search: {evolution: {offspring: 4}, turbo: {batch_size: 3}}").search_settings(7)
+    s = _load(tmp_path, "search: {evolution: {offspring: 4}, turbo: {batch_size: 3}}").search_settings(7, DEFAULT_STEPS)
     assert s.evolution == dataclasses.replace(EvolutionSettings(), offspring=4)
     assert s.evolution.population_size == 8  # the documented default, not an older one
     assert s.turbo == dataclasses.replace(TurboSettings(), batch_size=3)
@@ -59,10 +59,12 @@ MIRRORS = [
     (EvolutionSection, EvolutionSettings, {}),
     (TurboSection, TurboSettings, {}),
     (RaceSection, RaceSettings, {}),
-    (RungSection, Fidelity, {}),
+    (RungSection, Rung, {}),
     (ExportSection, ExportSettings, {}),
     (BaselineSection, BaselineSettings, {}),
-    (TrainSection, TrainSettings, {"seed": "the run's --seed", "grad_checkpointing": "None: on for CUDA"}),
+    (TrainSection, TrainSettings, {"seed": "the run's --seed", "grad_checkpointing": "None: on for CUDA",
+                                   **{f.name: "the fine-tune's length and shape" for f in dataclasses.fields(FineTune)}}),
+    (TrainSection, FineTune, {f.name: "a training hyperparameter" for f in dataclasses.fields(TrainSettings)}),
     (QuantSection, QuantSettings, {"backend": "auto: picked for the device (the dataclass takes a resolved one)"}),
     (SearchSection, SearchSettings, {"seed": "the run's --seed", "ladder": "as rungs and promote_fraction",
                                      "rungs": "the ladder's", "promote_fraction": "the ladder's",
@@ -98,7 +100,8 @@ def test_schema_mirrors_every_core_field_with_the_core_default(section, dc, apar
 def test_the_default_sections_become_the_default_dataclasses():
     """What the mirrored fields do not show: the default ladder, and each conversion of the defaults."""
     cfg = RunConfig()
-    assert cfg.search_settings(0) == SearchSettings() and cfg.ladder() == default_ladder()
+    assert cfg.search_settings(0, DEFAULT_STEPS) == SearchSettings() and cfg.ladder(DEFAULT_STEPS) == default_ladder()
+    assert cfg.fine_tune() == FineTune()  # one epoch of the train split
     assert cfg.baseline_settings() == BaselineSettings()
     assert cfg.export_settings() == ExportSettings()
     assert dataclasses.replace(cfg.train_settings(0), grad_checkpointing=False) == TrainSettings()
@@ -114,8 +117,8 @@ def test_shipped_settings_files_load_and_change_only_what_they_say(path):
 
 
 def test_progress_plan_matches_a_search_at_the_defaults():
-    """The progress line's planned count, for the default settings, against a real search (the synthetic
-    objective, 8 layers) with the baselines: never fewer than done (the demo once logged "46/44 evaluations")."""
+    """The progress line's plan (fine-tuning tokens, each charged once), for the default settings, against a real
+    search (the synthetic objective, 8 layers) with the baselines: never less than done, and not far above."""
     from types import SimpleNamespace
 
     from autoqra_core import baselines, protocol
@@ -124,16 +127,24 @@ def test_progress_plan_matches_a_search_at_the_defaults():
     from .test_search import BUDGET, PRIORS, SPACE, Recorder, cost
 
     rc = RunConfig()
-    settings = rc.search_settings(0)
-    recorder = Recorder()
-    res = run_search(
-        SPACE, PRIORS, cost, BUDGET, recorder, settings)
-    n_random = protocol.equal_compute_count(protocol.history_tokens(res.history, settings.ladder), settings.ladder)
-    base = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, settings.ladder.top,
-                                   BaselineSettings(n_random=n_random), seed=0, history=res.history)
-    done = len(recorder.calls) + rc.report.seeds * (1 + len(base))  # + the test report: every method, each seed
-    planned = _planned(SimpleNamespace(rc=rc, seed=0, ladder=rc.ladder(), space=SPACE), baselines=True)
-    assert done <= planned <= done + 4, (done, planned)
+    settings = rc.search_settings(0, DEFAULT_STEPS)
+    recorder, asked = Recorder(), []
+
+    def evaluate_many(requests):
+        asked.extend(recorder(requests))
+        return asked[-len(requests):]
+
+    res = run_search(SPACE, PRIORS, cost, BUDGET, evaluate_many, settings)
+    ladder = settings.ladder
+    n_random = protocol.equal_compute_count(protocol.history_tokens(res.history, ladder), ladder)
+    baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, evaluate_many, ladder.top, BaselineSettings(n_random=n_random),
+                            seed=0, history=res.history)
+    methods = 1 + BaselineSettings().methods
+    done = protocol.history_tokens(asked, ladder) + rc.report.seeds * methods * ladder.full.train_tokens
+    run = SimpleNamespace(rc=rc, seed=0, ladder=ladder, space=SPACE, search_settings=lambda: settings)
+    planned = _planned(run, baselines=True)
+    assert done <= planned <= done + 4 * ladder.full.train_tokens, (done / ladder.full.train_tokens,
+                                                                    planned / ladder.full.train_tokens)
 
 
 def test_evaluate_accepts_the_runs_own_fp_lora_baseline():
