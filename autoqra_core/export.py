@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .data import Task
+from .device import fp32_matmuls, model_device, model_dtype
 from .errors import AutoQRAError
 from .fidelity import Fidelity
 from .finetune import Checkpoint, TrainSettings, build, held_out, restore
@@ -190,7 +191,8 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
     out.mkdir(parents=True, exist_ok=True)
     trained = build(base, config, lmap, q, t)
     restore(trained, ckpt)
-    loss, acc = held_out(trained, tokenizer, task, fidelity, "test")
+    with fp32_matmuls(model_device(trained), model_dtype(trained)):  # as the report scored the same run
+        loss, acc = held_out(trained, tokenizer, task, fidelity, "test")
     adapter = save_adapter(trained, out / ADAPTER_DIR)
     del trained
     packed = pack(base, config, lmap, q.group_size)

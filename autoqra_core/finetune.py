@@ -132,7 +132,7 @@ class Checkpoint:
     step: int
     adapter: dict[str, torch.Tensor]  # trainable parameters by name (CPU copies)
     optimizer: dict | None  # AdamW's state_dict (CPU copies); None without trainable parameters
-    rng: dict[str, torch.Tensor]  # torch's RNG states ("cpu", and "cuda" where there is one): dropout
+    rng: dict[str, torch.Tensor] | None  # torch's RNG states ("cpu", "cuda") where dropout draws; None without
     losses: list[float]  # the training loss of every step so far
 
     @property
@@ -152,11 +152,19 @@ def _cpu(x):
     return x
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's RNG states that dropout on ``device`` draws from (the CPU's, and that GPU's)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    with _SEEDED:  # not between another build's seeding and its LoRA init
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def restore(model: nn.Module, ckpt: Checkpoint) -> None:
@@ -177,21 +185,21 @@ def train(model: nn.Module, data: list[Blocks | torch.Tensor], t: TrainSettings,
     scheduled over ``total`` steps (default: ``len(data)``); continues from ``start`` when given (its adapter, optimizer
     state and RNG). Raises CandidateFailed on a non-finite loss or OOM.
 
-    Batches with labels (rows with a loss mask) compute logits only where a token is trained on."""
+    Batches with labels (rows with a loss mask) compute logits only where a token is trained on. With dropout, the
+    RNG is torch's global one: exact continuation then needs one training thread per process."""
     total = total or len(data)
     opt = make_optimizer(model, t)
+    device = model_device(model)
     first = start.step if start else 0
     losses = list(start.losses) if start else []
     if start is not None:
         restore(model, start)
         if opt is not None and start.optimizer is not None:
             opt.load_state_dict(start.optimizer)
-        torch.set_rng_state(start.rng["cpu"])
-        if "cuda" in start.rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(start.rng["cuda"])
+        if start.rng is not None:
+            _set_rng_state(start.rng, device)
     if opt is not None:
         model.train()
-        device = model_device(model)
         split: tuple | None | bool = False  # (body, head), None (no exact split), or False: not checked yet
         for step in range(first, len(data)):
             x = data[step] if isinstance(data[step], Blocks) else Blocks(data[step])
@@ -218,7 +226,7 @@ def train(model: nn.Module, data: list[Blocks | torch.Tensor], t: TrainSettings,
     return Checkpoint(step=max(first, len(data)),
                       adapter={n: _cpu(p) for n, p in model.named_parameters() if p.requires_grad},
                       optimizer=_cpu(opt.state_dict()) if opt is not None else None,
-                      rng=_rng_state(), losses=losses)
+                      rng=_rng_state(device) if t.dropout > 0 else None, losses=losses)
 
 
 def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

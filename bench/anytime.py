@@ -67,9 +67,11 @@ def curve(history, ladder, seeds) -> list[dict]:
     None before the first), and the incumbent's config key."""
     from autoqra_core.racing import incumbent
 
+    from autoqra_core.protocol import charged_tokens
+
     out, tokens, inc = [], 0, None
-    for i, e in enumerate(history):
-        tokens += ladder[e.fidelity].train_tokens
+    for i, (e, charged) in enumerate(zip(history, charged_tokens(history, ladder))):
+        tokens += charged  # a promoted run pays from its checkpoint
         if e.fidelity == ladder.top:
             inc = incumbent(history[: i + 1], ladder.top, seeds)
         out.append({"tokens": tokens, "best": inc.eval_loss if inc else None, "key": inc.config.key() if inc else None,

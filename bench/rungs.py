@@ -57,6 +57,7 @@ def measure(args) -> dict:
     from autoqra_core.repair import repair
     from flows.config import RungSection, load_run_config
     from flows.prepared_run import Run
+    from tasks.evaluate import delete_checkpoints
 
     @flow(name="bench-rungs")
     def bench() -> dict:
@@ -72,25 +73,32 @@ def measure(args) -> dict:
                        run.cost, run.budget_bytes)
             if c not in configs:
                 configs.append(c)
-        seconds: dict[int, list[float]] = {}
-        losses: dict[int, list[float | None]] = {}
-        for rung in range(len(ladder.rungs)):
-            start = time.time()
-            evals = run.evaluate_many([(c, rung, args.seed) for c in configs])
-            losses[rung] = [e.eval_loss if e.ok else None for e in evals]
-            seconds[rung] = [e.seconds for e in evals]
-            print(f"rung {rung}: {len(evals)} evaluations in {time.time() - start:.0f} s", flush=True)
-        restarted: dict[int, list[float | None]] = {}
+        configs = configs[: args.limit or None]  # a part of the study: the first configurations (cached later)
+        restarts = {}  # rung -> the same steps and data as a fine-tune of its own: its schedule ends at the rung
         for rung in range(ladder.top) if args.restarted else ():
-            # the same steps and data as a fine-tune of its own: its schedule ends at the rung
             fid = ladder[rung]
             short = rc.model_copy(update={
                 "train": rc.train.model_copy(update={"steps": fid.steps}),
-                "search": rc.search.model_copy(update={"rungs": [RungSection(fraction=1.0, eval_examples=fid.eval_examples)]})})
-            alone = Run.prepare(args.model, args.dataset, args.budget, short, args.seed)
-            evals = alone.evaluate_many([(c, 0, args.seed) for c in configs])
-            restarted[rung] = [e.eval_loss if e.ok else None for e in evals]
-            print(f"restarted rung {rung}: {len(evals)} evaluations", flush=True)
+                "search": rc.search.model_copy(update={"rungs": [RungSection(fraction=1.0,
+                                                                             eval_examples=fid.eval_examples)]})})
+            restarts[rung] = Run.prepare(args.model, args.dataset, args.budget, short, args.seed)
+        seconds: dict[int, list[float]] = {r: [] for r in range(len(ladder.rungs))}
+        losses: dict[int, list[float | None]] = {r: [] for r in range(len(ladder.rungs))}
+        restarted: dict[int, list[float | None]] = {r: [] for r in restarts}
+        for i, c in enumerate(configs):  # config by config: its run's checkpoints are deleted once it is done
+            start = time.time()
+            for rung in range(len(ladder.rungs)):  # each rung continues the run from the previous checkpoint
+                (e,) = run.evaluate_many([(c, rung, args.seed)])
+                losses[rung].append(e.eval_loss if e.ok else None)
+                seconds[rung].append(e.seconds)
+            for rung, alone in restarts.items():
+                (e,) = alone.evaluate_many([(c, 0, args.seed)])
+                restarted[rung].append(e.eval_loss if e.ok else None)
+            delete_checkpoints([r.checkpoint_key(c, k, args.seed) for r in (run, *restarts.values())
+                                for k in range(len(r.ladder.rungs))])
+            print(f"configuration {i + 1}/{len(configs)} {c.short()}: {time.time() - start:.0f} s, "
+                  f"losses {[losses[r][-1] for r in losses]}, restarted {[restarted[r][-1] for r in restarted]}",
+                  flush=True)
         seeds = race_seeds(args.seed, 3)
         reps = run.evaluate_many([(c, ladder.top, s) for c in configs[:args.replicated] for s in seeds])
         tab = table(reps, ladder.top, seeds)
@@ -156,6 +164,7 @@ def main() -> None:
     ap.add_argument("--replicated", type=int, default=3, help="configurations also run on the race's other seeds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--restarted", action="store_true", help="also each lower rung as a fine-tune of its own")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N configurations (a part of the study)")
     ap.add_argument("--work", default=None, help="where the raw results go (default: beside --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rungs-embedded.md"))
     args = ap.parse_args()

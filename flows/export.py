@@ -95,6 +95,9 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     export_dir = run_dir / "export" / name
     seed = report_seeds(r.seed, 1)[0]  # the first report seed: fixed before anything was scored on test
     check_exportable(r.rc.quant_settings())
+    if not result["best"].get("test"):
+        log.info(f"no test report in {run_dir / 'result.json'} (report.seeds 0): the exported run on seed {seed} is "
+                 f"trained now unless its checkpoint exists, and its own test numbers are the card's")
     log.info(f"exporting {config.short()}, its run on seed {seed} ({r.total_steps} steps) -> {export_dir}")
     # Prefect's cache is the resume: a re-run (e.g. after a failed upload) reuses the written export, unless its
     # files are gone from the folder, which a cache hit would not bring back.

@@ -123,8 +123,7 @@ class Run:
         """Fan the batch of (config, rung, training seed) out as cached task runs; an evaluation that raises is a
         failed one, with its reason.
 
-        Any error inside one evaluation, an ``AutoQRAError`` included (e.g. a ``DatasetError`` at a rung whose data
-        fraction is too small), fails that evaluation only: the run's own inputs were checked before any work
+        Any error inside one evaluation, an ``AutoQRAError`` included, fails that evaluation only: the run's own inputs were checked before any work
         (``Run.prepare``, the CLI's preflight), so what is left is specific to a (config, rung).
         The search scores ``validation`` with its race seeds; the test report passes ``split="test"`` with its own
         seeds and scores ``report.test_examples`` rows."""

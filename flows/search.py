@@ -6,6 +6,7 @@ the one resume mechanism. Every search decision reads the validation split; only
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,6 +17,7 @@ from prefect.logging import get_run_logger
 from autoqra_core.baselines import baseline_configs, uniform_best_candidates
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evaluation import Evaluation
+from autoqra_core.export import check_exportable
 from autoqra_core.protocol import history_tokens, report_seeds
 from autoqra_core.repair import check_budget
 from autoqra_core.search import SearchState, result as search_result
@@ -47,6 +49,14 @@ def check_out(out: Path, params: dict) -> None:
             f"{out} holds a search with other parameters (differs in: {', '.join(diff)}); "
             f"resume it with the same parameters, or use another --out (or delete {path}) to start afresh"
         )
+
+
+def _first_started(out: Path) -> float | None:
+    """When the search in ``out`` first started (its snapshot says), or None for a new one."""
+    try:
+        return json.loads((out / STATE_FILE).read_text()).get("started")
+    except (OSError, ValueError):
+        return None
 
 
 def _planned_search(run: Run) -> tuple[list[int], int, int]:
@@ -105,12 +115,15 @@ def search_flow(
     ``out``/result.json and plots; then (``export``) fine-tune the winner, upload it to ``store`` (default
     AUTOQRA_STORE) and register it. ``columns`` maps the dataset's columns onto the row fields
     (``prompt=instruction+input,completion=output``)."""
-    log = get_run_logger()
+    log, started = get_run_logger(), time.time()
     rc = load_run_config(config_file)
+    if export:
+        check_exportable(rc.quant_settings())  # before the search, not after it
     run = Run.prepare(model, dataset, budget, rc, seed, columns)
     out_dir = Path(out).resolve()
     params = run.params(budget)
     check_out(out_dir, params)
+    started = _first_started(out_dir) or started  # a resumed search: when its first attempt began
     check_budget(run.space, run.cost, run.budget_bytes)
     outputs = RunOutputs.start(run, out_dir, kind="search")
     log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes")
@@ -124,7 +137,8 @@ def search_flow(
             done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
             after = SearchState.from_dict(done.result())
             renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
-            write_json(out_dir / STATE_FILE, {"params": params, "step": name, "state": after.to_dict()})
+            write_json(out_dir / STATE_FILE, {"params": params, "started": started, "step": name,
+                                              "state": after.to_dict()})
             outputs.checkpoint(search_result(after, settings))
             state = after
         res = search_result(state, settings)
@@ -146,7 +160,7 @@ def search_flow(
     export_seed = report_seeds(seed, 1)[0]
     keep = {run.checkpoint_key(res.best.config, run.ladder.top, export_seed)} if res.best else set()
     ran = [e.config for e in res.history] + (_baseline_runs(run, pri, n_random) if baselines else [])
-    _drop_checkpoints(run, ran, keep)
+    _drop_checkpoints(run, ran, keep, started)
     if export and result["best"]:
         progress.at("export")
         try:
@@ -170,7 +184,7 @@ def baselines_flow(
 ) -> dict:
     """The baselines alone (uniform b-bit r16, uniform-best, sequential, random, fp-lora) at the top rung; random
     search at ``baselines.n_random`` fine-tunes, by default those a search at these settings would spend."""
-    rc = load_run_config(config_file)
+    started, rc = time.time(), load_run_config(config_file)
     run = Run.prepare(model, dataset, budget, rc, seed, columns)
     outputs = RunOutputs.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
@@ -183,7 +197,9 @@ def baselines_flow(
         base = _baselines(run, pri, params, live, n_random, [], run.search_settings().seeds)
         tests = _test_report(run, params, live, {}, base, progress)
     result = outputs.finish(None, base, pri, tests, baseline_compute(base, n_random, run))
-    _drop_checkpoints(run, _baseline_runs(run, pri, n_random), set())
+    best = result["best"] and Config.from_dict(result["best"]["config"])  # what `autoqra export --run` ships
+    keep = {run.checkpoint_key(best, run.ladder.top, report_seeds(seed, 1)[0])} if best else set()
+    _drop_checkpoints(run, _baseline_runs(run, pri, n_random), keep, started)
     return result
 
 
@@ -225,14 +241,15 @@ def _test_report(run: Run, params: dict, live: str, best: dict, base: dict, prog
                        live)
 
 
-def _drop_checkpoints(run: Run, configs: list[Config], keep: set[str]) -> None:
+def _drop_checkpoints(run: Run, configs: list[Config], keep: set[str], since: float) -> None:
     """Delete the checkpoints of every run the search, the baselines and the test report may have made (``configs``
-    on the race's and the report's seeds: none can be promoted once they are done), except ``keep`` (the exported
-    run's end). A re-run of the same search reads its cached evaluations and needs none of them."""
+    on the race's and the report's seeds: none can be promoted once they are done) since this flow started (another
+    search on the same home keeps its own), except ``keep`` (the exported run's end). A re-run of the same search
+    reads its cached evaluations and needs none of them."""
     seeds = run.search_settings().seeds + report_seeds(run.seed, run.rc.report.seeds)
     unique = {c.key(): c for c in configs}.values()
     keys = {run.checkpoint_key(c, r, s) for c in unique for s in seeds for r in range(len(run.ladder.rungs))}
-    removed = delete_checkpoints(sorted(keys - keep))
+    removed = delete_checkpoints(sorted(keys - keep), since)
     get_run_logger().info(f"checkpoints: {removed} deleted, {len(keep & keys)} kept for the export")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.logging import get_run_logger
+from prefect.transactions import CommitMode, transaction
 
 from autoqra_core.errors import AutoQRAError, CandidateFailed
 from autoqra_core.evaluation import Evaluation
@@ -72,7 +73,7 @@ def _train_name() -> str:
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry a crash once (it may be transient); an ``AutoQRAError`` (e.g. too little data at this rung) would
+    """Retry a crash once (it may be transient); an ``AutoQRAError`` (bad input of this evaluation's own) would
     fail the same way again, and so would a run that diverged or ran out of memory (``CandidateFailed``)."""
     try:
         state.result()
@@ -125,13 +126,7 @@ def step_log(label: str, every_s: float = 15.0):
     return progress
 
 
-@task(
-    retry_condition_fn=_retry_unless_bad_input,
-    cache_key_fn=_checkpoint_cache_key,
-    persist_result=True,
-    retries=1,
-    task_run_name=_train_name,
-)
+@task(cache_key_fn=_checkpoint_cache_key, persist_result=True, task_run_name=_train_name)  # its caller retries
 def train_run(
     model: str,
     dataset: str,
@@ -146,25 +141,34 @@ def train_run(
     layers: list[str],
     code_version: str,
     columns: str = "",
+    memory_bytes: int = 0,
 ) -> Checkpoint:
     """The run of ``config`` (seed in ``train``) trained up to ``fidelities[-1]``'s checkpoint, continued from the
     checkpoint at ``fidelities[-2]`` (itself asked of this task) when the run passes through it. Raises
-    CandidateFailed when the run diverges or runs out of memory."""
+    CandidateFailed when the run diverges or runs out of memory (``memory_bytes``: the memory model's prediction,
+    said beside an out-of-memory error; not part of the key)."""
     start = None
     if len(fidelities) > 1 and continues(fidelities[-2], fidelities[-1]):
-        start = train_run(model, dataset, model_id, dataset_id, config, config_key, fidelities[:-1], quant, train,
-                          granularity, layers, code_version, columns)
+        start = checkpoint(model, dataset, model_id, dataset_id, config, config_key, fidelities[:-1], quant, train,
+                           granularity, layers, code_version, columns, memory_bytes)
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     cfg, fid = Config.from_dict(config), Fidelity(**fidelities[-1])
     first = start.step if start else 0
     _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} started", SEGMENTS_ENV)
-    ev, ckpt = run_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, len(fidelities) - 1, 0,
+    ev, ckpt = run_config(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, fid, len(fidelities) - 1, memory_bytes,
                           QuantSettings(**quant), TrainSettings(**train), split=None, cache=wb.packed, start=start,
                           progress=step_log(f"seed {train['seed']} {cfg.short()}"))
     if ckpt is None:
         raise CandidateFailed(ev.reason or "failed")
     _count(f"segment {config_key} seed {train['seed']} steps {first}-{fid.steps} done", SEGMENTS_ENV)
     return ckpt
+
+
+def checkpoint(*args) -> Checkpoint:
+    """``train_run(*args)``, its result committed as soon as it is made (not with the task that asked for it): a run
+    killed later keeps every checkpoint it reached. Not retried itself: its caller's retry asks again."""
+    with transaction(commit_mode=CommitMode.EAGER):
+        return train_run(*args)
 
 
 @task(
@@ -202,20 +206,24 @@ def evaluate(
     cfg = Config.from_dict(config)
     ts = TrainSettings(**train)
     try:
-        ckpt = train_run(model, dataset, model_id, dataset_id, config, config_key, fidelities, quant, train,
-                         granularity, layers, code_version, columns)
+        ckpt = checkpoint(model, dataset, model_id, dataset_id, config, config_key, fidelities, quant, train,
+                          granularity, layers, code_version, columns, memory_bytes)
     except CandidateFailed as e:
         return Evaluation(cfg, rung, float("inf"), memory_bytes, status="failed", reason=e.reason, seed=ts.seed,
                           seconds=time.perf_counter() - begin).to_dict()
+    if len(fidelities) > 1 and continues(fidelities[-2], fidelities[-1]):  # the run went on: the earlier one is spent
+        delete_checkpoints([checkpoint_key(model_id, dataset_id, config_key, fidelities[-2], quant, train, granularity,
+                                           layers, code_version, columns)])
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     ev = score_checkpoint(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, Fidelity(**fidelities[-1]), rung,
                           memory_bytes, ckpt, QuantSettings(**quant), ts, split=split, cache=wb.packed)
     return {**ev.to_dict(), "seconds": round(time.perf_counter() - begin, 3)}
 
 
-def delete_checkpoints(keys: list[str]) -> int:
-    """Remove the persisted checkpoints ``keys`` from this run's result storage (local folders; other storages keep
-    them); returns how many were removed. A later request for one of them trains its run again."""
+def delete_checkpoints(keys: list[str], since: float | None = None) -> int:
+    """Remove the persisted checkpoints ``keys`` (those written at or after the time ``since``, when given) from this
+    run's result storage (local folders; other storages keep them); returns how many were removed. A later request
+    for one of them trains its run again."""
     from prefect.results import get_result_store
 
     storage = get_result_store().result_storage
@@ -226,7 +234,10 @@ def delete_checkpoints(keys: list[str]) -> int:
     removed = 0
     for key in keys:
         path = Path(base).expanduser() / key
-        if path.is_file():
-            path.unlink()
-            removed += 1
+        try:
+            if since is None or path.stat().st_mtime >= since:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # never written, or removed by another search
+            pass
     return removed

@@ -3,7 +3,7 @@
 with alias "champion").
 
 Nothing is fine-tuned for the export: its run is the checkpoint the test report's run left at the top rung
-(``tasks.evaluate.train_run``, a cache hit; trained again only if that checkpoint was never made here). The
+(``tasks.evaluate.checkpoint``, a cache hit; trained again only if that checkpoint was never made here). The
 writing is a cached, persisted task (keyed by content fingerprints, settings, folder and code version): an
 export re-run after a failed upload reuses it. Its product is files, which a cache hit does not recreate, so the
 caller refreshes the cache when the folder no longer holds them (``autoqra_core.export.holds``). Publishing is
@@ -25,7 +25,7 @@ from autoqra_core.space import Config
 from infra import tracking
 from infra.storage import open_store
 from infra.workbench import workbench
-from tasks.evaluate import train_run
+from tasks.evaluate import checkpoint
 
 
 @task(cache_policy=(INPUTS + TASK_SOURCE) - "model" - "dataset", persist_result=True, retries=1,
@@ -52,8 +52,8 @@ def export_run(
     """``write_export`` of ``config``'s run (seed in ``train``) at the end of its fine-tune (``fidelities``: the
     ladder) into ``out_dir``, scored on ``test_fidelity``'s test rows: its metrics. ``model``/``dataset`` are paths
     (not in the cache key: ``model_id``/``dataset_id`` are their content fingerprints)."""
-    ckpt = train_run(model, dataset, model_id, dataset_id, config, config_key, fidelities, quant, train, granularity,
-                     layers, code_version, columns)
+    ckpt = checkpoint(model, dataset, model_id, dataset_id, config, config_key, fidelities, quant, train, granularity,
+                      layers, code_version, columns)
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     return ex.write_export(wb.base, wb.tokenizer, wb.task, wb.lmap, Config.from_dict(config), ckpt,
                            Fidelity(**test_fidelity), ex.ExportSettings.from_dict(export), QuantSettings(**quant),

@@ -18,16 +18,16 @@ def test_crashing_evaluation_is_retried_once_then_failed(prefect_env, tmp_path, 
     from flows.search import search_flow
 
     calls: Counter = Counter()
-    real = te.evaluate_config
+    real = te.run_config
 
-    def flaky(base, tok, task, lmap, config, *args, **kwargs):
-        if kwargs.get("split", "validation") == "validation":  # the search's calls (the test report re-runs some)
+    def flaky(base, tok, task, lmap, config, fid, rung, memory, q, t, *args, **kwargs):
+        if t.seed == 3:  # the search's runs (the test report's have seeds of their own)
             calls[config.key()] += 1
         if config.layers[0].bits == 2:  # some candidates crash, every time
             raise RuntimeError("injected crash")
-        return real(base, tok, task, lmap, config, *args, **kwargs)
+        return real(base, tok, task, lmap, config, fid, rung, memory, q, t, *args, **kwargs)
 
-    monkeypatch.setattr(te, "evaluate_config", flaky)
+    monkeypatch.setattr(te, "run_config", flaky)
     cfg = tmp_path / "mini.yaml"
     cfg.write_text(MINI_SEARCH)
     result = search_flow(out=str(tmp_path / "out"), config_file=str(cfg), seed=3, baselines=True)

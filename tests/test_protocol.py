@@ -151,8 +151,7 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     assert decisions(a) == decisions(b) and a["best"]["config"] == b["best"]["config"]
     assert a["best"]["test"]["losses"] != b["best"]["test"]["losses"]  # the test split was really scored
 
-    top = a["settings"]["search"]["rungs"][-1]
-    top_tokens = top["steps"] * top["batch_size"] * top["seq_len"]
+    top_tokens = a["fine_tune"]["train_tokens"]
     assert a["protocol"]["report_seeds"] == [3, 4] and a["protocol"]["test_examples"] == 40
     assert a["best"]["train_tokens"] == a["protocol"]["train_tokens"]["autoqra"] > 0
     for name, entry in a["baselines"].items():
