@@ -137,7 +137,8 @@ class RunOutputs:
             # the user's one fine-tune: the top rung, what the test report scores and what the export ships
             "fine_tune": {"steps": ladder.full.steps, "train_tokens": full,
                           "rungs": [{"steps": f.steps, "fraction": round(f.steps / ladder.full.steps, 4),
-                                     "eval_examples": f.eval_examples} for f in ladder.rungs]},
+                                     "eval_examples": f.eval_examples} for f in ladder.rungs],
+                          "ladder": ladder.to_dict()},
             "search_cost": ({"train_tokens": compute["autoqra"], "fine_tunes": round(compute["autoqra"] / full, 3),
                              "evaluations": len(history)} if res and "autoqra" in compute else None),
             "evaluations": [_eval_entry(e) for e in all_evals],

@@ -1,5 +1,5 @@
-"""The S3 server (rclone) SIGKILLed during ``autoqra export``: a clear error and exit 1, the fine-tuned export
-kept on disk, and the same command publishes it once the server is back (without fine-tuning it again)."""
+"""The S3 server (rclone) SIGKILLed during ``autoqra export``: a clear error and exit 1, the written export kept on
+disk, and the same command publishes it once the server is back (without writing it again)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_s3_server_killed_during_export_then_export_again(tmp_path):
             proc = subprocess.Popen([*AUTOQRA, "export", "--run", str(run)], cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        while time.time() < deadline and "final fine-tune of" not in (tmp_path / "export.log").read_text():
+        while time.time() < deadline and "its run on seed" not in (tmp_path / "export.log").read_text():
             assert proc.poll() is None, (tmp_path / "export.log").read_text()[-3000:]
             time.sleep(0.2)
         os.killpg(s3.services["s3"].pid, signal.SIGKILL)  # after the checks passed, before the upload
@@ -55,13 +55,13 @@ def test_s3_server_killed_during_export_then_export_again(tmp_path):
         assert f"autoqra export --run {run}` again once the server answers" in text
         exported = run / "export" / "autoqra-embedded"
         assert (exported / "adapter" / "adapter_model.safetensors").is_file() and not (run / "export.json").exists()
-        print(f"export exited {waited:.1f} s after the S3 server was killed (fine-tune included)")
+        print(f"export exited {waited:.1f} s after the S3 server was killed (its run's training included)")
 
         local_stack.up(stack_home, services=("s3",), ports={"s3": port}, timeout=60)
         r = subprocess.run([*AUTOQRA, "export", "--run", str(run)], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "already holds this fine-tune" in r.stdout + r.stderr  # published as kept, not fine-tuned again
+        assert "already holds this export" in r.stdout + r.stderr  # published as kept, not written again
         ex = json.loads((run / "export.json").read_text())
         from infra.settings import Settings
         from infra.storage import open_store
