@@ -144,13 +144,18 @@ def train_run(
     memory_bytes: int = 0,
 ) -> Checkpoint:
     """The run of ``config`` (seed in ``train``) trained up to ``fidelities[-1]``'s checkpoint, continued from the
-    checkpoint at ``fidelities[-2]`` (itself asked of this task) when the run passes through it. Raises
-    CandidateFailed when the run diverges or runs out of memory (``memory_bytes``: the memory model's prediction,
-    said beside an out-of-memory error; not part of the key)."""
+    checkpoint at an earlier rung of ``fidelities`` where one is stored (the latest; a run never stopped there, e.g.
+    one started at the top rung, trains in one segment and stores only its end). Raises CandidateFailed when the run
+    diverges or runs out of memory (``memory_bytes``: the memory model's prediction, said beside an out-of-memory
+    error; not part of the key)."""
     start = None
-    if len(fidelities) > 1 and continues(fidelities[-2], fidelities[-1]):
-        start = checkpoint(model, dataset, model_id, dataset_id, config, config_key, fidelities[:-1], quant, train,
-                           granularity, layers, code_version, columns, memory_bytes)
+    for k in range(len(fidelities) - 1, 0, -1):  # the latest stored checkpoint the run passes through
+        if continues(fidelities[k - 1], fidelities[-1]) and stored(checkpoint_key(
+                model_id, dataset_id, config_key, fidelities[k - 1], quant, train, granularity, layers, code_version,
+                columns)):
+            start = checkpoint(model, dataset, model_id, dataset_id, config, config_key, fidelities[:k], quant, train,
+                               granularity, layers, code_version, columns, memory_bytes)
+            break
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     cfg, fid = Config.from_dict(config), Fidelity(**fidelities[-1])
     first = start.step if start else 0
@@ -211,29 +216,42 @@ def evaluate(
     except CandidateFailed as e:
         return Evaluation(cfg, rung, float("inf"), memory_bytes, status="failed", reason=e.reason, seed=ts.seed,
                           seconds=time.perf_counter() - begin).to_dict()
-    if len(fidelities) > 1 and continues(fidelities[-2], fidelities[-1]):  # the run went on: the earlier one is spent
-        delete_checkpoints([checkpoint_key(model_id, dataset_id, config_key, fidelities[-2], quant, train, granularity,
-                                           layers, code_version, columns)])
+    # the run went on: its earlier checkpoints are spent
+    delete_checkpoints([checkpoint_key(model_id, dataset_id, config_key, f, quant, train, granularity, layers,
+                                       code_version, columns) for f in fidelities[:-1] if continues(f, fidelities[-1])])
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
     ev = score_checkpoint(wb.base, wb.tokenizer, wb.task, wb.lmap, cfg, Fidelity(**fidelities[-1]), rung,
                           memory_bytes, ckpt, QuantSettings(**quant), ts, split=split, cache=wb.packed)
     return {**ev.to_dict(), "seconds": round(time.perf_counter() - begin, 3)}
 
 
+def _local_storage() -> Path | None:
+    """The folder of this run's result storage, where it is a local one."""
+    from prefect.results import get_result_store
+
+    base = getattr(get_result_store().result_storage, "basepath", None)
+    return None if base is None else Path(base).expanduser()
+
+
+def stored(key: str) -> bool:
+    """Whether the result ``key`` is in this run's result storage."""
+    from prefect.results import get_result_store
+
+    base = _local_storage()
+    return (base / key).is_file() if base is not None else get_result_store().exists(key)
+
+
 def delete_checkpoints(keys: list[str], since: float | None = None) -> int:
     """Remove the persisted checkpoints ``keys`` (those written at or after the time ``since``, when given) from this
     run's result storage (local folders; other storages keep them); returns how many were removed. A later request
     for one of them trains its run again."""
-    from prefect.results import get_result_store
-
-    storage = get_result_store().result_storage
-    base = getattr(storage, "basepath", None)
+    base = _local_storage()
     if base is None:
-        get_run_logger().info(f"checkpoints kept: {type(storage).__name__} result storage has no delete here")
+        get_run_logger().info("checkpoints kept: this result storage has no delete here")
         return 0
     removed = 0
     for key in keys:
-        path = Path(base).expanduser() / key
+        path = base / key
         try:
             if since is None or path.stat().st_mtime >= since:
                 path.unlink()
