@@ -475,27 +475,10 @@ def _failed(config: Config, rung: int, memory_bytes: int, e: Exception, seconds:
     return Evaluation(config, rung, math.inf, memory_bytes, status="failed", reason=reason, seconds=seconds, seed=seed)
 
 
-def evaluate_config(
-    base: nn.Module,
-    tokenizer,
-    task: Task,
-    lmap: LayerMap,
-    config: Config,
-    fidelity: Fidelity,
-    rung: int,
-    memory_bytes: int,
-    q: QuantSettings = QuantSettings(),
-    t: TrainSettings = TrainSettings(),
-    progress=None,
-    split: str = "validation",
-    cache: PackedCache | None = None,
-    start: Checkpoint | None = None,
-) -> Evaluation:
-    """``config`` built, fine-tuned up to ``fidelity``'s checkpoint (from ``start``'s, when given) and scored
-    (``build``, ``fit``) as the search sees it: an Evaluation, failures (divergence, out of memory) included: they
-    are results too. The candidate's memory is handed back before returning (``cache.trim``, ``device.release``)."""
-    return run_config(base, tokenizer, task, lmap, config, fidelity, rung, memory_bytes, q, t, progress, split,
-                      cache, start)[0]
+def evaluate_config(*args, **kwargs) -> Evaluation:
+    """``run_config``'s Evaluation alone: ``config`` built, fine-tuned up to ``fidelity``'s checkpoint and scored as
+    the search sees it, failures (divergence, out of memory) included: they are results too."""
+    return run_config(*args, **kwargs)[0]
 
 
 def run_config(
@@ -514,8 +497,10 @@ def run_config(
     cache: PackedCache | None = None,
     start: Checkpoint | None = None,
 ) -> tuple[Evaluation, Checkpoint | None]:
-    """``evaluate_config`` that also returns the run's checkpoint (None when it failed); ``split`` None trains
-    without scoring (the Evaluation's loss is then NaN)."""
+    """``config`` built, fine-tuned up to ``fidelity``'s checkpoint (continuing ``start``'s, when given) and scored
+    on ``split`` (``build``, ``fit``): the Evaluation, failures included, and the run's checkpoint (None when it
+    failed); ``split`` None trains without scoring (the loss is then NaN). The candidate's memory is handed back
+    before returning (``cache.trim``, ``device.release``)."""
     begin = time.perf_counter()
     try:
         ckpt, loss, acc = fit(build(base, config, lmap, q, t, cache), tokenizer, task, fidelity, t, progress, split,
