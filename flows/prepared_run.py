@@ -21,6 +21,7 @@ from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
+from autoqra_core.protocol import history_tokens
 from autoqra_core.racing import incumbent
 from autoqra_core.search import SearchSettings
 from autoqra_core.space import UNQUANTIZED, Config, SearchSpace
@@ -189,8 +190,8 @@ class Progress:
 
     def __init__(self, run: Run, planned_tokens: int, label: str = "search"):
         self.run, self.planned, self.label = run, max(1, planned_tokens), label
-        self.count, self.tokens, self.start = 0, 0, time.time()
-        self.reached: dict[tuple[str, int], int] = {}  # (config, seed) -> tokens its run was charged
+        self.seen: list[Evaluation] = []  # every evaluation so far, in order
+        self.start = time.time()
         self.top: list[Evaluation] = []  # validation evaluations at the top rung: the incumbent's
         self.where = ""
 
@@ -201,23 +202,26 @@ class Progress:
         """From here on, ``fine_tunes`` whole fine-tunes remain (at most)."""
         self.planned = self.tokens + fine_tunes * self.run.ladder.full.train_tokens
 
+    @property
+    def tokens(self) -> int:
+        """Fine-tuning tokens so far, each charged once (``protocol.history_tokens``)."""
+        return history_tokens(self.seen, self.run.ladder)
+
     def done(self, ev: Evaluation) -> None:
         ladder = self.run.ladder
-        self.count += 1
-        run, tokens = (ev.config.key(), ev.seed), ladder[ev.fidelity].train_tokens
-        self.tokens += max(0, tokens - self.reached.get(run, 0))
-        self.reached[run] = max(tokens, self.reached.get(run, 0))
-        self.planned = max(self.planned, self.tokens)  # the plan is an estimate: never show more done than planned
+        self.seen.append(ev)
+        tokens = self.tokens
+        self.planned = max(self.planned, tokens)  # the plan is an estimate: never show more done than planned
         if ev.fidelity == ladder.top and self.where not in ("report", "baselines"):
             self.top.append(ev)
         elapsed = time.time() - self.start
-        eta = max(0.0, (self.planned - self.tokens) * elapsed / max(1, self.tokens))
+        eta = max(0.0, (self.planned - tokens) * elapsed / max(1, tokens))
         inc = incumbent(self.top, ladder.top, sorted({e.seed for e in self.top}))
         best = f"{inc.eval_loss:.4f} ({inc.replicates} seeds)" if inc else "-"
         status = "ok" if ev.ok else f"FAILED ({ev.reason})"
         get_run_logger().info(
-            f"[{self.label} {self.where}] {ladder.fine_tunes(self.tokens):.2f}/{ladder.fine_tunes(self.planned):.1f} "
-            f"fine-tunes, {self.count} evaluations | rung {ev.fidelity} (step {ladder[ev.fidelity].steps}/"
+            f"[{self.label} {self.where}] {ladder.fine_tunes(tokens):.2f}/{ladder.fine_tunes(self.planned):.1f} "
+            f"fine-tunes, {len(self.seen)} evaluations | rung {ev.fidelity} (step {ladder[ev.fidelity].steps}/"
             f"{ladder.full.steps}) seed {ev.seed} {ev.config.short()} -> {ev.eval_loss:.4f} {status} | "
             f"incumbent {best} | {elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
         )
