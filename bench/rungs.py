@@ -82,23 +82,29 @@ def measure(args) -> dict:
                 "search": rc.search.model_copy(update={"rungs": [RungSection(fraction=1.0,
                                                                              eval_examples=fid.eval_examples)]})})
             restarts[rung] = Run.prepare(args.model, args.dataset, args.budget, short, args.seed)
-        seconds: dict[int, list[float]] = {r: [] for r in range(len(ladder.rungs))}
-        losses: dict[int, list[float | None]] = {r: [] for r in range(len(ladder.rungs))}
-        restarted: dict[int, list[float | None]] = {r: [] for r in restarts}
+        rows = _rows(args)  # configurations measured by an earlier part of the study (any code version)
         for i, c in enumerate(configs):  # config by config: its run's checkpoints are deleted once it is done
+            if c.key() in rows:
+                continue
             start = time.time()
+            row = {"short": c.short(), "losses": [], "seconds": [], "restarted": {}, "code": run.code}
             for rung in range(len(ladder.rungs)):  # each rung continues the run from the previous checkpoint
                 (e,) = run.evaluate_many([(c, rung, args.seed)])
-                losses[rung].append(e.eval_loss if e.ok else None)
-                seconds[rung].append(e.seconds)
+                row["losses"].append(e.eval_loss if e.ok else None)
+                row["seconds"].append(e.seconds)
             for rung, alone in restarts.items():
                 (e,) = alone.evaluate_many([(c, 0, args.seed)])
-                restarted[rung].append(e.eval_loss if e.ok else None)
+                row["restarted"][str(rung)] = e.eval_loss if e.ok else None
             delete_checkpoints([r.checkpoint_key(c, k, args.seed) for r in (run, *restarts.values())
                                 for k in range(len(r.ladder.rungs))])
+            rows[c.key()] = row
+            _rows_path(args).write_text(json.dumps(rows, indent=1))  # a stopped study keeps what it finished
             print(f"configuration {i + 1}/{len(configs)} {c.short()}: {time.time() - start:.0f} s, "
-                  f"losses {[losses[r][-1] for r in losses]}, restarted {[restarted[r][-1] for r in restarted]}",
-                  flush=True)
+                  f"losses {row['losses']}, restarted {row['restarted']}", flush=True)
+        done = [rows[c.key()] for c in configs]
+        losses = {r: [row["losses"][r] for row in done] for r in range(len(ladder.rungs))}
+        seconds = {r: [row["seconds"][r] for row in done] for r in range(len(ladder.rungs))}
+        restarted = {r: [row["restarted"].get(str(r)) for row in done] for r in restarts}
         seeds = race_seeds(args.seed, 3)
         reps = run.evaluate_many([(c, ladder.top, s) for c in configs[:args.replicated] for s in seeds])
         tab = table(reps, ladder.top, seeds)
@@ -107,9 +113,23 @@ def measure(args) -> dict:
                 "warmup_steps": rc.train.warmup_steps, "replicates": {c.short(): [tab[c.key()][s].eval_loss for s in seeds
                                                                                  if tab[c.key()][s].ok]
                                                                      for c in configs[:args.replicated]},
-                "seed_sd": pooled_sd(tab), "budget_bytes": run.budget_bytes}
+                "seed_sd": pooled_sd(tab), "budget_bytes": run.budget_bytes,
+                "code_versions": sorted({row["code"] for row in done})}
 
     return bench()
+
+
+def _rows_path(args) -> Path:
+    """Per-configuration results of this study (model, dataset, settings, seed), written after each one: a later
+    part skips what an earlier part measured even where the code changed since (each row names its version)."""
+    name = f"{args.model}-{args.dataset}-{Path(args.config).stem if args.config else 'default'}-{args.budget}-seed{args.seed}"
+    return ROOT / "bench" / "results" / "rungs-rows" / f"{name}{'-restarted' if args.restarted else ''}.json"
+
+
+def _rows(args) -> dict:
+    path = _rows_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def report(res: dict, args, wall: float) -> list[str]:
@@ -119,7 +139,9 @@ def report(res: dict, args, wall: float) -> list[str]:
              f"Command: `.venv/bin/python bench/rungs.py --model {args.model} --dataset {args.dataset}"
              + (f" --config {args.config}" if args.config else "") + f" --configs {args.configs} --seed {args.seed}"
              + (" --restarted" if args.restarted else "") + "`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; {wall / 60:.0f} min.  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; {wall / 60:.0f} min (the last part; "
+             f"earlier parts' rows in `bench/results/rungs-rows/`), code version(s) "
+             f"{', '.join(res.get('code_versions', [])) or '-'}.  ",
              f"{len(res['configs'])} configurations at the budget (the references first, then random repaired ones), "
              f"each fine-tuned at every rung with seed {args.seed}; validation loss; warm-up {res['warmup_steps']} "
              "steps. Spearman's rho of each rung's losses against the top rung's over the configurations both finished.",

@@ -76,9 +76,15 @@ def test_prefect_ui_shows_the_search_flow_run(served_search, page):
     text = page.inner_text("body")
     assert run["name"] in text and "autoqra-search" in text and "Completed" in text
     # The method's steps, as task runs a person can read (the graph above is a canvas: no text to assert on).
+    # A search has dozens of task runs (one training segment and one scoring per evaluation), listed newest first
+    # a page at a time, so each step is looked up with the list's own search box, as a person would.
     page.get_by_text("Task Runs", exact=True).first.click()
+    box = page.get_by_placeholder("Search by run name").first
     for step in ("generation 0", "generation 1", "turbo 1", "report"):
-        _see(page, step, "prefect-task-runs.png")
+        box.fill(step)
+        _see(page, step + " (", "prefect-task-runs.png")
+    box.fill("")
+    page.wait_for_timeout(1000)
     page.screenshot(path=SHOTS / "prefect-task-runs.png", full_page=True)
 
 
