@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/autoqra search --budget uniform-4bit-r16 --out demo-output --seed 0 --baselines --config infra/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 # The inner loop: no servers, no fine-tune longer than a few steps (the tests marked `slow` are left out).
 test-fast: install
