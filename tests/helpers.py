@@ -58,11 +58,11 @@ train: {steps: 3, data_fraction: 0.05, seq_len: 32, batch_size: 4}
 search:
   generations: 1
   rungs:
-    - {fraction: 1.0, eval_examples: 20}
+    - {fraction: 1.0, eval_examples: 8}
   evolution: {population_size: 3, offspring: 2}
   turbo: {iterations: 1, batch_size: 1}
   race: {max_config_calls: 1}
-report: {seeds: 1, test_examples: 20}
+report: {seeds: 1, test_examples: 8}
 """
 
 AUTOQRA = [sys.executable, "-m", "flows.cli"]

@@ -131,7 +131,7 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     from flows.search import search_flow
 
     cfg = tmp_path / "mini.yaml"  # one uniform baseline is enough here: the report re-runs every method per seed
-    cfg.write_text(MINI_SEARCH.replace("report: {seeds: 1, test_examples: 20}", "report: {seeds: 2, test_examples: 40}")
+    cfg.write_text(MINI_SEARCH.replace("report: {seeds: 1, test_examples: 8}", "report: {seeds: 2, test_examples: 16}")
                    + "baselines: {n_random: 2, uniform_bits: [4]}\n")
     data_a, data_b = tmp_path / "a", tmp_path / "b"
     for d in (data_a, data_b):
@@ -152,7 +152,7 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     assert a["best"]["test"]["losses"] != b["best"]["test"]["losses"]  # the test split was really scored
 
     top_tokens = a["fine_tune"]["train_tokens"]
-    assert a["protocol"]["report_seeds"] == [3, 4] and a["protocol"]["test_examples"] == 40
+    assert a["protocol"]["report_seeds"] == [3, 4] and a["protocol"]["test_examples"] == 16
     assert a["best"]["train_tokens"] == a["protocol"]["train_tokens"]["autoqra"] > 0
     for name, entry in a["baselines"].items():
         t = entry["test"]
