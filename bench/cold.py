@@ -1,7 +1,8 @@
 """Where a cold evaluation's time goes, before its first step and per step, for a uniform and a mixed allocation.
 
 Each recipe is timed twice, each time in a fresh process with an empty AUTOQRA_HOME (nothing cached):
-* ``autoqra evaluate`` whole, as a user runs it (wall time, and when its first step's log line appears);
+* ``autoqra evaluate`` whole, as a user runs it (wall time, and when its first step's log line appears), in a home
+  where the model is already converted (the ``--space`` child that writes the configuration converts it first);
 * the same work as phases, in-process with the core and flows API: imports, loading the model and task, file
   fingerprints, tokenizing the train split, quantizing every layer (the packed cache), attaching LoRA (peft's
   ``rank_pattern``), the first training step, the later ones, scoring. Then, in that same process, the same
@@ -226,9 +227,9 @@ def report(rows: dict, args, wall: float) -> str:
              "| seconds | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" for n in names) + " |")
-    lines.append("| `autoqra evaluate`: first step's log line | "
+    lines.append("| `autoqra evaluate` (model already converted): first step's log line | "
                  + " | ".join(f"{rows[n]['cli']['first step'] or float('nan'):.1f}" for n in names) + " |")
-    lines.append(f"| `autoqra evaluate`: whole ({args.steps} steps, {args.eval_examples} questions) | "
+    lines.append(f"| `autoqra evaluate` (model already converted): whole ({args.steps} steps, {args.eval_examples} questions) | "
                  + " | ".join(f"{rows[n]['cli']['wall']:.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 

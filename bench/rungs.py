@@ -48,6 +48,13 @@ def lc_predict(steps: list[int], losses: list[float], total: int, power: float =
     return l1 + b * (total ** -power - t1 ** -power)
 
 
+def lc_fits(res: dict, k: int) -> list[float | None]:
+    """Each configuration's final loss predicted from its checkpoints up to rung ``k`` (None where one failed)."""
+    steps = [r["steps"] for r in res["ladder"]["rungs"]]
+    seen = [[res["losses"][str(j)][i] for j in range(k + 1)] for i in range(len(res["losses"]["0"]))]
+    return [None if None in ls else lc_predict(steps[:k + 1], ls, steps[-1]) for ls in seen]
+
+
 def measure(args) -> dict:
     from prefect import flow
 
@@ -149,15 +156,13 @@ def report(res: dict, args, wall: float) -> list[str]:
              "| restarted run | learning-curve fit | n |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     final = res["losses"][str(top)]
-    steps = [r["steps"] for r in rungs]
 
     def rho(values) -> str:
         pairs = [(a, b) for a, b in zip(values, final) if a is not None and b is not None]
         return f"{spearman([a for a, _ in pairs], [b for _, b in pairs]):+.2f}" if len(pairs) > 2 else "-"
 
     for k, r in enumerate(rungs):
-        seen = [[res["losses"][str(j)][i] for j in range(k + 1)] for i in range(len(final))]
-        fit = [None if None in ls else lc_predict(steps[:k + 1], ls, steps[-1]) for ls in seen]
+        fit = lc_fits(res, k)
         again = res.get("restarted", {}).get(str(k))
         lines.append(f"| {k} | {r['steps']} / {r.get('total_steps') or r['steps']} | {r['eval_examples']} | "
                      f"{r['steps'] * r['batch_size'] * r['seq_len']:,} | {statistics.median(res['seconds'][str(k)]):.1f} | "

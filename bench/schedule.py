@@ -19,21 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rungs import lc_predict, spearman  # noqa: E402
+from bench.rungs import lc_fits, spearman  # noqa: E402
 
 
 def rhos(res: dict) -> list[tuple[float, float]]:
     """Per lower rung: Spearman of the checkpoint's loss, and of the learning-curve prediction, against the top."""
-    rungs = res["ladder"]["rungs"]
-    top = len(rungs) - 1
-    steps = [r["steps"] for r in rungs]
+    top = len(res["ladder"]["rungs"]) - 1
     final = res["losses"][str(top)]
-    out = []
-    for k in range(top):
-        seen = [[res["losses"][str(j)][i] for j in range(k + 1)] for i in range(len(final))]
-        fit = [lc_predict(steps[:k + 1], ls, steps[-1]) for ls in seen]
-        out.append((spearman(res["losses"][str(k)], final), spearman(fit, final)))
-    return out
+    return [(spearman(res["losses"][str(k)], final), spearman(lc_fits(res, k), final)) for k in range(top)]
 
 
 def main() -> None:
