@@ -45,7 +45,7 @@ class BaselineSettings:
     @property
     def fixed(self) -> int:
         """Fine-tunes of the recipes that are one configuration each: every uniform bit-width, sequential and fp-lora
-        (uniform-best's candidates are references the search's first generation already ran at the top rung)."""
+        (uniform-best's candidates, one per bit-width that fits, come on top)."""
         return len(self.uniform_bits) + 2
 
     @property

@@ -112,7 +112,8 @@ def request_key(config: Config, rung: int, seed: int) -> tuple[str, int, int]:
 def evaluate_new(
     requests: Sequence[Request], history: Sequence[Evaluation], evaluate_many: EvaluateMany
 ) -> list[Evaluation]:
-    """Evaluate, as one batch, the requests not already in ``history`` (nor repeated in ``requests``)."""
+    """Evaluate, as one batch, the requests not already in ``history`` (nor repeated in ``requests``). A metered
+    ``evaluate_many`` (``protocol.metered``) may run only a prefix of them: the rest were not run."""
     seen = {request_key(*e.request) for e in history}
     todo = []
     for req in requests:
@@ -122,6 +123,7 @@ def evaluate_new(
     if not todo:
         return []
     results = list(evaluate_many(todo))
-    if len(results) != len(todo) or any(request_key(*r.request) != request_key(*q) for r, q in zip(results, todo)):
-        raise ValueError("evaluate_many must return one Evaluation per (config, rung, seed), in the order given")
+    if len(results) > len(todo) or any(request_key(*r.request) != request_key(*q) for r, q in zip(results, todo)):
+        raise ValueError("evaluate_many must return one Evaluation per (config, rung, seed), in the order given "
+                         "(or, on a budget, those of a prefix)")
     return results

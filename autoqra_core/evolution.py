@@ -61,7 +61,7 @@ from .surrogate import Surrogate, corrected_losses, screen
 class EvolutionSettings:
     """Stage 1's settings. These defaults are the only ones: the settings file's schema takes them from here."""
 
-    population_size: int = 8  # sized for the embedded model on 2 CPU cores (``make demo``)
+    population_size: int = 10  # with the budget in fine-tunes, it sets how stage 1 spends it, not how much
     offspring: int = 6  # children evaluated (at rung 0) per generation
     offspring_multiplier: int = 4  # children generated per evaluated one; the surrogate keeps the best
     crossover_prob: float = 0.7
@@ -261,11 +261,14 @@ def prior_configs(
 def initial_population(
     space: SearchSpace, priors: Priors, cost: Cost, budget: int, settings: EvolutionSettings, rng: random.Random
 ) -> list[Config]:
-    """Prior-derived configs (up to ``prior_fraction`` of the population) plus repaired random ones."""
+    """Prior-derived configs (up to ``prior_fraction`` of the population), the uniform recipes that fit (each
+    bit-width at its largest rank: the candidates of uniform-best), then repaired random ones."""
     size = settings.population_size
     n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
-    return random_repaired(_draw(space, priors, settings, rng), size, space, priors, cost, budget,
-                           start=prior_configs(space, priors, cost, budget)[:n_prior])
+    start = prior_configs(space, priors, cost, budget)[:n_prior]
+    start += list(uniform_best_candidates(space, cost, budget).values())[:max(0, size - len(start))]
+    start = list({c.key(): c for c in start}.values())
+    return random_repaired(_draw(space, priors, settings, rng), size, space, priors, cost, budget, start=start)
 
 
 def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: random.Random) -> Callable[[], Config]:
@@ -275,13 +278,12 @@ def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: 
 
 
 def references(space: SearchSpace, priors: Priors, cost: Cost, budget: int) -> list[Config]:
-    """What generation 0 runs at the top rung, best guess first: the best prior-derived configuration,
-    uniform-4bit-r16 (where it fits and is in the space), and for each bit-width the largest uniform rank that
-    fits."""
+    """What generation 0 runs at the top rung, best guess first: the best prior-derived configuration and
+    uniform-4bit-r16 (where it fits and is in the space), so the race has an incumbent and the recipe users pick
+    by hand from the start. The other uniform recipes start at rung 0 (``initial_population``)."""
     ref = space.uniform(*REFERENCE)
     out = prior_configs(space, priors, cost, budget)[:1]
     out += [ref] if REFERENCE[0] in space.bits and REFERENCE[1] in space.ranks and cost(ref) <= budget else []
-    out += list(uniform_best_candidates(space, cost, budget).values())
     return list({c.key(): c for c in out}.values())
 
 

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from .evaluation import Evaluation
+from .evaluation import EvaluateMany, Evaluation, Request
 from .fidelity import Ladder
 
 REFERENCES = ("uniform-4bit-r16", "uniform-best", "random")  # every method is compared, seed by seed, with these
@@ -40,18 +40,42 @@ def report_seeds(search_seed: int, n: int) -> list[int]:
     return [search_seed + 1 + k for k in range(n)]
 
 
+def _charge(reached: dict[tuple[str, int], int], key: str, seed: int, tokens: int) -> int:
+    """Tokens a run (config ``key``, ``seed``) spends to reach a checkpoint at ``tokens``, given what ``reached``
+    holds (updated): only the steps from its last checkpoint."""
+    done = reached.get((key, seed), 0)
+    reached[(key, seed)] = max(tokens, done)
+    return max(0, tokens - done)
+
+
 def charged_tokens(history: Sequence[Evaluation], ladder: Ladder) -> list[int]:
     """Fine-tuning tokens each evaluation of ``history`` spent, in order: a run's checkpoints are charged once, so a
     promotion costs only the steps from the run's last checkpoint to its new one (failed evaluations count: their
     compute was spent)."""
     reached: dict[tuple[str, int], int] = {}  # (config, seed) -> tokens its run has been charged
-    out = []
+    return [_charge(reached, e.config.key(), e.seed, ladder[e.fidelity].train_tokens) for e in history]
+
+
+def metered(evaluate_many: EvaluateMany, history: Sequence[Evaluation], ladder: Ladder, tokens: int) -> EvaluateMany:
+    """``evaluate_many`` on a budget: each batch runs the longest prefix of its requests whose cost (charged as
+    ``charged_tokens`` does, after ``history`` and every earlier batch) fits in what is left of ``tokens``, and
+    returns that prefix's evaluations. The search's cap in whole fine-tunes (``SearchSettings.fine_tunes``)."""
+    reached: dict[tuple[str, int], int] = {}
     for e in history:
-        run = (e.config.key(), e.seed)
-        tokens = ladder[e.fidelity].train_tokens
-        out.append(max(0, tokens - reached.get(run, 0)))
-        reached[run] = max(tokens, reached.get(run, 0))
-    return out
+        _charge(reached, e.config.key(), e.seed, ladder[e.fidelity].train_tokens)
+    left = [tokens]
+
+    def run(requests: list[Request]) -> list[Evaluation]:
+        todo = []
+        for config, rung, seed in requests:
+            need = max(0, ladder[rung].train_tokens - reached.get((config.key(), seed), 0))
+            if need > left[0]:
+                break
+            left[0] -= _charge(reached, config.key(), seed, ladder[rung].train_tokens)
+            todo.append((config, rung, seed))
+        return list(evaluate_many(todo)) if todo else []
+
+    return run
 
 
 def history_tokens(history: Sequence[Evaluation], ladder: Ladder) -> int:

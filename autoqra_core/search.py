@@ -1,5 +1,7 @@
 """The whole search: stage 1 (evolution, multi-fidelity) then stage 2 (TuRBO at the top rung), every
-configuration that reaches the top rung raced against the incumbent on further seeds (``racing``).
+configuration that reaches the top rung raced against the incumbent on further seeds (``racing``), all
+within a budget in the user's unit, whole fine-tunes (``SearchSettings.fine_tunes``): every batch runs
+what still fits (``protocol.metered``), and the search ends when not even one more step of it does.
 
 ``advance`` is one step of the method (a generation or a TuRBO iteration) and
 ``run_search`` a loop over it; an orchestrator calls ``advance`` itself, one cached
@@ -20,7 +22,7 @@ from .evaluation import EvaluateMany, Evaluation
 from .evolution import EvolutionSettings, EvolutionState
 from .fidelity import Ladder
 from .importance import Priors
-from .protocol import charged_tokens, race_seeds
+from .protocol import charged_tokens, history_tokens, metered, race_seeds
 from .racing import RaceSettings, incumbent, standings
 from .repair import Cost, check_budget
 from .space import SearchSpace
@@ -28,6 +30,7 @@ from .turbo import TurboRun, TurboSettings
 
 
 DEFAULT_STEPS = 54  # the library's fine-tune when none is given (the settings file's default is one epoch)
+DEFAULT_FINE_TUNES = 8.0  # the search's budget in whole fine-tunes, racing included
 
 
 def default_ladder() -> Ladder:
@@ -40,11 +43,17 @@ class SearchSettings:
     """The whole search's settings; with its parts' dataclasses, the one place that holds their defaults."""
 
     seed: int = 0
-    generations: int = 3  # stage-1 generations, the initial population included
+    generations: int = 3  # stage-1 generations at most, the initial population included
     ladder: Ladder = field(default_factory=default_ladder)
+    fine_tunes: float | None = DEFAULT_FINE_TUNES  # the budget in whole fine-tunes, replicates included; None: no cap
     evolution: EvolutionSettings = EvolutionSettings()  # population size, offspring multiplier, ...
     turbo: TurboSettings = TurboSettings()  # iterations, batch size, trust region
     race: RaceSettings = RaceSettings()  # intensification at the top rung
+
+    @property
+    def cap_tokens(self) -> int | None:
+        """The budget in fine-tuning tokens (None: the steps set by ``generations`` and ``turbo.iterations``)."""
+        return None if self.fine_tunes is None else round(self.fine_tunes * self.ladder.full.train_tokens)
 
     @property
     def seeds(self) -> list[int]:
@@ -56,6 +65,7 @@ class SearchSettings:
             "seed": self.seed,
             "generations": self.generations,
             "ladder": self.ladder.to_dict(),
+            "fine_tunes": self.fine_tunes,
             "evolution": asdict(self.evolution),
             "turbo": asdict(self.turbo),
             "race": asdict(self.race),
@@ -67,6 +77,7 @@ class SearchSettings:
             seed=int(d.get("seed", 0)),
             generations=int(d.get("generations", cls.generations)),
             ladder=Ladder.from_dict(d["ladder"]) if "ladder" in d else default_ladder(),
+            fine_tunes=d.get("fine_tunes", DEFAULT_FINE_TUNES),
             evolution=EvolutionSettings(**d.get("evolution", {})),
             turbo=TurboSettings(**d.get("turbo", {})),
             race=RaceSettings(**d.get("race", {})),
@@ -189,22 +200,31 @@ def advance(
 ) -> SearchState:
     """One step of the method, a pure function of (state, settings, evaluations): a generation, or a TuRBO
     iteration. The last generation also ends stage 1 (``evolution.finish``) and centres TuRBO, so every step
-    is one unit an orchestrator can cache and replay."""
-    ladder, race = settings.ladder, settings.race
+    is one unit an orchestrator can cache and replay. On a budget (``settings.fine_tunes``) every batch runs
+    what still fits, a stage ends once not even one evaluation of its own fits, and ``finish`` runs regardless
+    (a search with nothing finished at the top rung has no answer)."""
+    ladder, race, cap = settings.ladder, settings.race, settings.cap_tokens
+    left = None if cap is None else cap - history_tokens(state.history, ladder)
+    fits = lambda rung: left is None or left >= ladder[rung].train_tokens  # noqa: E731
+    budgeted = evaluate_many if left is None else metered(evaluate_many, state.history, ladder, max(0, left))
     if state.stage == "evolution":
         ev = state.evolution
-        if ev.generation < settings.generations:
-            ev = evolution.step(ev, space, priors, cost, budget, evaluate_many, ladder, settings.evolution, race)
-        if ev.generation < settings.generations:
+        if ev.generation < settings.generations and fits(0):
+            ev = evolution.step(ev, space, priors, cost, budget, budgeted, ladder, settings.evolution, race)
+        if ev.generation < settings.generations and fits(0):
             return replace(state, evolution=ev)
         ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size, race)
-        if settings.turbo.iterations > 0 and incumbent(ev.history, ladder.top, settings.seeds) is not None:
+        spent = cap is not None and cap - history_tokens(ev.history, ladder) < ladder.full.train_tokens
+        if settings.turbo.iterations > 0 and not spent and incumbent(ev.history, ladder.top, settings.seeds):
             return SearchState("turbo", ev, turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed))
         return SearchState("done", ev, None)
     if state.stage == "turbo":
-        run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, evaluate_many,
+        run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, budgeted,
                          ladder.top, settings.turbo, race)
+        after = SearchState("turbo", state.evolution, run)
         done = run.done or run.iteration >= settings.turbo.iterations
+        if cap is not None and cap - history_tokens(after.history, ladder) < ladder.full.train_tokens:
+            done = True
         return SearchState("done" if done else "turbo", state.evolution, run)
     return state
 

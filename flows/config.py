@@ -161,6 +161,7 @@ class RaceSection(_Strict):
 
 
 class SearchSection(_Strict):
+    fine_tunes: float | None = Field(_default(SearchSettings, "fine_tunes"), gt=0)
     generations: int = Field(_default(SearchSettings, "generations"), ge=1)
     rungs: list[RungSection] = Field(default_factory=_default_rungs, min_length=1)
     promote_fraction: float = Field(_default(Ladder, "promote_fraction"), gt=0, le=1)
@@ -240,6 +241,7 @@ class RunConfig(_Strict):
 
     def search_settings(self, seed: int, total_steps: int) -> SearchSettings:
         return SearchSettings(seed=seed, generations=self.search.generations, ladder=self.ladder(total_steps),
+                              fine_tunes=self.search.fine_tunes,
                               evolution=EvolutionSettings(**self.search.evolution.model_dump()),
                               turbo=TurboSettings(**self.search.turbo.model_dump()),
                               race=RaceSettings(**self.search.race.model_dump()))

@@ -6,6 +6,7 @@ the one resume mechanism. Every search decision reads the validation split; only
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from contextlib import AbstractContextManager
@@ -70,7 +71,7 @@ def _planned_search(run: Run) -> tuple[list[int], int, int]:
         seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
         for r in range(1, len(seen)):
             seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
-    refs = len(run.space.bits) + 1 if s.evolution.full_fidelity_start else 0
+    refs = 2 if s.evolution.full_fidelity_start else 0  # the best prior configuration and uniform-4bit-r16
     turbo = s.turbo.iterations * s.turbo.batch_size
     # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
     replicates = -(-(seen[-1] + refs + turbo) * (s.race.max_config_calls - 1) // 4)  # rounded up
@@ -78,12 +79,14 @@ def _planned_search(run: Run) -> tuple[list[int], int, int]:
 
 
 def _planned_tokens(run: Run) -> int:
-    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``): a promoted run pays only
-    the steps from its last checkpoint, a run started at the top rung the whole fine-tune."""
+    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``, at most its budget
+    ``search.fine_tunes``): a promoted run pays only the steps from its last checkpoint, a run started at the top
+    rung the whole fine-tune."""
     seen, refs, later = _planned_search(run)
     tokens = [f.train_tokens for f in run.ladder.rungs]
     steps = sum(n * (t - (tokens[r - 1] if r else 0)) for r, (n, t) in enumerate(zip(seen, tokens)))
-    return steps + (refs + later) * tokens[-1]
+    cap = run.search_settings().cap_tokens
+    return min(steps + (refs + later) * tokens[-1], cap if cap is not None else math.inf)
 
 
 def _planned(run: Run, baselines: bool) -> int:
@@ -93,9 +96,16 @@ def _planned(run: Run, baselines: bool) -> int:
     total, methods, full = _planned_tokens(run), 1, run.ladder.full.train_tokens
     if baselines:
         b = run.rc.baseline_settings()
-        total += (b.fixed + b.random_count(_planned_tokens(run), run.ladder)) * full
+        total += _baseline_fine_tunes(run, b.random_count(_planned_tokens(run), run.ladder)) * full
         methods += b.methods
     return total + run.rc.report.seeds * methods * full
+
+
+def _baseline_fine_tunes(run: Run, n_random: int) -> int:
+    """Whole fine-tunes the baselines run at most: the one-configuration recipes, uniform-best's candidates (the
+    search's runs of them are reused) and random search's draws."""
+    return (run.rc.baseline_settings().fixed + n_random
+            + len(uniform_best_candidates(run.space, run.cost, run.budget_bytes)))
 
 
 @flow(name="autoqra-search", log_prints=True)
@@ -148,7 +158,7 @@ def search_flow(
             # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
             b = rc.baseline_settings()
             n_random = b.random_count(compute["autoqra"], run.ladder)
-            progress.plan(b.fixed + n_random + rc.report.seeds * b.methods)
+            progress.plan(_baseline_fine_tunes(run, n_random) + rc.report.seeds * b.methods)
             base = _baselines(run, pri, params, live, n_random, res.history, settings.seeds)
             compute |= baseline_compute(base, n_random, run)
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
@@ -190,7 +200,8 @@ def baselines_flow(
     pri = run.priors()
     b = rc.baseline_settings()
     n_random = b.random_count(_planned_tokens(run), run.ladder)
-    progress = Progress(run, (b.fixed + n_random + rc.report.seeds * b.methods) * run.ladder.full.train_tokens,
+    fine_tunes = _baseline_fine_tunes(run, n_random) + rc.report.seeds * b.methods
+    progress = Progress(run, fine_tunes * run.ladder.full.train_tokens,
                         "baselines")
     params = run.params(budget)
     with _lend(run, progress) as live:

@@ -29,7 +29,7 @@ from autoqra_core.racing import incumbent
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.importance import Priors
 from autoqra_core.repair import fill, minimal, repair
-from autoqra_core.search import SearchSettings, SearchState, pareto_front, run_search
+from autoqra_core.search import DEFAULT_FINE_TUNES, SearchSettings, SearchState, pareto_front, run_search
 from autoqra_core.space import Config, SearchSpace
 from autoqra_core.surrogate import Surrogate, encode, rung_offsets
 
@@ -121,8 +121,9 @@ class Recorder:
         return self.fn(requests)
 
 
-SETTINGS = SearchSettings.from_dict({
+SETTINGS = SearchSettings.from_dict({  # the suite's long search: every step it plans, no budget in fine-tunes
     "seed": 3,
+    "fine_tunes": None,
     "generations": 5,
     "ladder": LADDER.to_dict(),
     "evolution": {"population_size": 10, "offspring": 6, "offspring_multiplier": 4},
@@ -214,7 +215,7 @@ def test_prior_individuals_are_feasible_and_split_memory():
 def test_ga_improves_over_its_initial_population():
     # Random start (the prior-derived configs alone already sit near the good basin):
     # this measures what the evolution itself adds.
-    settings = SearchSettings(seed=2, generations=6, ladder=LADDER,
+    settings = SearchSettings(seed=2, generations=6, ladder=LADDER, fine_tunes=None,
                               evolution=dataclasses.replace(SETTINGS.evolution, prior_fraction=0.0),
                               turbo=turbo.TurboSettings(iterations=0))  # stage 1 alone
     recorder = Recorder()
@@ -252,7 +253,7 @@ def turbo_alone(warm: list[Evaluation], settings: turbo.TurboSettings, recorder:
     """Stage 2 alone through ``run_search``: centred on ``warm`` (as stage 1's history), seed 0."""
     state = SearchState("turbo", dataclasses.replace(evolution.EvolutionState.new(0), history=warm),
                         turbo.start(SPACE, warm, LADDER.top, settings, seed=0))
-    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SearchSettings(ladder=LADDER, turbo=settings),
+    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SearchSettings(ladder=LADDER, turbo=settings, fine_tunes=None),
                         state=state, on_checkpoint=None if on_iteration is None else lambda s: on_iteration(s.turbo))
     return result.state.turbo
 
@@ -427,13 +428,15 @@ def noisy(top_sd: float):
 
 @pytest.fixture(scope="module")
 def noisy_runs():
-    """10 search seeds at the test's settings: with the measured noise (raced, and not raced), and without it."""
+    """10 search seeds at the test's settings within the default budget (``DEFAULT_FINE_TUNES``): with the measured
+    noise (raced, and not raced), and without it. name -> [SearchResult]."""
     no_race = dataclasses.replace(SETTINGS.race, max_config_calls=1)
     out = {}
     for name, sd, race in (("raced", TOP_SD, SETTINGS.race), ("single draw", TOP_SD, no_race),
                            ("noiseless", 0.0, SETTINGS.race)):
         out[name] = [run_search(SPACE, PRIORS, cost, BUDGET, Recorder(noisy(sd)),
-                                dataclasses.replace(SETTINGS, seed=seed, race=race)).best for seed in range(10)]
+                                dataclasses.replace(SETTINGS, seed=seed, race=race, fine_tunes=DEFAULT_FINE_TUNES))
+                     for seed in range(10)]
     return out
 
 
@@ -441,23 +444,42 @@ def noisy_runs():
 def test_search_under_noise_never_loses_to_the_reference_and_finds_most_of_the_gain(noisy_runs):
     uniform, opt = true_loss(SPACE.uniform(4, 16)), optimum()
     for name in ("raced", "noiseless"):
-        truth = [true_loss(b.config) for b in noisy_runs[name]]
+        truth = [true_loss(r.best.config) for r in noisy_runs[name]]
         assert all(t <= uniform for t in truth), (name, truth)  # never worse than the reference it raced
         regret = statistics.fmean(t - opt for t in truth)
         assert regret <= 0.5 * (uniform - opt), (name, regret, uniform - opt)
+    spent = [LADDER.fine_tunes(protocol.history_tokens(r.history, LADDER)) for rs in noisy_runs.values() for r in rs]
+    assert max(spent) <= DEFAULT_FINE_TUNES and min(spent) > DEFAULT_FINE_TUNES - 1  # the budget, used and kept
 
 
 @pytest.mark.slow
 def test_racing_halves_the_winners_optimism(noisy_runs):
     """Optimism: the winner's selected (mean) loss minus its true loss. The minimum of single draws is biased low;
     the mean over the race's seeds much less."""
-    def optimism(bests):
-        return statistics.fmean(b.eval_loss - BIAS[LADDER.top] - true_loss(b.config) for b in bests)
+    def optimism(results):
+        return statistics.fmean(r.best.eval_loss - BIAS[LADDER.top] - true_loss(r.best.config) for r in results)
 
     raced, single = optimism(noisy_runs["raced"]), optimism(noisy_runs["single draw"])
     assert single < -0.5 * TOP_SD  # the winner's curse is real at this noise
     assert abs(raced) <= 0.5 * abs(single), (raced, single)
-    assert all(b.replicates >= 2 for b in noisy_runs["raced"]) and all(b.replicates == 1 for b in noisy_runs["single draw"])
+    assert all(r.best.replicates >= 2 for r in noisy_runs["raced"])
+    assert all(r.best.replicates == 1 for r in noisy_runs["single draw"])
+
+
+def test_the_budget_caps_every_batch_and_ends_the_search():
+    """``fine_tunes`` is a hard cap on the tokens charged (promotions at their increment): a small budget ends the
+    search early with an answer at the top rung, and a metered batch runs the prefix that fits."""
+    for budget in (2.5, 5.0):
+        recorder = Recorder()
+        result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, dataclasses.replace(SETTINGS, fine_tunes=budget))
+        assert LADDER.fine_tunes(protocol.history_tokens(result.history, LADDER)) <= budget
+        assert result.best is not None and result.state.stage == "done"
+    config = SPACE.uniform(4, 16)
+    history = [evaluate(config, 0, 3)]  # its run is at rung 0: going on to rung 1 costs only the steps between
+    ran = Recorder()
+    metered = protocol.metered(ran, history, LADDER, LADDER[1].train_tokens - LADDER[0].train_tokens)
+    out = metered([(config, 1, 3), (SPACE.uniform(8, 16), 0, 3)])
+    assert [(e.config.key(), e.fidelity) for e in out] == [(config.key(), 1)] and len(ran.calls) == 1
 
 
 def test_catastrophic_pairs_are_rarely_drawn():

@@ -37,7 +37,7 @@ def _load(tmp_path, text: str) -> RunConfig:
 def test_partial_override_keeps_the_other_defaults(tmp_path):
     s = _load(tmp_path, "search: {evolution: {offspring: 4}, turbo: {batch_size: 3}}").search_settings(7, DEFAULT_STEPS)
     assert s.evolution == dataclasses.replace(EvolutionSettings(), offspring=4)
-    assert s.evolution.population_size == 8  # the documented default, not an older one
+    assert s.evolution.population_size == 10  # the documented default, not an older one
     assert s.turbo == dataclasses.replace(TurboSettings(), batch_size=3)
     assert s.generations == SearchSettings().generations and s.ladder == SearchSettings().ladder and s.seed == 7
 
@@ -141,7 +141,8 @@ def test_progress_plan_matches_a_search_at_the_defaults():
                             seed=0, history=res.history)
     methods = 1 + BaselineSettings().methods
     done = protocol.history_tokens(asked, ladder) + rc.report.seeds * methods * ladder.full.train_tokens
-    run = SimpleNamespace(rc=rc, seed=0, ladder=ladder, space=SPACE, search_settings=lambda: settings)
+    run = SimpleNamespace(rc=rc, seed=0, ladder=ladder, space=SPACE, cost=cost, budget_bytes=BUDGET,
+                          search_settings=lambda: settings)
     planned = _planned(run, baselines=True)
     assert done <= planned <= done + 4 * ladder.full.train_tokens, (done / ladder.full.train_tokens,
                                                                     planned / ladder.full.train_tokens)
