@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "noise.md"))
     args = ap.parse_args()
 
-    from autoqra_core.search import run_search
+    from autoqra_core.search import DEFAULT_FINE_TUNES, run_search
     from tests import test_search as T
 
     uniform, opt = T.true_loss(T.SPACE.uniform(4, 16)), T.optimum()
@@ -44,7 +44,8 @@ def main() -> None:
     lines = [f"# The search under noise (synthetic objective, {args.seeds} search seeds)", "",
              f"Command: `.venv/bin/python bench/noise.py --seeds {args.seeds} --top-sd {args.top_sd}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. The suite's objective and search settings "
-             f"(`tests/test_search.py`: 8 layers, budget uniform-4bit-r16, 5 generations, 4 TuRBO batches); noise "
+             f"(`tests/test_search.py`: 8 layers, budget uniform-4bit-r16, at most 5 generations and 4 TuRBO batches, "
+             f"within the default budget of {DEFAULT_FINE_TUNES:g} whole fine-tunes); noise "
              f"per (config, rung, seed), sd {args.top_sd} at the top rung. Uniform-4bit-r16's regret to the exact "
              f"optimum: {uniform - opt:.4f}.", "",
              "| variant | mean regret (true) | worst true loss - uniform-4bit-r16 | never worse than uniform-4bit-r16 "
@@ -55,7 +56,8 @@ def main() -> None:
         for seed in range(args.seeds):
             rec = T.Recorder(T.noisy(sd))
             bests.append(run_search(T.SPACE, T.PRIORS, T.cost, T.BUDGET, rec,
-                                    dataclasses.replace(T.SETTINGS, seed=seed, race=race)).best)
+                                    dataclasses.replace(T.SETTINGS, seed=seed, race=race,
+                                                        fine_tunes=DEFAULT_FINE_TUNES)).best)
             calls.append(len(rec.calls))
         truth = [T.true_loss(b.config) for b in bests]
         optimism = [b.eval_loss - T.BIAS[T.LADDER.top] - t for b, t in zip(bests, truth)]
