@@ -120,9 +120,11 @@ def _summary(result: dict) -> None:
     Console().print(table)
     if cost := result.get("search_cost"):
         ft = result["fine_tune"]
-        Console().print(f"search cost: {cost['fine_tunes']:.2f} full fine-tunes ({cost['train_tokens']:,} tokens, "
-                        f"{cost['evaluations']} evaluations, replicates included; one fine-tune = {ft['steps']} steps, "
-                        f"{ft['train_tokens']:,} tokens)")
+        cap = cost.get("budget_fine_tunes")
+        budget = f" of a budget of {cap:g}" if cap else ""
+        Console().print(f"search cost: {cost['fine_tunes']:.2f} full fine-tunes{budget} ({cost['train_tokens']:,} "
+                        f"tokens, {cost['evaluations']} evaluations, replicates included; one fine-tune = "
+                        f"{ft['steps']} steps, {ft['train_tokens']:,} tokens)")
 
 
 @app.command()

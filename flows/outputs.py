@@ -140,6 +140,7 @@ class RunOutputs:
                                      "eval_examples": f.eval_examples} for f in ladder.rungs],
                           "ladder": ladder.to_dict()},
             "search_cost": ({"train_tokens": compute["autoqra"], "fine_tunes": round(compute["autoqra"] / full, 3),
+                             "budget_fine_tunes": self.run.search_settings().fine_tunes,  # null: no cap
                              "evaluations": len(history)} if res and "autoqra" in compute else None),
             "evaluations": [_eval_entry(e) for e in all_evals],
             "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines

@@ -219,6 +219,9 @@ def test_a_search_on_user_rows_through_the_cli_exports_a_model_that_answers(kind
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["best"]["config"] and result["best"]["test"]["loss_mean"] < 20
+    cost = result["search_cost"]  # the default budget, kept, and said in the summary
+    assert cost["budget_fine_tunes"] == 8 and 0 < cost["fine_tunes"] <= 8
+    assert f"search cost: {cost['fine_tunes']:.2f} full fine-tunes of a budget of 8 " in " ".join(r.stdout.split())
     export = Path(json.loads((out / "export.json").read_text())["export_dir"])
     champion = ChampionModel()
     champion.load_context(type("Context", (), {"artifacts": {"export": str(export)}})())
