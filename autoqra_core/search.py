@@ -204,27 +204,29 @@ def advance(
     what still fits, a stage ends once not even one evaluation of its own fits, and ``finish`` runs regardless
     (a search with nothing finished at the top rung has no answer)."""
     ladder, race, cap = settings.ladder, settings.race, settings.cap_tokens
-    left = None if cap is None else cap - history_tokens(state.history, ladder)
-    fits = lambda rung: left is None or left >= ladder[rung].train_tokens  # noqa: E731
-    budgeted = evaluate_many if left is None else metered(evaluate_many, state.history, ladder, max(0, left))
+
+    def fits(history: Sequence[Evaluation], rung: int) -> bool:
+        """One more evaluation started at ``rung`` fits in what the budget leaves after ``history``."""
+        return cap is None or cap - history_tokens(history, ladder) >= ladder[rung].train_tokens
+
+    budgeted = evaluate_many if cap is None else metered(evaluate_many, state.history, ladder,
+                                                         max(0, cap - history_tokens(state.history, ladder)))
     if state.stage == "evolution":
         ev = state.evolution
-        if ev.generation < settings.generations and fits(0):
+        if ev.generation < settings.generations and fits(ev.history, 0):
             ev = evolution.step(ev, space, priors, cost, budget, budgeted, ladder, settings.evolution, race)
-        if ev.generation < settings.generations and fits(0):
+        if ev.generation < settings.generations and fits(ev.history, 0):
             return replace(state, evolution=ev)
         ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size, race)
-        spent = cap is not None and cap - history_tokens(ev.history, ladder) < ladder.full.train_tokens
-        if settings.turbo.iterations > 0 and not spent and incumbent(ev.history, ladder.top, settings.seeds):
+        if (settings.turbo.iterations > 0 and fits(ev.history, ladder.top)
+                and incumbent(ev.history, ladder.top, settings.seeds)):
             return SearchState("turbo", ev, turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed))
         return SearchState("done", ev, None)
     if state.stage == "turbo":
         run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, budgeted,
                          ladder.top, settings.turbo, race)
-        after = SearchState("turbo", state.evolution, run)
         done = run.done or run.iteration >= settings.turbo.iterations
-        if cap is not None and cap - history_tokens(after.history, ladder) < ladder.full.train_tokens:
-            done = True
+        done = done or not fits(state.evolution.history + run.history, ladder.top)
         return SearchState("done" if done else "turbo", state.evolution, run)
     return state
 

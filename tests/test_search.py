@@ -470,10 +470,13 @@ def test_the_budget_caps_every_batch_and_ends_the_search():
     """``fine_tunes`` is a hard cap on the tokens charged (promotions at their increment): a small budget ends the
     search early with an answer at the top rung, and a metered batch runs the prefix that fits."""
     for budget in (2.5, 5.0):
-        recorder = Recorder()
-        result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, dataclasses.replace(SETTINGS, fine_tunes=budget))
+        recorder, states = Recorder(), []
+        result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, dataclasses.replace(SETTINGS, fine_tunes=budget),
+                            on_checkpoint=states.append)
         assert LADDER.fine_tunes(protocol.history_tokens(result.history, LADDER)) <= budget
         assert result.best is not None and result.state.stage == "done"
+        sizes = [0] + [len(s.history) for s in states]
+        assert all(b > a for a, b in zip(sizes, sizes[1:])), sizes  # no step that the budget left empty
     config = SPACE.uniform(4, 16)
     history = [evaluate(config, 0, 3)]  # its run is at rung 0: going on to rung 1 costs only the steps between
     ran = Recorder()
