@@ -40,12 +40,17 @@ def report_seeds(search_seed: int, n: int) -> list[int]:
     return [search_seed + 1 + k for k in range(n)]
 
 
-def _charge(reached: dict[tuple[str, int], int], key: str, seed: int, tokens: int) -> int:
+def _increment(reached: dict[tuple[str, int], int], key: str, seed: int, tokens: int) -> int:
     """Tokens a run (config ``key``, ``seed``) spends to reach a checkpoint at ``tokens``, given what ``reached``
-    holds (updated): only the steps from its last checkpoint."""
-    done = reached.get((key, seed), 0)
-    reached[(key, seed)] = max(tokens, done)
-    return max(0, tokens - done)
+    holds: only the steps from its last checkpoint."""
+    return max(0, tokens - reached.get((key, seed), 0))
+
+
+def _charge(reached: dict[tuple[str, int], int], key: str, seed: int, tokens: int) -> int:
+    """``_increment``, and ``reached`` updated to the new checkpoint."""
+    spent = _increment(reached, key, seed, tokens)
+    reached[(key, seed)] = max(tokens, reached.get((key, seed), 0))
+    return spent
 
 
 def charged_tokens(history: Sequence[Evaluation], ladder: Ladder) -> list[int]:
@@ -68,8 +73,7 @@ def metered(evaluate_many: EvaluateMany, history: Sequence[Evaluation], ladder: 
     def run(requests: list[Request]) -> list[Evaluation]:
         todo = []
         for config, rung, seed in requests:
-            need = max(0, ladder[rung].train_tokens - reached.get((config.key(), seed), 0))
-            if need > left[0]:
+            if _increment(reached, config.key(), seed, ladder[rung].train_tokens) > left[0]:
                 break
             left[0] -= _charge(reached, config.key(), seed, ladder[rung].train_tokens)
             todo.append((config, rung, seed))

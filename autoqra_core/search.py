@@ -205,12 +205,16 @@ def advance(
     (a search with nothing finished at the top rung has no answer)."""
     ladder, race, cap = settings.ladder, settings.race, settings.cap_tokens
 
+    def left(history: Sequence[Evaluation]) -> int:
+        """Tokens the budget leaves after ``history`` (call only with a cap)."""
+        return cap - history_tokens(history, ladder)
+
     def fits(history: Sequence[Evaluation], rung: int) -> bool:
         """One more evaluation started at ``rung`` fits in what the budget leaves after ``history``."""
-        return cap is None or cap - history_tokens(history, ladder) >= ladder[rung].train_tokens
+        return cap is None or left(history) >= ladder[rung].train_tokens
 
     budgeted = evaluate_many if cap is None else metered(evaluate_many, state.history, ladder,
-                                                         max(0, cap - history_tokens(state.history, ladder)))
+                                                         max(0, left(state.history)))
     if state.stage == "evolution":
         ev = state.evolution
         if ev.generation < settings.generations and fits(ev.history, 0):

@@ -6,7 +6,6 @@ the one resume mechanism. Every search decision reads the validation split; only
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from contextlib import AbstractContextManager
@@ -85,8 +84,8 @@ def _planned_tokens(run: Run) -> int:
     seen, refs, later = _planned_search(run)
     tokens = [f.train_tokens for f in run.ladder.rungs]
     steps = sum(n * (t - (tokens[r - 1] if r else 0)) for r, (n, t) in enumerate(zip(seen, tokens)))
-    cap = run.search_settings().cap_tokens
-    return min(steps + (refs + later) * tokens[-1], cap if cap is not None else math.inf)
+    planned, cap = steps + (refs + later) * tokens[-1], run.search_settings().cap_tokens
+    return planned if cap is None else min(planned, cap)
 
 
 def _planned(run: Run, baselines: bool) -> int:
