@@ -315,9 +315,10 @@ def example(tokenizer, row: dict, answer_only: bool = False) -> tuple[list[int],
 
 
 @lru_cache(maxsize=8)
-def _examples(task: Task, tokenizer, split: str, answer_only: bool) -> tuple[tuple[list[int], list[bool]], ...]:
-    """Every row of ``split`` tokenized once per (task, tokenizer) in a process."""
-    return tuple(example(tokenizer, r, answer_only) for r in getattr(task, split))
+def _examples(task: Task, tokenizer, split: str, answer_only: bool,
+              n_rows: int | None = None) -> tuple[tuple[list[int], list[bool]], ...]:
+    """The first ``n_rows`` rows of ``split`` (all by default) tokenized once per (task, tokenizer) in a process."""
+    return tuple(example(tokenizer, r, answer_only) for r in getattr(task, split)[:n_rows])
 
 
 def masked(task: Task, answer_only: bool = False) -> bool:
@@ -389,7 +390,7 @@ def train_blocks(task: Task, tokenizer, seq_len: int, fraction: float, answer_on
     block padded and ignored), so a completion is never split from its prompt; a row longer than ``seq_len``
     keeps its last ``seq_len`` tokens (``check_task`` makes sure its completion is among them)."""
     n_rows = max(1, int(len(task.train) * fraction))
-    rows = _examples(task, tokenizer, "train", answer_only)[:n_rows]
+    rows = _examples(task, tokenizer, "train", answer_only, n_rows)
     if all(all(m) for _, m in rows):
         stream = [t for ids, _ in rows for t in ids]
         n = len(stream) // seq_len

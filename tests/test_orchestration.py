@@ -3,10 +3,11 @@
 * a search against real servers on 127.0.0.1 (S3, MLflow, Prefect) leaves its exported files in
   the S3 server (byte-identical), its runs and champion in MLflow, its flow and task runs in Prefect;
 
-* a search killed with SIGKILL mid-way and started again finishes like an uninterrupted run and
-  re-runs none of the finished evaluations (counted by a completion hook, i.e. after persistence);
-* the Dask task runner (a local cluster of 2 worker processes, or an existing cluster by address) gives
-  the same result;
+* a search killed with SIGKILL mid-way and started again finishes like an uninterrupted run,
+  re-runs none of the finished evaluations (counted by a completion hook, i.e. after persistence) and
+  finishes the same MLflow parent run;
+* a search on an existing Dask cluster (by address) gives the same result, its evaluations run on both
+  workers; the local Dask runner's own worker processes both get task runs;
 * the deployments of prefect.yaml run on a process worker against a real Prefect server.
 """
 
@@ -62,52 +63,84 @@ def reference(served_search) -> tuple[Path, list[str]]:
     return served_search.out, served_search.evaluations_run
 
 
-@pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_evaluations(tmp_path, tiny, reference):
-    ref_out, ref_count = reference
-    env1 = cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "first.txt")})
-    out = tmp_path / "out"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env1, stdout=log, stderr=subprocess.STDOUT,
+def _kill_mid_search(out: Path, config: Path, env: dict, log: Path) -> list[str]:
+    """Start ``autoqra search`` and SIGKILL its process group (CLI, ephemeral Prefect server) a few evaluations
+    into its second step; the evaluations it had finished (the counter file's lines)."""
+    counter = Path(env[COUNTER_ENV])
+    with open(log, "w") as f:
+        proc = subprocess.Popen(search_cmd(out, config), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline, after_first_step = time.time() + 600, None
-    # Kill in the second generation: after the first step, with a few evaluations finished past it.
     while time.time() < deadline and proc.poll() is None:
         if after_first_step is None and (out / "search-state.json").exists():
-            after_first_step = len(counted(tmp_path / "first.txt"))
-        if after_first_step is not None and len(counted(tmp_path / "first.txt")) >= after_first_step + 3:
+            after_first_step = len(counted(counter))
+        if after_first_step is not None and len(counted(counter)) >= after_first_step + 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed: make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: CLI, ephemeral Prefect server
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = counted(tmp_path / "first.txt")
-    assert not (out / "result.json").exists()
+    return counted(counter)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_rerunning_finished_evaluations(tmp_path, tiny, reference):
+    """SIGKILL mid-search, then the same command. The second run re-runs none of the finished evaluations
+    (together they ran exactly the uninterrupted search's) and ends with its answer. MLflow holds one parent run
+    (found again by its tags, not a local file), back from RUNNING to FINISHED with a note, and every evaluation
+    logged exactly once as a child."""
+    from mlflow import MlflowClient
+
+    from infra import tracking
+
+    ref_out, ref_count = reference
+    out = tmp_path / "out"
+    first = _kill_mid_search(out, tiny, cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "first.txt")}),
+                             tmp_path / "first.log")
+    assert first and not (out / "result.json").exists()
     (out / "search-state.json").unlink()  # a snapshot for people: resume replays the steps from Prefect's cache
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = MlflowClient(uri)
+    exp = mlflow.get_experiment_by_name("autoqra").experiment_id
+
+    def parents():
+        runs = mlflow.search_runs([exp], filter_string=f"tags.out = '{out.resolve()}'")
+        return [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+
+    (crashed,) = parents()
+    assert crashed.info.status == "RUNNING"
+    logged_before = len(tracking.child_runs(crashed.info.run_id, uri))
 
     env2 = cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "second.txt")})
     r = subprocess.run(search_cmd(out, tiny), cwd=ROOT, env=env2, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     second = counted(tmp_path / "second.txt")
-
-    assert first and second
-    assert not set(first) & set(second), "a finished evaluation was run again"
+    assert second and not set(first) & set(second), "a finished evaluation was run again"
     assert sorted(first + second) == sorted(ref_count)  # together: exactly the uninterrupted run's evaluations
     assert best(out) == best(ref_out)
 
+    result = json.loads((out / "result.json").read_text())
+    (parent,) = parents()
+    assert parent.info.run_id == crashed.info.run_id == result["mlflow_run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["autoqra.note"] == "killed while running; resumed"
+    children = tracking.child_runs(parent.info.run_id, uri)
+    ids = [c.data.tags[tracking.EVAL_TAG] for c in children]
+    assert logged_before > 0 and len(ids) == len(set(ids)) == len(result["evaluations"])
+    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+
 
 @pytest.mark.slow
-def test_dask_runner_gives_the_same_result(tmp_path, tiny, reference):
-    ref_out, ref_count = reference
-    cfg = tmp_path / "dask.yaml"
-    cfg.write_text(tiny.read_text() + "execution: {task_runner: dask, workers: 2}\n")
-    counter = tmp_path / "count.txt"
-    r = subprocess.run(search_cmd(tmp_path / "out", cfg), cwd=ROOT, env=cli_env(tmp_path, **{COUNTER_ENV: str(counter)}),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert best(tmp_path / "out") == best(ref_out)
-    assert sorted(counted(counter)) == sorted(ref_count)
-    assert "PrefectDaskClient" in r.stdout + r.stderr  # the evaluations really went through the Dask cluster
+def test_dask_runner_maps_tasks_onto_its_own_local_workers(tmp_path):
+    """`execution: {task_runner: dask, workers: 2}` starts a local cluster of two worker processes, and mapped
+    task runs reach both. (A whole search through a Dask cluster, and its answer: the existing-cluster test.)"""
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text("execution: {task_runner: dask, workers: 2}\n")
+    env = cli_env(tmp_path, PYTHONPATH=str(ROOT), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+    r = subprocess.run([sys.executable, "-c", f"from tests.test_orchestration import fan_out; "
+                        f"print(len(set(fan_out({str(cfg)!r}))))"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "2"
 
 
 def _prefect(env: dict, code: str) -> str:
@@ -250,54 +283,6 @@ with get_client(sync_client=True) as c:
     assert trains and all(by_id[p]["name"].startswith(("eval ", "train to step ")) for t in trains for p in t["parents"])
 
 
-@pytest.mark.slow
-def test_killed_search_resumes_into_the_same_mlflow_run(tmp_path, tiny):
-    """SIGKILL mid-search, then the same command: one parent run in MLflow (found again by its tags, not a local
-    file), back from RUNNING to FINISHED with a note, and every evaluation logged exactly once as a child."""
-    from mlflow import MlflowClient
-
-    from infra import tracking
-
-    out = tmp_path / "out"
-    env = cli_env(tmp_path, **{COUNTER_ENV: str(tmp_path / "first.txt")})
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(search_cmd(out, tiny), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline, after_first_step = time.time() + 600, None
-    while time.time() < deadline and proc.poll() is None:  # kill a few evaluations into the second step
-        if after_first_step is None and (out / "search-state.json").exists():
-            after_first_step = len(counted(tmp_path / "first.txt"))
-        if after_first_step is not None and len(counted(tmp_path / "first.txt")) >= after_first_step + 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the search finished before it could be killed: make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    (out / "search-state.json").unlink()  # the parent run is found without it (the steps are still cached)
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = mlflow.get_experiment_by_name("autoqra").experiment_id
-
-    def parents():
-        runs = mlflow.search_runs([exp], filter_string=f"tags.out = '{out.resolve()}'")
-        return [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
-
-    (crashed,) = parents()
-    assert crashed.info.status == "RUNNING"
-    logged_before = len(tracking.child_runs(crashed.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}"))
-
-    r = subprocess.run(search_cmd(out, tiny), cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
-    (parent,) = parents()
-    assert parent.info.run_id == crashed.info.run_id == result["mlflow_run_id"]
-    assert parent.info.status == "FINISHED" and parent.data.tags["autoqra.note"] == "killed while running; resumed"
-    children = tracking.child_runs(parent.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    ids = [c.data.tags[tracking.EVAL_TAG] for c in children]
-    assert logged_before > 0 and len(ids) == len(set(ids)) == len(result["evaluations"])
-    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
-
-
 def _free_port() -> int:
     import socket
 
@@ -316,7 +301,7 @@ def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, 
     servers = {k: v for k, v in served_search.env.items() if k in SERVER_ENV}  # workers report to the same Prefect
     env = cli_env(tmp_path, **servers, PYTHONPATH=str(ROOT),
                   PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-                  **{COUNTER_ENV: str(tmp_path / "count.txt")})
+                  **{COUNTER_ENV: str(tmp_path / "count.txt")})  # the search's process; each worker has a file of its own
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
@@ -324,7 +309,8 @@ def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, 
         for i in range(2):  # on a GPU box: CUDA_VISIBLE_DEVICES=i for worker i
             procs.append(subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
                                            "--nthreads", "1", "--no-dashboard", "--name", f"gpu{i}"],
-                                          cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
+                                          cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": str(i),
+                                                         COUNTER_ENV: str(tmp_path / f"count-gpu{i}.txt")},
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text(tiny.read_text() + f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
@@ -332,8 +318,9 @@ def test_existing_dask_cluster_by_address_gives_the_same_result(tmp_path, tiny, 
                            timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert best(tmp_path / "out") == best(ref_out)
-        ran = counted(tmp_path / "count.txt")
-        assert sorted(ran) == sorted(ref_count)  # every evaluation ran, on the cluster's workers
+        ran = [counted(tmp_path / f"count-gpu{i}.txt") for i in range(2)]
+        assert all(ran), ran  # both workers ran evaluations, and the search's own process none
+        assert sorted(ran[0] + ran[1]) == sorted(ref_count) and not counted(tmp_path / "count.txt")
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -359,32 +346,3 @@ def fan_out(config_file: str) -> list[str]:
         return [f.result() for f in _worker_name.map(list(range(8)))]
 
     return _with_runner(fan, config_file)()
-
-
-@pytest.mark.slow
-def test_tasks_are_mapped_onto_an_existing_dask_cluster(tmp_path):
-    """The runner built from `execution: {task_runner: dask, address: ...}` sends mapped task runs to the workers
-    of an existing scheduler (a real `dask scheduler` and two `dask worker` processes, ~1-2 min on 2 cores)."""
-    port = _free_port()
-    dask = str(Path(sys.executable).parent / "dask")
-    env = cli_env(tmp_path, PYTHONPATH=str(ROOT), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        time.sleep(3)
-        procs += [subprocess.Popen([dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "1",
-                                    "--no-dashboard", "--name", f"gpu{i}"], env={**env, "CUDA_VISIBLE_DEVICES": str(i)},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
-        cfg = tmp_path / "cluster.yaml"
-        cfg.write_text(f"execution: {{task_runner: dask, address: 'tcp://127.0.0.1:{port}'}}\n")
-        r = subprocess.run([sys.executable, "-c", f"from tests.test_orchestration import fan_out; "
-                            f"print(sorted(set(fan_out({str(cfg)!r}))))"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.strip().splitlines()[-1] == "['gpu0', 'gpu1']"
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait(timeout=30)
-
