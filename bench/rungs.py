@@ -6,11 +6,12 @@ each lower rung, the same configurations as a fresh fine-tune of that rung's ste
 ladder before rungs were checkpoints: the same tokens), and a learning-curve prediction of the final loss from the
 checkpoints seen so far (``lc_predict``): which of the three ranks the configurations more like the final.
 
-Configurations: the full-fidelity start's references (uniform-4bit-r16, the best prior-derived configuration,
-each bit-width at its largest fitting rank) and random ones drawn and repaired as the search draws them, all at
-the budget; each fine-tuned at every rung with the search's seed, and the first ``--replicated`` of them at the
-top rung on the race's further seeds. Validation only: the test split is not read (choosing the ladder is tuning
-a default). A rung whose correlation with the top is below 0.5 should be dropped or lengthened.
+Configurations: the references (the best prior-derived configuration and uniform-4bit-r16, which the search
+starts at the top rung, and each bit-width at its largest fitting rank, uniform-best's candidates) and random
+ones drawn and repaired as the search draws them, all at the budget; each fine-tuned at every rung with the
+search's seed, and the first ``--replicated`` of them at the top rung on the race's further seeds. Validation
+only: the test split is not read (choosing the ladder is tuning a default). A rung whose correlation with the top
+is below 0.5 should be dropped or lengthened.
 
     .venv/bin/python bench/rungs.py [--model embedded] [--dataset embedded] [--config CFG] [--configs 12] \
         [--out bench/results/rungs-embedded.md]
@@ -58,6 +59,7 @@ def lc_fits(res: dict, k: int) -> list[float | None]:
 def measure(args) -> dict:
     from prefect import flow
 
+    from autoqra_core.baselines import uniform_best_candidates
     from autoqra_core.evolution import random_config, references
     from autoqra_core.protocol import race_seeds
     from autoqra_core.racing import pooled_sd, table
@@ -72,7 +74,9 @@ def measure(args) -> dict:
         run = Run.prepare(args.model, args.dataset, args.budget, rc, args.seed)
         settings, pri = run.search_settings(), run.priors()
         ladder = run.ladder
-        configs = references(run.space, pri, run.cost, run.budget_bytes)
+        configs = references(run.space, pri, run.cost, run.budget_bytes)  # the top rung's starts, uniform-best's
+        configs += [c for c in uniform_best_candidates(run.space, run.cost, run.budget_bytes).values()
+                    if c not in configs]
         rng = random.Random(f"rungs-{args.seed}")
         avoid = pri.catastrophic(settings.evolution.catastrophic_ratio)
         while len(configs) < args.configs:
