@@ -180,8 +180,9 @@ def report(res: dict, args, wall: float) -> list[str]:
         lines.append(f"| `{short}` | " + " | ".join("failed" if v is None else f"{v:.4f}" for v in cells) + " |")
     sd = res["seed_sd"]
     lines += ["", "Seed-to-seed noise at the top rung (the race's seeds): "
-              + "; ".join(f"`{k}`: " + ", ".join(f"{v:.4f}" for v in vs) for k, vs in res["replicates"].items())
-              + (f". Pooled sd {sd:.4f}." if sd is not None else ".")]
+              + ("; ".join(f"`{k}`: " + ", ".join(f"{v:.4f}" for v in vs) for k, vs in res["replicates"].items())
+                 + (f". Pooled sd {sd:.4f}." if sd is not None else ".") if res["replicates"]
+                 else "not measured in this study (`--replicated 0`).")]
     return lines
 
 
