@@ -314,10 +314,17 @@ def example(tokenizer, row: dict, answer_only: bool = False) -> tuple[list[int],
     return prompt + target, [not masked] * len(prompt) + [True] * len(target)
 
 
-@lru_cache(maxsize=8)
 def _examples(task: Task, tokenizer, split: str, answer_only: bool,
               n_rows: int | None = None) -> tuple[tuple[list[int], list[bool]], ...]:
-    """The first ``n_rows`` rows of ``split`` (all by default) tokenized once per (task, tokenizer) in a process."""
+    """The first ``n_rows`` rows of ``split`` (all by default), tokenized once per (task, tokenizer, count) in a
+    process; all rows, by count or by default, are one entry (``check_task`` and a whole-split fine-tune share it)."""
+    total = len(getattr(task, split))
+    return _tokenized(task, tokenizer, split, answer_only, total if n_rows is None else min(n_rows, total))
+
+
+@lru_cache(maxsize=8)
+def _tokenized(task: Task, tokenizer, split: str, answer_only: bool,
+               n_rows: int) -> tuple[tuple[list[int], list[bool]], ...]:
     return tuple(example(tokenizer, r, answer_only) for r in getattr(task, split)[:n_rows])
 
 
