@@ -6,7 +6,7 @@
     result = aq.run_search(space, priors, cost, budget, evaluate_many, aq.SearchSettings())
 
 Modules, in the order the method uses them: ``space`` (configurations) -> ``memory`` (the memory model) ->
-``importance`` (priors) -> ``repair`` (feasibility) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1)
+``priors`` (importance) -> ``feasibility`` (repair) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1)
 -> ``turbo`` (stage 2) -> ``racing`` (intensification) -> ``search`` (one step at a time: ``advance``), with
 ``model``, ``data``, ``quantize`` and ``finetune`` building and scoring one configuration, ``baselines`` and
 ``protocol`` for the comparison, ``estimate`` and ``export`` for planning and publishing.
@@ -22,10 +22,10 @@ _EXPORTS = {
     "space": ("SearchSpace", "Config", "LayerChoice"),
     "model": ("load_model", "layer_map", "model_shape", "LayerMap"),
     "data": ("load_task", "Task", "check_task", "train_blocks", "batches", "Blocks", "loss_tokens"),
-    "memory": ("MemorySettings", "settings_for", "memory", "total_bytes", "budget_bytes", "format_bytes"),
+    "memory": ("MemorySettings", "settings_for", "memory_breakdown", "total_bytes", "budget_bytes", "format_bytes"),
     "estimate": ("plan", "Plan"),
-    "importance": ("Priors", "compute_priors"),
-    "repair": ("repair",),
+    "priors": ("Priors", "compute_priors", "calibration"),
+    "feasibility": ("repair",),
     "fidelity": ("Fidelity", "Ladder", "Rung", "FineTune"),
     "quantize": ("QuantSettings",),
     "finetune": ("TrainSettings", "Checkpoint", "evaluate_config", "run_config"),

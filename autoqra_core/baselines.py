@@ -21,11 +21,11 @@ from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .fidelity import Ladder
-from .importance import Priors
+from .priors import Priors
 from .protocol import equal_compute_count
 from .racing import mean_loss, standings, summary, table
-from .repair import Cost, random_repaired, repair
-from .space import UNQUANTIZED, Config, SearchSpace
+from .feasibility import Cost, random_repaired, repair
+from .space import QUANTIZED_BITS, UNQUANTIZED, Config, SearchSpace
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BaselineSettings:
     here): the uniform recipes' bit-widths, the LoRA rank of every fixed recipe (uniform, sequential, fp-lora)
     and how many random configurations random search fine-tunes."""
 
-    uniform_bits: tuple[int, ...] = (2, 3, 4, 8)
+    uniform_bits: tuple[int, ...] = QUANTIZED_BITS
     rank: int = 16
     n_random: int | None = None  # None: as many top-rung fine-tunes as the search's compute pays for
 

@@ -46,6 +46,11 @@ def resolve_device(name: str = "auto") -> str:
                       f"'cuda' or 'cuda:N'")
 
 
+def checkpointing_on(device: str, setting: bool | None = None) -> bool:
+    """Gradient checkpointing ``None`` (auto): on for CUDA, where activations dominate the memory, off on the CPU."""
+    return str(device).startswith("cuda") if setting is None else setting
+
+
 def resolve(device: str = "auto", dtype: str | torch.dtype = "auto", backend: str = "auto", *,
             present: bool = True) -> tuple[str, str | torch.dtype, str]:
     """The one resolution of the ``auto`` settings: (device, compute dtype, backend).

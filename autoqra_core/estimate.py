@@ -1,7 +1,7 @@
 """The memory plan of a model before any weight is read: a configuration's breakdown, the uniform
 baselines, the smallest configuration, and which of them fit a budget (``autoqra estimate``).
 
-It is the search's own cost (``memory.memory`` on the same ``ModelShape`` and ``MemorySettings``),
+It is the search's own cost (``memory.memory_breakdown`` on the same ``ModelShape`` and ``MemorySettings``),
 only the shape comes from the model's config on the meta device (``model.load_skeleton``).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .baselines import BaselineSettings, uniform_name
 from .formats import serving_bytes
-from .memory import MemoryBreakdown, MemorySettings, ModelShape, budget_bytes, memory
+from .memory import MemoryBreakdown, MemorySettings, ModelShape, budget_bytes, memory_breakdown
 from .space import Config, SearchSpace
 
 
@@ -57,6 +57,6 @@ def plan(shape: ModelShape, space: SearchSpace, s: MemorySettings, config: Confi
     smallest = space.uniform(space.bits[0], space.ranks[0])
     serving = {k: serving_bytes(c, shape, s.group_size) for k, c in
                [*configs.items(), ("smallest", smallest), *([("this config", config)] if config else [])]}
-    return Plan(s, config, None if config is None else memory(config, shape, s),
-                {k: memory(c, shape, s) for k, c in configs.items()}, (small, memory(smallest, shape, s)),
+    return Plan(s, config, None if config is None else memory_breakdown(config, shape, s),
+                {k: memory_breakdown(c, shape, s) for k, c in configs.items()}, (small, memory_breakdown(smallest, shape, s)),
                 None if budget is None else budget_bytes(budget, space, shape, s), serving)

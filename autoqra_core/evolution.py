@@ -47,10 +47,10 @@ from deap import base, creator, tools
 from .baselines import REFERENCE, uniform_best_candidates
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .fidelity import Ladder
-from .importance import Priors
+from .priors import Priors
 from .protocol import race_seeds
 from .racing import RaceSettings, incumbent, intensify
-from .repair import Cost, fill, minimal, random_repaired, repair
+from .feasibility import Cost, fill, minimal, random_repaired, repair
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
 

@@ -39,7 +39,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from .device import resolve
+from .device import checkpointing_on, resolve
 from .errors import BudgetError
 from .fidelity import BATCH_SIZE, SEQ_LEN
 from .space import UNQUANTIZED, Config, SearchSpace
@@ -115,16 +115,15 @@ def settings_for(device: str, backend: str, group_size: int, batch_size: int, se
     """The settings of a run on ``device`` ('cpu', 'cuda', 'cuda:N'): the one place dtypes become bytes.
 
     ``dtype`` 'auto' is resolved by ``device.resolve`` (for ``device``, present here or not); gradient
-    checkpointing ``None`` means on for CUDA, off on the CPU (as the run's train settings).
+    checkpointing ``None`` is resolved by ``device.checkpointing_on`` (as the run's train settings).
     """
     device, dtype, backend = resolve(device, dtype, backend, present=False)
-    cuda = device.startswith("cuda")
     if dtype not in DTYPE_BYTES:
         raise BudgetError(f"compute dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)} (or 'auto')")
     size = DTYPE_BYTES[dtype]
     return MemorySettings(backend=backend, group_size=group_size, meta_bytes=size, base_bytes=size, act_bytes=size,
                           batch_size=batch_size, seq_len=seq_len,
-                          grad_checkpointing=cuda if grad_checkpointing is None else grad_checkpointing)
+                          grad_checkpointing=checkpointing_on(device, grad_checkpointing))
 
 
 @dataclass(frozen=True)
@@ -231,7 +230,7 @@ def dequantized_bytes(config: Config, shape: ModelShape, s: MemorySettings) -> i
     return max(sizes, default=0) * s.act_bytes
 
 
-def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> MemoryBreakdown:
+def memory_breakdown(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> MemoryBreakdown:
     """Bytes to fine-tune ``config`` on ``shape`` under settings ``s``."""
     weights = meta = unq = lora = 0
     for layer, (_, mods) in zip(config.layers, shape.layers):
@@ -259,7 +258,7 @@ def memory(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings
 
 
 def total_bytes(config: Config, shape: ModelShape, s: MemorySettings = MemorySettings()) -> int:
-    return memory(config, shape, s).total
+    return memory_breakdown(config, shape, s).total
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

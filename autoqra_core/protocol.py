@@ -19,8 +19,9 @@ from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, Request
 from .fidelity import Ladder
+from .space import DEFAULT_BUDGET
 
-REFERENCES = ("uniform-4bit-r16", "uniform-best", "random")  # every method is compared, seed by seed, with these
+REFERENCES = (DEFAULT_BUDGET, "uniform-best", "random")  # every method is compared, seed by seed, with these
 
 
 SEED_STRIDE = 10_000  # race seeds are search_seed + k * SEED_STRIDE; report seeds lie strictly between

@@ -25,7 +25,7 @@ from .device import resolve, torch_dtype
 from .errors import SpaceError
 from .memory import GROUP_SIZE
 from .model import LayerMap
-from .space import UNQUANTIZED, Config
+from .space import QUANTIZED_BITS, UNQUANTIZED, Config
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def _bnb(linear: nn.Linear, bits: int, s: QuantSettings) -> nn.Module:
 
 
 BACKENDS: dict[str, tuple[tuple[int, ...], Callable[[nn.Linear, int, QuantSettings], nn.Module]]] = {
-    "hqq": ((2, 3, 4, 8), _hqq),
-    "sim": ((2, 3, 4, 8), _sim),
+    "hqq": (QUANTIZED_BITS, _hqq),
+    "sim": (QUANTIZED_BITS, _sim),
     "bnb": ((4, 8), _bnb),
 }
 

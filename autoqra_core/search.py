@@ -21,10 +21,10 @@ from . import evolution, turbo
 from .evaluation import EvaluateMany, Evaluation
 from .evolution import EvolutionSettings, EvolutionState
 from .fidelity import Ladder
-from .importance import Priors
+from .priors import Priors
 from .protocol import charged_tokens, history_tokens, metered, race_seeds
 from .racing import RaceSettings, incumbent, standings
-from .repair import Cost, check_budget
+from .feasibility import Cost, check_budget
 from .space import SearchSpace
 from .turbo import TurboRun, TurboSettings
 

@@ -15,9 +15,12 @@ from typing import Sequence
 
 from .errors import SpaceError
 
-DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 8)
-DEFAULT_RANKS: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
+QUANTIZED_BITS: tuple[int, ...] = (2, 3, 4, 8)  # what the backends pack (bnb: 4 and 8 only)
 UNQUANTIZED = 16
+SUPPORTED_BITS: tuple[int, ...] = (*QUANTIZED_BITS, UNQUANTIZED)
+DEFAULT_BITS: tuple[int, ...] = QUANTIZED_BITS
+DEFAULT_RANKS: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
+DEFAULT_BUDGET = "uniform-4bit-r16"  # what users pick by hand (QLoRA's recipe): the default budget and first reference
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,10 @@ class SearchSpace:
         object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
         if not self.layers:
             raise SpaceError("the search space has no layers")
-        bad_bits = [b for b in self.bits if b not in (1, 2, 3, 4, 5, 6, 8, UNQUANTIZED)]
+        bad_bits = [b for b in self.bits if b not in SUPPORTED_BITS]
         if bad_bits or not self.bits:
-            raise SpaceError(f"bit-widths {bad_bits or '[]'} are not supported: choose from 2, 3, 4, 8 and 16 (unquantized)")
+            raise SpaceError(f"bit-widths {bad_bits or '[]'} are not supported: choose from {list(SUPPORTED_BITS)} "
+                             f"({UNQUANTIZED}: unquantized)")
         if not self.ranks or any(r < 0 for r in self.ranks):
             raise SpaceError(f"LoRA ranks must be >= 0 (0 = no adapter), got {list(self.ranks)}")
 

@@ -48,10 +48,10 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch.quasirandom import SobolEngine
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
-from .importance import Priors
+from .priors import Priors
 from .protocol import race_seeds
 from .racing import RaceSettings, intensify
-from .repair import Cost, repair
+from .feasibility import Cost, repair
 from .space import Config, SearchSpace
 from .surrogate import encode
 
@@ -78,25 +78,25 @@ class TurboSettings:
 
 @dataclass(frozen=True)
 class TurboState:
-    """The trust region's size and its success/failure bookkeeping (losses: lower is better)."""
+    """The trust region's size and its success/failure bookkeeping (losses: lower is better). Made by ``new``
+    from ``TurboSettings``, which alone holds the defaults."""
 
     dim: int
-    batch_size: int
-    length: float = 0.8
-    length_min: float = 0.5**3
-    length_max: float = 1.6
-    failure_counter: int = 0
-    failure_tolerance: int = 0
-    success_counter: int = 0
-    success_tolerance: int = 3
+    length: float
+    length_min: float
+    length_max: float
+    success_tolerance: int
+    failure_tolerance: int
     best_value: float = math.inf
+    success_counter: int = 0
+    failure_counter: int = 0
     restart_triggered: bool = False
 
     @classmethod
     def new(cls, dim: int, settings: TurboSettings, best_value: float) -> "TurboState":
         tol = settings.failure_tolerance or math.ceil(max(4.0 / settings.batch_size, dim / settings.batch_size))
-        return cls(dim, settings.batch_size, settings.length_init, settings.length_min, settings.length_max,
-                   failure_tolerance=tol, success_tolerance=settings.success_tolerance, best_value=best_value)
+        return cls(dim, settings.length_init, settings.length_min, settings.length_max,
+                   success_tolerance=settings.success_tolerance, failure_tolerance=tol, best_value=best_value)
 
     def to_dict(self) -> dict:
         d = asdict(self)

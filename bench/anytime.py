@@ -92,7 +92,7 @@ def run_seed(seed: int, args) -> dict:
 
     from autoqra_core.baselines import random_search, uniform_configs
     from autoqra_core.fidelity import Ladder
-    from autoqra_core.importance import Priors
+    from autoqra_core.priors import Priors
     from autoqra_core.protocol import history_tokens
     from autoqra_core.search import SearchState, advance, result as search_result
     from flows.config import load_run_config
@@ -187,7 +187,7 @@ def tpe(run, priors, n: int, seed: int, top: int, evaluate, returned: dict) -> l
     without a new fine-tune (and not counted)."""
     import optuna
 
-    from autoqra_core.repair import repair
+    from autoqra_core.feasibility import repair
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
@@ -328,7 +328,7 @@ def main() -> None:
                  f"seed {r['seed']}: {', '.join(r.get('methods_run') or METHODS)}, torch threads "
                  f"{r.get('threads') or 'default'}" + (f", config {r['config']}" if r.get("config") else "")
                  for r in results) + ".", "",
-             f"Budget: uniform-4bit-r16. T (AutoQRA's tokens) per seed: "
+             "Budget: uniform-4bit-r16. T (AutoQRA's tokens) per seed: "
              + ", ".join(f"{r['T'] / 1e3:,.0f}k" for r in results)
              + f" (one top-rung fine-tune = {results[0]['top_rung_tokens'] / 1e3:,.0f}k). Every number is a "
                "validation loss at the top rung; the test split is not read.", "",

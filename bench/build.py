@@ -26,7 +26,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoqra_core import finetune  # noqa: E402
 from autoqra_core.data import load_task  # noqa: E402
 from autoqra_core.finetune import TrainSettings, build, evaluate_config  # noqa: E402
 from autoqra_core.model import layer_map, load_model  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoqra_core.data import batches, eval_set, load_task, train_blocks  # noqa: E402
 from autoqra_core.finetune import TrainSettings, build, make_optimizer, score, train  # noqa: E402
-from autoqra_core.memory import format_bytes, memory, settings_for  # noqa: E402
+from autoqra_core.memory import format_bytes, memory_breakdown, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.quantize import QuantSettings, storage_bytes  # noqa: E402
 from autoqra_core.space import SearchSpace  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
         if opt:
             opt.step()
         static = storage_bytes(model, opt)
-        pred = memory(c, shape, ms)
+        pred = memory_breakdown(c, shape, ms)
         peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         lines.append(

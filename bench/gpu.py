@@ -4,7 +4,7 @@ For each model shape (SmolLM2-135M's and a 1B-class Llama's, built from their co
 weights: nothing to download), each backend (hqq 2/3/4/8 bits, bnb 4/8 bits) and at least five mixed
 configurations: build the candidate from an empty packed-weight cache on the GPU (so the peak is the
 candidate's own), fine-tune ``--steps`` steps at the default top rung's shape and score in batches of the training batch (as the search does)
-rows, then compare the peak allocated bytes with ``memory(...).total`` (= max(training, scoring)).
+rows, then compare the peak allocated bytes with ``memory_breakdown(...).total`` (= max(training, scoring)).
 The CUDA context and the allocator's slack (reserved - allocated) are printed apart: not in the budget.
 Imports only autoqra_core (no Prefect/MLflow), so a lent GPU needs torch, transformers, peft, hqq, bitsandbytes.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoqra_core.data import batches, eval_set, load_task, train_blocks  # noqa: E402
 from autoqra_core.finetune import TrainSettings, build, score, train  # noqa: E402
-from autoqra_core.memory import format_bytes, memory, settings_for  # noqa: E402
+from autoqra_core.memory import format_bytes, memory_breakdown, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.packed import PackedCache  # noqa: E402
 from autoqra_core.quantize import QuantSettings  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 t3 = time.perf_counter()
                 peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-                pred = memory(cfg, shape, mem).total
+                pred = memory_breakdown(cfg, shape, mem).total
                 lines.append(f"| {shape_name} | {backend} | {name} | {format_bytes(pred)} | {format_bytes(peak)} | "
                              f"{100 * (pred - peak) / peak:+.1f}% | {format_bytes(reserved)} | "
                              f"{(t2 - t1) / args.steps:.3f} | {t3 - t0:.1f} |")

@@ -63,7 +63,7 @@ def measure(args) -> dict:
     from autoqra_core.evolution import random_config, references
     from autoqra_core.protocol import race_seeds
     from autoqra_core.racing import pooled_sd, table
-    from autoqra_core.repair import repair
+    from autoqra_core.feasibility import repair
     from flows.config import RungSection, load_run_config
     from flows.prepared_run import Run
     from tasks.evaluate import delete_checkpoints

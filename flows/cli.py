@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from autoqra_core.errors import AutoQRAError
-from autoqra_core.space import Config
+from autoqra_core.space import DEFAULT_BUDGET, Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, MLflow server and S3 server on 127.0.0.1.")
@@ -131,7 +131,7 @@ def _summary(result: dict) -> None:
 def search(
     model: str = MODEL,
     dataset: str = DATASET,
-    budget: str = typer.Option("uniform-4bit-r16", help="Bytes ('6GiB', '800MB') or a reference 'uniform-4bit-r16'."),
+    budget: str = typer.Option(DEFAULT_BUDGET, help="Bytes ('6GiB', '800MB') or a reference 'uniform-4bit-r16'."),
     out: Path = typer.Option(Path("runs/search"), help="Output directory (result.json, plots, search-state.json)."),
     seed: int = 0,
     config: Optional[Path] = CONFIG,
@@ -224,7 +224,7 @@ def export_cmd(
 def baselines(
     model: str = MODEL,
     dataset: str = DATASET,
-    budget: str = typer.Option("uniform-4bit-r16"),
+    budget: str = typer.Option(DEFAULT_BUDGET),
     out: Path = typer.Option(Path("runs/baselines")),
     seed: int = 0,
     config: Optional[Path] = CONFIG,

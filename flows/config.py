@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoqra_core.baselines import BaselineSettings
-from autoqra_core.device import resolve
+from autoqra_core.device import checkpointing_on, resolve
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.evolution import EvolutionSettings
 from autoqra_core.export import ExportSettings
@@ -25,7 +25,7 @@ from autoqra_core.memory import MemorySettings, settings_for
 from autoqra_core.quantize import QuantSettings, check_placement
 from autoqra_core.racing import RaceSettings
 from autoqra_core.search import SearchSettings
-from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS
+from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS, SUPPORTED_BITS
 from autoqra_core.turbo import TurboSettings
 from infra.settings import read_yaml
 
@@ -53,9 +53,9 @@ class SpaceSection(_Strict):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if b not in (2, 3, 4, 8, 16)]
+        bad = [b for b in v if b not in SUPPORTED_BITS]
         if bad or not v:
-            raise ValueError(f"bit-widths must be among 2, 3, 4, 8, 16; got {bad or v}")
+            raise ValueError(f"bit-widths must be among {list(SUPPORTED_BITS)}; got {bad or v}")
         return sorted(set(v))
 
     @field_validator("ranks")
@@ -256,10 +256,10 @@ class RunConfig(_Strict):
         return ExportSettings.from_dict(self.export.model_dump())
 
     def train_settings(self, seed: int) -> TrainSettings:
-        gc = self.train.grad_checkpointing
         names = {f.name for f in dataclasses.fields(TrainSettings)}
         return TrainSettings(seed=seed, **{**{k: v for k, v in self.train.model_dump().items() if k in names},
-                                           "grad_checkpointing": self.quant.device.startswith("cuda") if gc is None else gc})
+                                           "grad_checkpointing": checkpointing_on(self.quant.device,
+                                                                                    self.train.grad_checkpointing)})
 
     def memory_settings(self) -> MemorySettings:
         """What the search's cost charges: the fine-tune's training shape on this run's device and dtype."""

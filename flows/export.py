@@ -16,7 +16,7 @@ from prefect.logging import get_run_logger
 
 from autoqra_core.errors import AutoQRAError
 from autoqra_core.export import ADAPTER_DIR, CARD_FILE, CURVE_FILE, Card, check_exportable, holds
-from autoqra_core.memory import memory as memory_breakdown
+from autoqra_core.memory import memory_breakdown
 from autoqra_core.protocol import report_seeds
 from autoqra_core.space import Config
 from infra.fingerprint import NUMERIC_LIBRARIES, library_versions

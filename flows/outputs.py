@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.importance import Priors
+from autoqra_core.priors import Priors
 from autoqra_core.memory import format_bytes
 from autoqra_core.protocol import SeedScores, compare, fmt_mean_sd
 from autoqra_core.search import SearchResult, pareto_front

@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from autoqra_core.data import check_task, columns_text, loss_tokens, masked, train_blocks
 from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Fidelity, Ladder
-from autoqra_core.importance import Priors
+from autoqra_core.priors import Priors
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.protocol import history_tokens

@@ -19,9 +19,9 @@ from autoqra_core.errors import AutoQRAError
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.export import check_exportable
 from autoqra_core.protocol import history_tokens, report_seeds
-from autoqra_core.repair import check_budget
+from autoqra_core.feasibility import check_budget
 from autoqra_core.search import SearchState, result as search_result
-from autoqra_core.space import Config
+from autoqra_core.space import DEFAULT_BUDGET, Config
 from tasks.evaluate import delete_checkpoints
 from tasks.search import Live, baselines_step, lend, report_step, search_step, step_name, step_summary
 
@@ -111,7 +111,7 @@ def _baseline_fine_tunes(run: Run, n_random: int) -> int:
 def search_flow(
     model: str = "embedded",
     dataset: str = "embedded",
-    budget: str = "uniform-4bit-r16",
+    budget: str = DEFAULT_BUDGET,
     out: str = "runs/search",
     seed: int = 0,
     config_file: str | None = None,
@@ -185,7 +185,7 @@ def search_flow(
 def baselines_flow(
     model: str = "embedded",
     dataset: str = "embedded",
-    budget: str = "uniform-4bit-r16",
+    budget: str = DEFAULT_BUDGET,
     out: str = "runs/baselines",
     seed: int = 0,
     config_file: str | None = None,

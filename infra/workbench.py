@@ -13,10 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from autoqra_core.data import Task, load_task
-from autoqra_core.device import release
+from autoqra_core.device import release, resolve_device
 from autoqra_core.memory import ModelShape
 from autoqra_core.model import LayerMap, layer_map, load_model, model_shape, select_layers
 from autoqra_core.packed import PackedCache
@@ -80,7 +79,7 @@ def clear() -> None:
 
 def _drop(wb: Workbench) -> None:
     wb.packed.clear()  # a caller still holding the workbench keeps a working (empty) cache
-    release("cuda" if torch.cuda.is_available() else "cpu")
+    release(resolve_device())
 
 
 def cache_capacity() -> int | None:
@@ -88,4 +87,4 @@ def cache_capacity() -> int | None:
     the memory the budget measures) none, unless AUTOQRA_PACKED_CACHE_BYTES allows some headroom."""
     if (env := os.environ.get("AUTOQRA_PACKED_CACHE_BYTES")) is not None:
         return int(env)
-    return 0 if torch.cuda.is_available() else None
+    return 0 if resolve_device().startswith("cuda") else None

@@ -5,9 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from autoqra_core.data import batches, train_blocks
-from autoqra_core.fidelity import BATCH_SIZE, SEQ_LEN
-from autoqra_core.importance import compute_priors
+from autoqra_core.priors import calibration, compute_priors
 from infra.workbench import workbench
 
 
@@ -23,12 +21,8 @@ def priors(
     group_size: int,
     seed: int,
     code_version: str,
-    n_batches: int = 4,
-    seq_len: int = SEQ_LEN,
-    batch_size: int = BATCH_SIZE,
     columns: str = "",
 ) -> dict:
     """Priors.to_dict(): Fisher sensitivity and quantization error per layer."""
     wb = workbench(model, dataset, granularity, tuple(layers), columns)
-    calib = batches(train_blocks(wb.task, wb.tokenizer, seq_len, 0.05), n_batches, batch_size, seed)
-    return compute_priors(wb.base, wb.lmap, calib, tuple(bits), group_size).to_dict()
+    return compute_priors(wb.base, wb.lmap, calibration(wb.task, wb.tokenizer, seed), tuple(bits), group_size).to_dict()

@@ -25,7 +25,7 @@ from prefect.transactions import CommitMode, transaction
 
 from autoqra_core.baselines import BaselineSettings, run_baselines
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.importance import Priors
+from autoqra_core.priors import Priors
 from autoqra_core.racing import incumbent, standings
 from autoqra_core.search import SearchSettings, SearchState, advance, next_step
 from autoqra_core.space import Config, SearchSpace

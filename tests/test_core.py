@@ -15,8 +15,8 @@ from autoqra_core.errors import BudgetError, DatasetError, ModelLoadError, Space
 from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import (TrainSettings, _shared_nll, build, evaluate_config, exact_split,
                                    make_optimizer, score, share_prompts)
-from autoqra_core.importance import compute_priors
-from autoqra_core.memory import MemorySettings, memory, parse_budget
+from autoqra_core.priors import compute_priors
+from autoqra_core.memory import MemorySettings, memory_breakdown, parse_budget
 from autoqra_core.model import layer_map, load_model, model_shape, select_layers
 from autoqra_core.quantize import QuantSettings, quantize_model, storage_bytes
 from autoqra_core.space import Config, SearchSpace
@@ -73,7 +73,7 @@ def static_bytes(base, lmap, cfg: Config, q: QuantSettings, tokens: torch.Tensor
     opt = make_optimizer(model, TrainSettings())
     model(input_ids=tokens, labels=tokens).loss.backward()
     opt.step()
-    return memory(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static, storage_bytes(model, opt)
+    return memory_breakdown(cfg, model_shape(base, lmap), MemorySettings(backend="hqq")).static, storage_bytes(model, opt)
 
 
 @pytest.mark.parametrize("bits,ranks", MIXED)
@@ -90,7 +90,7 @@ def test_bnb_nf4_and_int8_memory_matches_allocated_bytes(embedded):
     cfg = SearchSpace(lmap.names, bits=(4, 8)).config([4, 8, 4, 8, 4, 8], [0] * 6)
     model = quantize_model(__import__("copy").deepcopy(base), cfg, lmap, QuantSettings("bnb"))
     measured = storage_bytes(model)
-    predicted = memory(cfg, model_shape(base, lmap), MemorySettings(backend="bnb")).static
+    predicted = memory_breakdown(cfg, model_shape(base, lmap), MemorySettings(backend="bnb")).static
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
@@ -99,7 +99,7 @@ def test_budget_parsing_and_reference(embedded):
     space, shape = SearchSpace(lmap.names), model_shape(base, lmap)
     assert parse_budget("1GiB", space, shape) == 2**30
     assert parse_budget("1500MB", space, shape) == 1_500_000_000
-    ref = memory(space.uniform(4, 16), shape).total
+    ref = memory_breakdown(space.uniform(4, 16), shape).total
     assert parse_budget("uniform-4bit-r16", space, shape) == ref
     with pytest.raises(BudgetError, match="cannot read the budget"):
         parse_budget("six gigs", space, shape)
@@ -108,7 +108,7 @@ def test_budget_parsing_and_reference(embedded):
 def test_budget_below_smallest_config_says_the_smallest(embedded):
     base, _, _, lmap = embedded
     space, shape = SearchSpace(lmap.names), model_shape(base, lmap)
-    smallest = memory(space.uniform(2, 0), shape).total
+    smallest = memory_breakdown(space.uniform(2, 0), shape).total
     with pytest.raises(BudgetError, match=f"at least {smallest}"):
         parse_budget("1MB", space, shape)
 

@@ -3,6 +3,7 @@ relative link of the README and docs/ against the tree, and the README's library
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -60,3 +61,27 @@ def test_the_readmes_library_example_runs(monkeypatch):
     result = scope["result"]
     assert result.best.ok and result.best.memory_bytes <= scope["budget"]
     assert len(result.history) >= 4
+    _assert_exports_resolve(scope["aq"])  # after the README's calls have imported the submodules they use
+
+
+def _assert_exports_resolve(aq) -> None:
+    """Every name ``autoqra_core`` exports is the object its module defines, never a submodule that shadows it."""
+    import importlib
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(aq.__path__)}
+    assert not submodules & set(aq.__all__), "an exported name equals a submodule's: importing it shadows the export"
+    for name in aq.__all__:
+        value = getattr(aq, name)
+        assert value is getattr(importlib.import_module(f"autoqra_core.{aq._WHERE[name]}"), name), name
+
+
+def test_the_public_api_is_not_shadowed_by_its_submodules():
+    """``import autoqra_core.model`` (what ``aq.load_model`` does) imports ``.memory``; ``aq.memory_breakdown``
+    and every other export must still be the function, not a module."""
+    import autoqra_core as aq
+    import autoqra_core.model  # noqa: F401  (the submodules load_model imports)
+
+    for module in set(aq._WHERE.values()):
+        importlib.import_module(f"autoqra_core.{module}")
+    _assert_exports_resolve(aq)

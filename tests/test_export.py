@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, ROOT, embedded  # noqa: F401 - fixture
+from .helpers import EMBEDDED_DATA, EMBEDDED_MODEL, embedded  # noqa: F401 - fixture
 
 TINY_EXPORT = {"steps": 4, "data_fraction": 0.02, "seq_len": 32, "batch_size": 4,  # the fine-tune (train:)
                "eval_examples": 12}  # test rows scored (report.test_examples)

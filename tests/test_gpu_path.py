@@ -5,20 +5,18 @@ config alone, and an existing Dask cluster by address."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from autoqra_core.data import batches, eval_set, train_blocks
+from autoqra_core.data import batches, train_blocks
 from autoqra_core.errors import DeviceError
 from autoqra_core.fidelity import Fidelity
 from autoqra_core.finetune import TrainSettings, build, evaluate_config, train
-from autoqra_core.memory import MemorySettings, logits_bytes, packed_bytes, settings_for
+from autoqra_core.memory import MemorySettings, logits_bytes, packed_bytes
 from autoqra_core.model import layer_map, load_skeleton
 from autoqra_core.packed import PackedCache
 from autoqra_core.quantize import QuantSettings, quantize_module, storage_bytes

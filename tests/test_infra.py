@@ -5,8 +5,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 

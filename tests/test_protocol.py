@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from autoqra_core import protocol
-from autoqra_core.data import eval_set, load_task, train_blocks
+from autoqra_core.data import eval_set, load_task
 from autoqra_core.errors import DatasetError
 from autoqra_core.evaluation import Evaluation
-from autoqra_core.fidelity import Fidelity, Ladder, Rung
+from autoqra_core.fidelity import Ladder, Rung
 from autoqra_core.space import SearchSpace
 
 from .helpers import EMBEDDED_DATA, MINI_SEARCH, embedded  # noqa: F401 - fixture

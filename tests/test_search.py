@@ -16,7 +16,6 @@ import json
 import math
 import random
 import statistics
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -27,8 +26,8 @@ from autoqra_core.evaluation import Evaluation, batched
 from autoqra_core.protocol import race_seeds
 from autoqra_core.racing import incumbent
 from autoqra_core.fidelity import Fidelity, Ladder
-from autoqra_core.importance import Priors
-from autoqra_core.repair import fill, minimal, repair
+from autoqra_core.priors import Priors
+from autoqra_core.feasibility import minimal, repair
 from autoqra_core.search import DEFAULT_FINE_TUNES, SearchSettings, SearchState, pareto_front, run_search
 from autoqra_core.space import Config, SearchSpace
 from autoqra_core.surrogate import Surrogate, encode, rung_offsets
@@ -276,7 +275,8 @@ def test_turbo_improves_over_its_start():
 
 
 def test_turbo_state_grows_and_shrinks():
-    s = turbo.TurboState(dim=4, batch_size=1, failure_tolerance=2, success_tolerance=2, best_value=1.0)
+    settings = turbo.TurboSettings(batch_size=1, failure_tolerance=2, success_tolerance=2)
+    s = turbo.TurboState.new(dim=4, settings=settings, best_value=1.0)
     s = turbo.update_state(turbo.update_state(s, True, 0.9), True, 0.8)
     assert s.length == pytest.approx(1.6) and s.best_value == 0.8
     for _ in range(2 * 5):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Sequence
 
 from .errors import BudgetError
-from .importance import Priors
+from .priors import Priors
 from .space import Config, SearchSpace
 
 Cost = Callable[[Config], int]

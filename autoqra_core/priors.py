@@ -19,8 +19,12 @@ random draws and mutations rarely waste a fine-tune on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .memory import GROUP_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,24 @@ def _loss(model, x) -> torch.Tensor:
     return model(**(x.inputs() if isinstance(x, Blocks) else {"input_ids": x, "labels": x})).loss
 
 
+CALIBRATION_BATCHES = 4  # training batches the priors read (the first DAMAGE_BATCHES also for the damage)
+DAMAGE_BATCHES = 2
+CALIBRATION_FRACTION = 0.05  # of the train split the calibration batches are drawn from
+
+
+def calibration(task, tokenizer, seed: int, n_batches: int = CALIBRATION_BATCHES, seq_len: int | None = None,
+                batch_size: int | None = None) -> list:
+    """The calibration batches: ``n_batches`` training batches (the fine-tune's shape by default) from the first
+    ``CALIBRATION_FRACTION`` of the train split, in ``seed``'s order."""
+    from .data import batches, train_blocks
+    from .fidelity import BATCH_SIZE, SEQ_LEN
+
+    blocks = train_blocks(task, tokenizer, seq_len or SEQ_LEN, CALIBRATION_FRACTION)
+    return batches(blocks, n_batches, batch_size or BATCH_SIZE, seed)
+
+
 def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_size: int = GROUP_SIZE,
-                   max_tokens: int = 1024, damage_batches: int = 2) -> Priors:
+                   max_tokens: int = 1024, damage_batches: int = DAMAGE_BATCHES) -> Priors:
     """Fisher sensitivity, activation-weighted quantization error and measured damage per layer, from calibration
     batches (the first ``damage_batches`` of them for the damage: the calibration loss with only that layer
     quantized, minus the unquantized one; 0: not measured).
@@ -104,18 +124,26 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
     ``model`` is the unquantized base (not modified); ``calibration`` a list of training batches (``data.Blocks``,
     or [batch, seq] token tensors).
     """
-    import torch
+    fisher, inputs = fisher_sensitivity(model, lmap, calibration)
+    sens = [sum(fisher[m] for m in ms) for _, ms in lmap.layers]
+    total = sum(sens) or 1.0
+    quantized = tuple(b for b in bits if b < 16)
+    damage_calib = calibration[:damage_batches]
+    errors, measured = quantization_effects(model, lmap, inputs, quantized, group_size, max_tokens, damage_calib)
+    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()},
+                  {b: tuple(v) for b, v in measured.items()} if damage_calib and errors else None)
 
-    from .quantize import QuantSettings, dequantized_weight
 
+def fisher_sensitivity(model, lmap, calibration: list) -> tuple[dict[str, float], dict[str, list]]:
+    """Per module: the empirical Fisher of its weight times the weight (sum of (w * grad)^2 over the batches), and
+    the inputs it saw (for the quantization error). Leaves every ``requires_grad`` flag as it was, no grads."""
     mods = dict(model.named_modules())
-    members = {m: i for i, (_, ms) in enumerate(lmap.layers) for m in ms}
+    members = [m for _, ms in lmap.layers for m in ms]
     inputs: dict[str, list] = {m: [] for m in members}
     hooks = [
         mods[m].register_forward_hook(lambda mod, args, out, m=m: inputs[m].append(args[0].detach().flatten(0, -2)))
         for m in members
     ]
-    # Only the layers' weights need gradients; restore every flag and drop every grad afterwards.
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     wanted = {id(mods[m].weight) for m in members}
@@ -136,12 +164,20 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
         for p, r in zip(params, was):
             p.requires_grad_(r)
             p.grad = None
-    sens = [sum(fisher[m] for m in ms) for _, ms in lmap.layers]
-    total = sum(sens) or 1.0
+    return fisher, inputs
 
-    errors: dict[int, list[float]] = {b: [] for b in bits if b < 16}
-    measured: dict[int, list[float]] = {b: [] for b in errors}
-    damage_calib = calibration[:damage_batches]
+
+def quantization_effects(model, lmap, inputs: dict[str, list], bits: tuple[int, ...], group_size: int,
+                         max_tokens: int, damage_calib: list) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """Per layer and bit-width: the relative output error of its quantized weights on the inputs it saw, and the
+    damage (calibration loss with only that layer quantized, minus the clean loss; empty without batches)."""
+    import torch
+
+    from .quantize import QuantSettings, dequantized_weight
+
+    mods = dict(model.named_modules())
+    errors: dict[int, list[float]] = {b: [] for b in bits}
+    measured: dict[int, list[float]] = {b: [] for b in bits}
     q = QuantSettings(backend="sim", group_size=group_size, device="cpu")  # the base stays on the CPU
 
     def calib_loss() -> float:
@@ -154,7 +190,7 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
             xs = {m: torch.cat(inputs[m])[:max_tokens] for m in ms}
             refs = {m: xs[m] @ weights[m].T for m in ms}
             den = sum(float((r**2).sum()) for r in refs.values())
-            for b in errors:
+            for b in bits:
                 deq = {m: dequantized_weight(w, b, q).to(w.dtype) for m, w in weights.items()}  # once per (module, bits)
                 num = sum(float(((xs[m] @ deq[m].T - refs[m]) ** 2).sum()) for m in ms)
                 errors[b].append((num / max(den, 1e-30)) ** 0.5)
@@ -166,5 +202,4 @@ def compute_priors(model, lmap, calibration: list, bits: tuple[int, ...], group_
                     finally:
                         for m, w in weights.items():
                             mods[m].weight.data = w
-    return Priors(lmap.names, tuple(s / total for s in sens), {b: tuple(v) for b, v in errors.items()},
-                  {b: tuple(v) for b, v in measured.items()} if damage_calib and errors else None)
+    return errors, measured
