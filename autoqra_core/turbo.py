@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -105,7 +105,9 @@ class TurboState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TurboState":
-        return cls(**{**d, "best_value": math.inf if d["best_value"] is None else d["best_value"]})
+        known = {f.name for f in fields(cls)} - {"best_value"}  # a field since dropped (batch_size) is skipped
+        best = math.inf if d["best_value"] is None else d["best_value"]
+        return cls(**{k: v for k, v in d.items() if k in known}, best_value=best)
 
 
 def update_state(state: TurboState, improved: bool, best_value: float) -> TurboState:
