@@ -19,7 +19,7 @@ process really allocates (checked against tensor storage in tests and, on a GPU,
   position of a step, or only at the trained ones for rows with a loss mask (``loss_tokens``:
   completions, conversations), where the head runs on those alone;
 * the transient dequantized weight of a packed layer (one at a time, compute dtype);
-* the scoring pass (``finetune.score``, no grad) as a separate peak: the model's body on
+* the scoring pass (``scoring.score``, no grad) as a separate peak: the model's body on
   ``score_rows`` rows (``SCORE_TOKENS`` tokens, at least one training batch), its LM head
   on training-sized batches, since with a 128k vocabulary fp32 logits alone are gigabytes.
   So scoring (no gradients, nothing saved) stays below the training step and the budget
@@ -46,7 +46,7 @@ from .space import UNQUANTIZED, Config, SearchSpace
 
 GROUP_SIZE = 64  # HQQ's values per scale/zero group: the quantizer's and the memory model's default
 
-SCORE_BATCH_SIZE = 64  # rows per scoring forward of a bare finetune.score call (fit scores in training batches)
+SCORE_BATCH_SIZE = 64  # rows per scoring forward of a bare scoring.score call (fit scores in training batches)
 SCORE_TOKENS = 4096  # tokens per forward of the model's body when a search scores (64 rows of 64 tokens)
 
 

@@ -30,7 +30,8 @@ def _timed(fn):
 
 def profile(args) -> dict:
     from autoqra_core.data import batches, train_blocks
-    from autoqra_core.finetune import IGNORE, build, exact_split, fit, held_out, make_optimizer
+    from autoqra_core.finetune import IGNORE, build, fit, held_out, make_optimizer
+    from autoqra_core.scoring import exact_split
     from autoqra_core.packed import PackedCache
     from autoqra_core.quantize import QuantSettings
     from bench.final_finetune import uniform

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoqra_core.data import batches, eval_set, load_task, train_blocks  # noqa: E402
-from autoqra_core.finetune import TrainSettings, build, make_optimizer, score, train  # noqa: E402
+from autoqra_core.finetune import TrainSettings, build, make_optimizer, train  # noqa: E402
+from autoqra_core.scoring import score  # noqa: E402
 from autoqra_core.memory import format_bytes, memory_breakdown, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.quantize import QuantSettings, storage_bytes  # noqa: E402

@@ -1,5 +1,5 @@
 """The export's ``gguf/`` scored on the test split by llama.cpp itself (``llama-cpp-python``), beside transformers'
-GGUF loader: the same rows, the same tokens and the same loss (``finetune.score``), only the runtime differs.
+GGUF loader: the same rows, the same tokens and the same loss (``scoring.score``), only the runtime differs.
 
     pip install llama-cpp-python    # a source build (cmake + a C++ compiler); its time is in bench/results/
     .venv/bin/python bench/export.py --model smollm2-135m --dataset addition --config bench/smollm2-addition.yaml \
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 class LlamaCpp(nn.Module):
-    """A llama.cpp model behind the one call ``finetune.score`` makes: ``model(input_ids=...).logits``."""
+    """A llama.cpp model behind the one call ``scoring.score`` makes: ``model(input_ids=...).logits``."""
 
     def __init__(self, path: Path, n_ctx: int):
         super().__init__()
@@ -62,7 +62,7 @@ def main() -> None:
 
     from autoqra_core.data import eval_set
     from autoqra_core.export import GGUF_FILE, load_gguf
-    from autoqra_core.finetune import score
+    from autoqra_core.scoring import score
     from flows.config import load_run_config
     from flows.prepared_run import Run
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoqra_core.data import batches, eval_set, load_task, train_blocks  # noqa: E402
-from autoqra_core.finetune import TrainSettings, build, score, train  # noqa: E402
+from autoqra_core.finetune import TrainSettings, build, train  # noqa: E402
+from autoqra_core.scoring import score  # noqa: E402
 from autoqra_core.memory import format_bytes, memory_breakdown, settings_for  # noqa: E402
 from autoqra_core.model import layer_map, load_model, model_shape  # noqa: E402
 from autoqra_core.packed import PackedCache  # noqa: E402

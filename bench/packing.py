@@ -34,7 +34,8 @@ def padded(rows: list[tuple[list[int], list[bool]]], pad: int) -> tuple[torch.Te
 
 def measure(args) -> dict:
     from autoqra_core.data import _examples, masked, pad_id, train_blocks
-    from autoqra_core.finetune import IGNORE, build, exact_split, make_optimizer, masked_loss
+    from autoqra_core.finetune import IGNORE, build, make_optimizer, masked_loss
+    from autoqra_core.scoring import exact_split
     from autoqra_core.packed import PackedCache
     from autoqra_core.quantize import QuantSettings
     from bench.final_finetune import uniform

@@ -8,7 +8,7 @@ so that a slow spell of the shared machine hits each alike:
   forward), loaded from git;
 * ``rows whole``: today's ``score(share=False)``, the same algorithm (a check that nothing else changed);
 * ``shared prompts``: today's ``score``: each question's prompt runs once, its choices packed after it under
-  a block-causal mask (``finetune.share_prompts``).
+  a block-causal mask (``scoring.share_prompts``).
 
 For each: seconds, tokens through the model's body, loss and accuracy; and per-row differences (nats per
 scored token) between a row scored packed and the same row run alone (what ``score``'s check bounds), beside
@@ -57,7 +57,7 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
     packed vs run alone in batches (what ``score``'s check bounds); with ``full`` also alone in batches vs
     one row per forward (the rounding any change of shape brings) and packed with the mask dropped (the fault
     the check is for: choices that see each other)."""
-    from autoqra_core.finetune import _shared_nll, _split_nll, exact_split, share_prompts
+    from autoqra_core.scoring import _shared_nll, _split_nll, exact_split, share_prompts
 
     split = exact_split(model, ev.input_ids[:2, : int(ev.lengths[:2].max())])
     shared = share_prompts(ev, ev.max_len)
@@ -86,7 +86,8 @@ def differences(model, ev, batch_size: int, body_rows: int, full: bool = False) 
 
 def measure(args) -> dict:
     from autoqra_core.data import eval_set
-    from autoqra_core.finetune import build, fit, score
+    from autoqra_core.finetune import build, fit
+    from autoqra_core.scoring import score
     from autoqra_core.memory import score_rows
     from autoqra_core.quantize import QuantSettings
     from bench.final_finetune import uniform

@@ -13,8 +13,8 @@ import torch
 from autoqra_core.data import eval_set, load_task
 from autoqra_core.errors import BudgetError, DatasetError, ModelLoadError, SpaceError
 from autoqra_core.fidelity import Fidelity
-from autoqra_core.finetune import (TrainSettings, _shared_nll, build, evaluate_config, exact_split,
-                                   make_optimizer, score, share_prompts)
+from autoqra_core.finetune import TrainSettings, build, evaluate_config, make_optimizer
+from autoqra_core.scoring import _shared_nll, exact_split, score, share_prompts
 from autoqra_core.priors import compute_priors
 from autoqra_core.memory import MemorySettings, memory_breakdown, parse_budget
 from autoqra_core.model import layer_map, load_model, model_shape, select_layers

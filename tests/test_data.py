@@ -80,7 +80,8 @@ def test_completion_rows_train_and_score_on_the_completion_only(tmp_path, tok):
 
 def test_the_loss_is_computed_only_where_a_token_is_trained(tmp_path, tok):
     """The head-on-trained-positions loss equals transformers' own masked causal-LM loss."""
-    from autoqra_core.finetune import exact_split, masked_loss
+    from autoqra_core.finetune import masked_loss
+    from autoqra_core.scoring import exact_split
     from autoqra_core.model import load_model
 
     model, _ = load_model(str(EMBEDDED_MODEL))

@@ -217,7 +217,7 @@ def test_deployable_formats_load_with_transformers_alone(exported, embedded, tmp
 def test_bf16_merge_is_close_and_transformers_alone_loads_it(exported, embedded, tmp_path):
     from autoqra_core import export as ex
     from autoqra_core.data import eval_set
-    from autoqra_core.finetune import score
+    from autoqra_core.scoring import score
     from transformers import AutoModelForCausalLM
 
     out, metrics, cfg = exported

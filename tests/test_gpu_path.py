@@ -226,7 +226,8 @@ def test_logits_term_of_a_masked_batch_counts_only_the_trained_positions():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from autoqra_core.data import IGNORE, Blocks, loss_tokens
-    from autoqra_core.finetune import exact_split, masked_loss
+    from autoqra_core.finetune import masked_loss
+    from autoqra_core.scoring import exact_split
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "hidden_size": 64, "num_attention_heads": 4,

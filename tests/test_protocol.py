@@ -70,7 +70,7 @@ def test_unknown_split_is_refused(embedded):
 @pytest.mark.parametrize("long_share", [0.5, 1.0])
 def test_long_prompts_are_cut_from_the_left_and_the_choice_is_scored(embedded, tmp_path, long_share):
     model, tok, _, _ = embedded
-    from autoqra_core.finetune import score
+    from autoqra_core.scoring import score
 
     rows = []
     for i in range(8):
