@@ -197,8 +197,8 @@ def activation_bytes(shape: ModelShape, config: Config, s: MemorySettings) -> in
     the MLP's gate/up/act), each adapted module its rank-r intermediate (its input
     is the block's, already kept), and the head its logits and log-softmax
     final norm's output (h; the logits are ``logits_bytes``). Calibrated against the
-    storage autograd really saves (``bench/evaluation.py``: within 0.1% when the first
-    block is adapted; an overestimate when only late blocks are). Gradient checkpointing
+    storage autograd really saves (``bench/evaluation.py``, bench/results/evaluation.md;
+    an overestimate when only late blocks are adapted). Gradient checkpointing
     keeps each block's input and one block's activations at a time. No adapter: no backward.
     """
     ranked = [i for i, layer in enumerate(config.layers) if layer.rank > 0]

@@ -46,8 +46,7 @@ def _scored_nll(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, hea
     """Per-row summed NLL of the scored tokens, the LM head run only where a token is scored.
 
     Prompt and padding positions are never scored, so the head (the vocabulary-sized matmul and softmax)
-    skips them; on the embedded WordNet task that is ~30 % of positions (300 questions: 4.5 -> 4.0 s).
-    ``chunk`` positions at a time: no more logits than a training batch's."""
+    skips them. ``chunk`` positions at a time: no more logits than a training batch's."""
     pos = mask.to(hidden.device)  # [rows, width-1]: position t predicts token t+1
     h, target = hidden[:, :-1][pos], ids[:, 1:][pos]
     row = pos.nonzero()[:, 0].cpu()
@@ -177,8 +176,8 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
 
     With ``body_rows`` the model's body runs on ``body_rows`` rows at a time and the LM head on ``batch_size``
     rows: the vocabulary-sized logits, the part that grows with rows, stay training-sized while the body runs
-    in large batches (a forward per 8 rows is ~3x slower than per 64 on a CPU), and the head runs only on the
-    positions that are scored. The body/head split is used only where it
+    in large batches (faster per row on a CPU: bench/results/scoring-smollm2-addition.md), and the head runs only
+    on the positions that are scored. The body/head split is used only where it
     reproduces the full forward (checked on the first batch). With ``share``, choices of a question run their
     common prompt once (``share_prompts``), checked the same way; without ``body_rows``, every row runs whole."""
     model.eval()

@@ -28,7 +28,7 @@ Two departures from the tutorial, both because the space is a grid of levels:
 * a candidate perturbs ``perturb_dims`` (default 4) coordinates of the centre on average,
   not 20: with 2 coordinates per layer the tutorial's rule moves every coordinate in
   models of up to 10 layers, i.e. random jumps; a few level steps at a time is a local
-  search the GP can rank (on the synthetic benchmark in tests: far better in 12 batches).
+  search the GP can rank.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from .surrogate import encode
 class TurboSettings:
     """Stage 2's settings (the only defaults: the settings file's schema takes them from here).
 
-    The tolerances are small because stage 2 is short (3 batches in ``make demo``): with the tutorial's
-    ``ceil(max(4, dim) / batch_size)`` (3-6 here) the region could never shrink within the iterations.
+    The tolerances are small because stage 2 is short (a few batches): with the tutorial's
+    ``ceil(max(4, dim) / batch_size)`` the region could never shrink within the iterations.
     """
 
     iterations: int = 3  # batches evaluated in stage 2

@@ -291,11 +291,6 @@ def log_progress(run_id: str, step: int, metrics: Mapping[str, float | int | Non
     _log_batch(client(uri), run_id, metrics=metrics, step=step)
 
 
-def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -> None:
-    """Params (secret-looking names are dropped)."""
-    _log_batch(client(uri), run_id, params=params)
-
-
 def log_artifacts(run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None, uri: str | None = None) -> None:
     """Upload files and/or directories (plots, result.json, an adapter folder) to a run."""
     c = client(uri)
