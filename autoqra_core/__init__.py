@@ -3,13 +3,14 @@
     import autoqra_core as aq
     model, tokenizer = aq.load_model("infra/embedded/model")
     space = aq.SearchSpace(aq.layer_map(model).names)          # per-layer bits x ranks
-    result = aq.run_search(space, priors, cost, budget, evaluate_many, aq.SearchSettings())
+    result = aq.run_search(aq.Problem(space, priors, cost, budget), evaluate_many, aq.SearchSettings())
 
 Modules, in the order the method uses them: ``space`` (configurations) -> ``memory`` (the memory model) ->
-``priors`` (importance) -> ``feasibility`` (repair) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1)
--> ``turbo`` (stage 2) -> ``racing`` (intensification) -> ``search`` (one step at a time: ``advance``), with
-``model``, ``data``, ``quantize``, ``finetune`` and ``scoring`` building and scoring one configuration, ``baselines`` and
-``protocol`` for the comparison, ``estimate`` and ``export`` for planning and publishing.
+``priors`` (importance) -> ``problem`` (space, priors, cost and budget as one value) -> ``feasibility``
+(repair) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1) -> ``turbo`` (stage 2) -> ``racing``
+(intensification) -> ``search`` (one step at a time: ``advance``), with ``model``, ``data``, ``quantize``,
+``finetune`` and ``scoring`` building and scoring one configuration, ``baselines`` and ``protocol`` for the
+comparison, ``estimate`` and ``export`` for planning and publishing.
 
 The names below are imported on first use, so ``import autoqra_core.space`` stays light.
 """
@@ -25,6 +26,7 @@ _EXPORTS = {
     "memory": ("MemorySettings", "settings_for", "memory_breakdown", "total_bytes", "budget_bytes", "format_bytes"),
     "estimate": ("plan", "Plan"),
     "priors": ("Priors", "compute_priors", "calibration"),
+    "problem": ("Problem",),
     "feasibility": ("repair",),
     "fidelity": ("Fidelity", "Ladder", "Rung", "FineTune"),
     "quantize": ("QuantSettings",),

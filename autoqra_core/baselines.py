@@ -21,10 +21,10 @@ from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
 from .fidelity import Ladder
-from .priors import Priors
+from .feasibility import random_repaired, repair
+from .problem import Cost, Problem
 from .protocol import equal_compute_count
 from .racing import mean_loss, standings, summary, table
-from .feasibility import Cost, random_repaired, repair
 from .space import QUANTIZED_BITS, UNQUANTIZED, Config, SearchSpace
 
 
@@ -94,18 +94,19 @@ def fp_lora(space: SearchSpace, rank: int = DEFAULTS.rank) -> Config:
     return space.uniform(UNQUANTIZED, rank)
 
 
-def sequential(space: SearchSpace, priors: Priors, cost: Cost, budget: int, rank: int = DEFAULTS.rank) -> Config:
+def sequential(p: Problem, rank: int = DEFAULTS.rank) -> Config:
     """Bits by quantization error under the budget (rank ``rank`` reserved), then one uniform rank filling the rest.
 
     The rank is the largest level <= ``rank`` that fits at the fewest bits. Bits: greedy one-level
     upgrades, the largest drop in ``priors.damage`` per byte first, while they fit. Rank: raised
     one level at a time on every layer while the whole config fits.
     """
+    space, priors, cost, budget = p.space, p.priors, p.cost, p.budget
     ranks = [r for r in space.ranks if r <= rank] or [space.ranks[0]]
     r = next((r for r in reversed(ranks) if cost(space.uniform(space.bits[0], r)) <= budget), None)
     if r is None:
         # Nothing fits even at the smallest rank: repair raises the BudgetError that says so.
-        return repair(space.uniform(space.bits[0], space.ranks[0]), space, priors, cost, budget)
+        return repair(space.uniform(space.bits[0], space.ranks[0]), p)
     config = space.uniform(space.bits[0], r)
     current = cost(config)
     while True:
@@ -133,35 +134,27 @@ def sequential(space: SearchSpace, priors: Priors, cost: Cost, budget: int, rank
     return config
 
 
-def random_search(
-    space: SearchSpace, priors: Priors, cost: Cost, budget: int, n: int, rng: random.Random
-) -> list[Config]:
+def random_search(p: Problem, n: int, rng: random.Random) -> list[Config]:
     """``n`` distinct feasible random configurations (repaired like the search's candidates)."""
-    return random_repaired(lambda: space.random(rng), n, space, priors, cost, budget)
+    return random_repaired(lambda: p.space.random(rng), n, p)
 
 
-def baseline_configs(
-    space: SearchSpace, priors: Priors, cost: Cost, budget: int, settings: BaselineSettings, seed: int = 0
-) -> dict[str, list[Config]]:
+def baseline_configs(p: Problem, settings: BaselineSettings, seed: int = 0) -> dict[str, list[Config]]:
     """Every baseline's configurations by name (one each, ``settings.n_random`` for "random": a count, which
     the caller resolves with ``random_count``)."""
     if settings.n_random is None:
         raise ValueError("baseline_configs needs a count of random configurations: BaselineSettings.random_count")
-    n_random = settings.n_random
-    out = {name: [c] for name, c in uniform_configs(space, settings.uniform_bits, settings.rank).items()}
-    out["uniform-best"] = list(uniform_best_candidates(space, cost, budget).values())
-    out["sequential"] = [sequential(space, priors, cost, budget, settings.rank)]
+    out = {name: [c] for name, c in uniform_configs(p.space, settings.uniform_bits, settings.rank).items()}
+    out["uniform-best"] = list(uniform_best_candidates(p.space, p.cost, p.budget).values())
+    out["sequential"] = [sequential(p, settings.rank)]
     # Its own stream: with random.Random(seed) it would redraw the search's random initial individuals.
-    out["random"] = random_search(space, priors, cost, budget, n_random, random.Random(f"random-baseline-{seed}"))
-    out["fp-lora"] = [fp_lora(space, settings.rank)]
+    out["random"] = random_search(p, settings.n_random, random.Random(f"random-baseline-{seed}"))
+    out["fp-lora"] = [fp_lora(p.space, settings.rank)]
     return out
 
 
 def run_baselines(
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
+    p: Problem,
     evaluate_many: EvaluateMany,
     rung: int,
     settings: BaselineSettings,
@@ -176,7 +169,7 @@ def run_baselines(
 
     Requests already in ``history`` (e.g. the search's) are reused, not re-run.
     """
-    configs = baseline_configs(space, priors, cost, budget, settings, seed)
+    configs = baseline_configs(p, settings, seed)
     requests = [(c, rung, seeds[0]) for cs in configs.values() for c in cs]
     known = list(history)
     known += evaluate_new(requests, known, evaluate_many)

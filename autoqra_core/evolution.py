@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import zip_longest
 from typing import Callable, Iterator, Sequence
 
@@ -46,11 +46,12 @@ from deap import base, creator, tools
 
 from .baselines import REFERENCE, uniform_best_candidates
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
+from .feasibility import fill, minimal, random_repaired, repair
 from .fidelity import Ladder
 from .priors import Priors
+from .problem import Problem
 from .protocol import race_seeds
 from .racing import RaceSettings, incumbent, intensify
-from .feasibility import Cost, fill, minimal, random_repaired, repair
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
 
@@ -222,9 +223,7 @@ def make_toolbox(space: SearchSpace, priors: Priors, settings: EvolutionSettings
 # --- the pieces of a generation -----------------------------------------------------------
 
 
-def prior_configs(
-    space: SearchSpace, priors: Priors, cost: Cost, budget: int, splits: Sequence[float] = (0.5, 1.0, 0.0, 0.75, 0.25)
-) -> list[Config]:
+def prior_configs(p: Problem, splits: Sequence[float] = (0.5, 1.0, 0.0, 0.75, 0.25)) -> list[Config]:
     """Configs built from the priors alone: several splits of the memory between bits and rank.
 
     Two families, interleaved (balanced ones first, then the extremes):
@@ -235,40 +234,39 @@ def prior_configs(
       i.e. the "sequential" recipe at several ranks.
     Any remainder is then given back by ``fill``. Duplicates are dropped.
     """
+    space, cost, budget = p.space, p.cost, p.budget
     positive = [r for r in space.ranks if r > 0] or [space.ranks[0]]
     by_fraction, by_rank = [], []
     start = space.uniform(space.bits[0], positive[0])
     if cost(start) <= budget:
         low = cost(start)
         for f in splits:
-            c = fill(start, space, priors, cost, int(low + f * (budget - low)), kinds=("bits",))
-            by_fraction.append(fill(c, space, priors, cost, budget, kinds=("rank",)))
+            c = fill(start, replace(p, budget=int(low + f * (budget - low))), kinds=("bits",))
+            by_fraction.append(fill(c, p, kinds=("rank",)))
     mid = len(positive) // 2
     for r in positive[mid:] + positive[:mid][::-1]:  # middle rank first, then outwards
         uniform_rank = space.uniform(space.bits[0], r)
         if cost(uniform_rank) <= budget:
-            by_rank.append(fill(uniform_rank, space, priors, cost, budget, kinds=("bits",)))
+            by_rank.append(fill(uniform_rank, p, kinds=("bits",)))
     out: list[Config] = []
     for pair in zip_longest(by_fraction, by_rank):
         for c in pair:
             if c is not None:
-                c = fill(c, space, priors, cost, budget)
+                c = fill(c, p)
                 if c not in out:
                     out.append(c)
-    return out or [repair(minimal(space), space, priors, cost, budget)]
+    return out or [repair(minimal(space), p)]
 
 
-def initial_population(
-    space: SearchSpace, priors: Priors, cost: Cost, budget: int, settings: EvolutionSettings, rng: random.Random
-) -> list[Config]:
+def initial_population(p: Problem, settings: EvolutionSettings, rng: random.Random) -> list[Config]:
     """Prior-derived configs (up to ``prior_fraction`` of the population), the uniform recipes that fit (each
     bit-width at its largest rank: the candidates of uniform-best), then repaired random ones."""
     size = settings.population_size
     n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
-    start = prior_configs(space, priors, cost, budget)[:n_prior]
-    start += list(uniform_best_candidates(space, cost, budget).values())[:max(0, size - len(start))]
+    start = prior_configs(p)[:n_prior]
+    start += list(uniform_best_candidates(p.space, p.cost, p.budget).values())[:max(0, size - len(start))]
     start = list({c.key(): c for c in start}.values())
-    return random_repaired(_draw(space, priors, settings, rng), size, space, priors, cost, budget, start=start)
+    return random_repaired(_draw(p.space, p.priors, settings, rng), size, p, start=start)
 
 
 def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: random.Random) -> Callable[[], Config]:
@@ -277,13 +275,13 @@ def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: 
     return lambda: random_config(space, rng, avoid, settings.catastrophic_prob)
 
 
-def references(space: SearchSpace, priors: Priors, cost: Cost, budget: int) -> list[Config]:
+def references(p: Problem) -> list[Config]:
     """What generation 0 runs at the top rung, best guess first: the best prior-derived configuration and
     uniform-4bit-r16 (where it fits and is in the space), so the race has an incumbent and the recipe users pick
     by hand from the start. The other uniform recipes start at rung 0 (``initial_population``)."""
-    ref = space.uniform(*REFERENCE)
-    out = prior_configs(space, priors, cost, budget)[:1]
-    out += [ref] if REFERENCE[0] in space.bits and REFERENCE[1] in space.ranks and cost(ref) <= budget else []
+    ref = p.space.uniform(*REFERENCE)
+    out = prior_configs(p)[:1]
+    out += [ref] if REFERENCE[0] in p.space.bits and REFERENCE[1] in p.space.ranks and p.fits(ref) else []
     return list({c.key(): c for c in out}.values())
 
 
@@ -294,36 +292,40 @@ def vary(
     fix: Callable[[object], Config],
     seen: set[str],
     crossover_prob: float,
+    rng: random.Random,
 ) -> list[Config]:
-    """Up to ``n`` new repaired children (keys not in ``seen``). Call inside ``using_rng``."""
+    """Up to ``n`` new repaired children (keys not in ``seen``), DEAP's operators drawing from ``rng``."""
     out: list[Config] = []
-    for _ in range(20 * n):
-        if len(out) >= n:
-            break
-        a, b = (toolbox.clone(p) for p in toolbox.select(parents, 2))
-        if random.random() < crossover_prob:
-            toolbox.mate(a, b)
-        for child in (a, b):
-            toolbox.mutate(child)
-            config = fix(child)
-            if config.key() not in seen:
-                seen.add(config.key())
-                out.append(config)
+    with using_rng(rng):
+        for _ in range(20 * n):
+            if len(out) >= n:
+                break
+            a, b = (toolbox.clone(p) for p in toolbox.select(parents, 2))
+            if random.random() < crossover_prob:
+                toolbox.mate(a, b)
+            for child in (a, b):
+                toolbox.mutate(child)
+                config = fix(child)
+                if config.key() not in seen:
+                    seen.add(config.key())
+                    out.append(config)
     return out[:n]
 
 
 def select_population(
-    pool: Sequence[Config], scores: dict[str, float], size: int, elite: int, toolbox: base.Toolbox
+    pool: Sequence[Config], scores: dict[str, float], size: int, elite: int, toolbox: base.Toolbox,
+    rng: random.Random,
 ) -> list[Config]:
-    """Elites by score, then tournaments without replacement; unique configs. Call inside ``using_rng``."""
+    """Elites by score, then tournaments without replacement (drawing from ``rng``); unique configs."""
     unique = list({c.key(): c for c in pool}.values())
     inds = [individual(c, scores.get(c.key(), math.inf)) for c in unique]
     chosen = tools.selBest(inds, min(elite, size))
     rest = [i for i in inds if all(i is not c for c in chosen)]
-    while len(chosen) < size and rest:
-        winner = toolbox.select(rest, 1)[0]
-        chosen.append(winner)
-        rest = [i for i in rest if i is not winner]
+    with using_rng(rng):
+        while len(chosen) < size and rest:
+            winner = toolbox.select(rest, 1)[0]
+            chosen.append(winner)
+            rest = [i for i in rest if i is not winner]
     by_id = {id(i): c for i, c in zip(inds, unique)}
     return [by_id[id(i)] for i in chosen]
 
@@ -348,60 +350,67 @@ def climb(history: list[Evaluation], ladder: Ladder, evaluate_many: EvaluateMany
 
 def step(
     state: EvolutionState,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
+    p: Problem,
     evaluate_many: EvaluateMany,
     ladder: Ladder,
     settings: EvolutionSettings = EvolutionSettings(),
     race: RaceSettings = RaceSettings(),
 ) -> EvolutionState:
-    """One generation (the first one builds the initial population). Returns a new state."""
+    """One generation: its children (the first generation: the initial population, and the references at the
+    top rung), their fine-tunes (``evaluate_generation``), then the next population. Returns a new state."""
     rng = _rng(state.rng)
-    history = list(state.history)
-    toolbox = make_toolbox(space, priors, settings)
-    seeds = race_seeds(state.seed, race.max_config_calls)
-    scores = corrected_losses(history, ladder.top)
+    toolbox = make_toolbox(p.space, p.priors, settings)
     refs: list[Config] = []
-
     if not state.population:
-        children = initial_population(space, priors, cost, budget, settings, rng)
+        children = initial_population(p, settings, rng)
         if settings.full_fidelity_start and ladder.top > 0:
-            refs = references(space, priors, cost, budget)
+            refs = references(p)
     else:
-        parents = [individual(c, scores.get(c.key(), math.inf)) for c in state.population]
-        seen = {e.config.key() for e in history} | {c.key() for c in state.population}
+        children = offspring(state, p, toolbox, ladder, settings, rng)
+    seeds = race_seeds(state.seed, race.max_config_calls)
+    history = evaluate_generation(list(state.history), refs, children, ladder, evaluate_many, seeds, race)
+    scores = corrected_losses(history, ladder.top)
+    finished = [e.config for e in history if e.fidelity == ladder.top]  # every top-rung config may be chosen
+    population = select_population(list(state.population) + children + finished, scores, settings.population_size,
+                                   settings.elite, toolbox, rng)
+    return EvolutionState(population, history, state.generation + 1, _rng_state(rng), state.seed)
 
-        def fix(child) -> Config:
-            config = space.config([b for b, _ in child], [r for _, r in child])
-            return repair(config, space, priors, cost, budget, pinned=child.touched)
 
-        want = settings.offspring * settings.offspring_multiplier
-        with using_rng(rng):
-            children = vary(parents, toolbox, want, fix, seen, settings.crossover_prob)
-        # A converged population may yield few new children: top up at random.
-        children = random_repaired(_draw(space, priors, settings, rng), want, space, priors, cost, budget,
-                                   start=children, seen=seen)
-        surrogate = Surrogate.fit(space, history, ladder.top, seed=state.seed + state.generation,
-                                  min_points=settings.surrogate_min_points)
-        children = screen(surrogate, children, settings.offspring, settings.kappa)
+def offspring(state: EvolutionState, p: Problem, toolbox: base.Toolbox, ladder: Ladder,
+              settings: EvolutionSettings, rng: random.Random) -> list[Config]:
+    """A later generation's children: the population varied (crossover, then mutation; each child repaired with
+    the layers it moved pinned), topped up at random where a converged population yields few new ones, and
+    screened by the surrogate down to ``settings.offspring``."""
+    history = list(state.history)
+    scores = corrected_losses(history, ladder.top)
+    parents = [individual(c, scores.get(c.key(), math.inf)) for c in state.population]
+    seen = {e.config.key() for e in history} | {c.key() for c in state.population}
 
+    def fix(child) -> Config:
+        config = p.space.config([b for b, _ in child], [r for _, r in child])
+        return repair(config, p, pinned=child.touched)
+
+    want = settings.offspring * settings.offspring_multiplier
+    children = vary(parents, toolbox, want, fix, seen, settings.crossover_prob, rng)
+    children = random_repaired(_draw(p.space, p.priors, settings, rng), want, p, start=children, seen=seen)
+    surrogate = Surrogate.fit(p.space, history, ladder.top, seed=state.seed + state.generation,
+                              min_points=settings.surrogate_min_points)
+    return screen(surrogate, children, settings.offspring, settings.kappa)
+
+
+def evaluate_generation(history: list[Evaluation], refs: Sequence[Config], children: Sequence[Config],
+                        ladder: Ladder, evaluate_many: EvaluateMany, seeds: Sequence[int],
+                        race: RaceSettings) -> list[Evaluation]:
+    """A generation's fine-tunes, appended to ``history``: the references at the top rung and the children at
+    rung 0 (one batch), successive halving up the rungs, then every configuration new at the top raced against
+    the incumbent on the shared seeds."""
     at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
-    history += evaluate_new([(c, ladder.top, seeds[0]) for c in refs] + [(c, 0, seeds[0]) for c in children],
-                            history, evaluate_many)
+    history = history + evaluate_new([(c, ladder.top, seeds[0]) for c in refs] + [(c, 0, seeds[0]) for c in children],
+                                     history, evaluate_many)
     history += climb(history, ladder, evaluate_many, seeds[0])
     new_at_top = list({e.config.key(): e.config for e in history
                        if e.fidelity == ladder.top and e.config.key() not in at_top}.values())
-    history += intensify(history, new_at_top, ladder.top, seeds, evaluate_many, race)
-
-    scores = corrected_losses(history, ladder.top)
-    finished = [e.config for e in history if e.fidelity == ladder.top]  # every top-rung config may be chosen
-    with using_rng(rng):
-        population = select_population(
-            list(state.population) + children + finished, scores, settings.population_size, settings.elite, toolbox
-        )
-    return EvolutionState(population, history, state.generation + 1, _rng_state(rng), state.seed)
+    return history + intensify(history, new_at_top, ladder.top, seeds, evaluate_many, race)
 
 
 def finish(

@@ -32,9 +32,9 @@ from typing import Callable, Collection, Iterable, Sequence
 
 from .errors import BudgetError
 from .priors import Priors
+from .problem import Cost, Problem
 from .space import Config, SearchSpace
 
-Cost = Callable[[Config], int]
 KINDS = ("bits", "rank")
 
 
@@ -85,10 +85,10 @@ def _apply(space: SearchSpace, config: Config, step: Step) -> Config:
 class _Mover:
     """Ranks one-level steps by harm per byte for one repair call (caches per-layer byte deltas)."""
 
-    def __init__(self, space: SearchSpace, priors: Priors, cost: Cost):
-        self.space, self.priors, self.cost = space, priors, cost
-        self.importance = priors.importance()
-        self.scales = rank_scales(space, priors)
+    def __init__(self, p: Problem):
+        self.space, self.priors, self.cost = p.space, p.priors, p.cost
+        self.importance = p.priors.importance()
+        self.scales = rank_scales(p.space, p.priors)
         self._delta: dict[tuple, int] = {}
 
     def bytes_delta(self, config: Config, base: int, step: Step) -> int:
@@ -115,21 +115,15 @@ class _Mover:
         return out
 
 
-def shrink(
-    config: Config,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    pinned: Collection[int] = (),
-) -> Config:
+def shrink(config: Config, p: Problem, pinned: Collection[int] = ()) -> Config:
     """Step down, least harm per freed byte first, until ``config`` fits. Pinned layers give last.
 
     Raises BudgetError if even the minimal configuration does not fit.
     """
+    space, cost, budget = p.space, p.cost, p.budget
     check_budget(space, cost, budget)
     space.validate(config)
-    mover = _Mover(space, priors, cost)
+    mover = _Mover(p)
     free_layers = [l for l in range(len(space)) if l not in pinned]
     current = cost(config)
     while current > budget:
@@ -151,21 +145,14 @@ def shrink(
     return config
 
 
-def fill(
-    config: Config,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    kinds: Collection[str] = KINDS,
-    pinned: Collection[int] = (),
-) -> Config:
+def fill(config: Config, p: Problem, kinds: Collection[str] = KINDS, pinned: Collection[int] = ()) -> Config:
     """Step up, most harm removed per byte first, while the config still fits. Pinned layers stay.
 
     ``config`` must already fit. Steps the prior calls harmful are never taken; steps it
     calls neutral are taken last (more memory is assumed never to hurt).
     """
-    mover = _Mover(space, priors, cost)
+    space, cost, budget = p.space, p.cost, p.budget
+    mover = _Mover(p)
     layers = [l for l in range(len(space)) if l not in pinned]
     current = cost(config)
     blocked: set[tuple[Step, Config]] = set()
@@ -189,29 +176,21 @@ def fill(
             blocked.add((step, config))
 
 
-def repair(
-    config: Config,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    pinned: Collection[int] = (),
-    give_back: bool = True,
-) -> Config:
+def repair(config: Config, p: Problem, pinned: Collection[int] = (), give_back: bool = True) -> Config:
     """Feasible version of ``config``: shrink until it fits, then (``give_back``) fill spare memory.
 
     ``pinned`` layers (the ones an operator just moved) are changed only when nothing else
     can give, and get no spare memory, so the repair does not simply undo the move.
     Deterministic; raises BudgetError naming the smallest feasible bytes if nothing fits.
     """
-    config = shrink(config, space, priors, cost, budget, pinned)
+    config = shrink(config, p, pinned)
     if give_back:
-        config = fill(config, space, priors, cost, budget, pinned=pinned)
+        config = fill(config, p, pinned=pinned)
     return config
 
 
-def random_repaired(draw: Callable[[], Config], n: int, space: SearchSpace, priors: Priors, cost: Cost, budget: int,
-                    start: Sequence[Config] = (), seen: Collection[str] = ()) -> list[Config]:
+def random_repaired(draw: Callable[[], Config], n: int, p: Problem, start: Sequence[Config] = (),
+                    seen: Collection[str] = ()) -> list[Config]:
     """``start`` topped up to ``n`` configurations with repaired random draws (``draw()``), each new: its key
     neither in ``seen`` nor already taken. At most ``50 n`` draws, so a space with few feasible configurations
     ends short rather than never."""
@@ -220,7 +199,7 @@ def random_repaired(draw: Callable[[], Config], n: int, space: SearchSpace, prio
     for _ in range(50 * n):
         if len(out) >= n:
             break
-        c = repair(draw(), space, priors, cost, budget)
+        c = repair(draw(), p)
         if c.key() not in taken:
             taken.add(c.key())
             out.append(c)

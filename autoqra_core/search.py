@@ -21,11 +21,10 @@ from . import evolution, turbo
 from .evaluation import EvaluateMany, Evaluation
 from .evolution import EvolutionSettings, EvolutionState
 from .fidelity import Ladder
-from .priors import Priors
+from .feasibility import check_budget
+from .problem import Problem
 from .protocol import charged_tokens, history_tokens, metered, race_seeds
 from .racing import RaceSettings, incumbent, standings
-from .feasibility import Cost, check_budget
-from .space import SearchSpace
 from .turbo import TurboRun, TurboSettings
 
 
@@ -191,10 +190,7 @@ def next_step(state: SearchState) -> str | None:
 
 def advance(
     state: SearchState,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
+    p: Problem,
     evaluate_many: EvaluateMany,
     settings: SearchSettings = SearchSettings(),
 ) -> SearchState:
@@ -218,17 +214,16 @@ def advance(
     if state.stage == "evolution":
         ev = state.evolution
         if ev.generation < settings.generations and fits(ev.history, 0):
-            ev = evolution.step(ev, space, priors, cost, budget, budgeted, ladder, settings.evolution, race)
+            ev = evolution.step(ev, p, budgeted, ladder, settings.evolution, race)
         if ev.generation < settings.generations and fits(ev.history, 0):
             return replace(state, evolution=ev)
         ev = evolution.finish(ev, ladder, evaluate_many, settings.turbo.batch_size, race)
         if (settings.turbo.iterations > 0 and fits(ev.history, ladder.top)
                 and incumbent(ev.history, ladder.top, settings.seeds)):
-            return SearchState("turbo", ev, turbo.start(space, ev.history, ladder.top, settings.turbo, settings.seed))
+            return SearchState("turbo", ev, turbo.start(p.space, ev.history, ladder.top, settings.turbo, settings.seed))
         return SearchState("done", ev, None)
     if state.stage == "turbo":
-        run = turbo.step(state.turbo, space, priors, cost, budget, state.evolution.history, budgeted,
-                         ladder.top, settings.turbo, race)
+        run = turbo.step(state.turbo, p, state.evolution.history, budgeted, ladder.top, settings.turbo, race)
         done = run.done or run.iteration >= settings.turbo.iterations
         done = done or not fits(state.evolution.history + run.history, ladder.top)
         return SearchState("done" if done else "turbo", state.evolution, run)
@@ -236,10 +231,7 @@ def advance(
 
 
 def run_search(
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
+    p: Problem,
     evaluate_many: EvaluateMany,
     settings: SearchSettings = SearchSettings(),
     state: SearchState | None = None,
@@ -247,10 +239,10 @@ def run_search(
 ) -> SearchResult:
     """Run (or continue, from ``state``) stage 1 then stage 2, step by step; BudgetError at once if nothing
     fits. ``on_checkpoint`` sees the state after every step."""
-    check_budget(space, cost, budget)
+    check_budget(p.space, p.cost, p.budget)
     state = state or SearchState.new(settings.seed)
     while state.stage != "done":
-        state = advance(state, space, priors, cost, budget, evaluate_many, settings)
+        state = advance(state, p, evaluate_many, settings)
         if on_checkpoint:
             on_checkpoint(state)
     return result(state, settings)

@@ -48,10 +48,10 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch.quasirandom import SobolEngine
 
 from .evaluation import EvaluateMany, Evaluation, evaluate_new
-from .priors import Priors
+from .feasibility import repair
+from .problem import Problem
 from .protocol import race_seeds
 from .racing import RaceSettings, intensify
-from .feasibility import Cost, repair
 from .space import Config, SearchSpace
 from .surrogate import encode
 
@@ -277,53 +277,65 @@ def noisy_success(fit: Fit, center: Config, batch: Sequence[Config]) -> tuple[bo
     return fit.means[best.key()] < here - fit.noise_sd, best, fit.means[best.key()]
 
 
-def propose(
-    run: TurboRun,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
-    data: Sequence[Evaluation],
-    settings: TurboSettings,
-) -> list[Config]:
-    """Up to ``batch_size`` new feasible configs from the trust region (``data``: top-rung evaluations)."""
-    seen = {e.config.key() for e in data}
-    dim = 2 * len(space)
+def _seed(run: TurboRun) -> int:
+    """This iteration's seed (the GP fit's and Thompson sampling's torch RNG, and the Sobol sequence)."""
+    return run.seed * 100_003 + run.iteration
+
+
+def trust_region(model, x_center: torch.Tensor, length: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper) bounds of the region: a box of side ``length`` around the centre, each side scaled by the
+    GP's lengthscale over their geometric mean (the tutorial's rule; equal sides without a GP), clipped to [0, 1]."""
+    weights = torch.ones(len(x_center), dtype=torch.double)
+    if model is not None:
+        kernel = getattr(model.covar_module, "base_kernel", model.covar_module)
+        ls = kernel.lengthscale.squeeze().detach()
+        weights = ls / ls.mean()
+        weights = weights / torch.prod(weights.pow(1.0 / len(weights)))
+    return (torch.clamp(x_center - weights * length / 2.0, 0.0, 1.0),
+            torch.clamp(x_center + weights * length / 2.0, 0.0, 1.0))
+
+
+def perturbed(x_center: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor], n: int, perturb_dims: float,
+              seed: int) -> torch.Tensor:
+    """``n`` continuous candidates: Sobol points in the region, each replacing only a few coordinates of the
+    centre (about ``perturb_dims``, at least one; TuRBO's trick for higher dimensions). Draws from torch's RNG."""
+    dim = len(x_center)
+    lb, ub = bounds
+    pert = lb + (ub - lb) * SobolEngine(dim, scramble=True, seed=seed).draw(n).to(torch.double)
+    mask = torch.rand(n, dim) <= min(perturb_dims / dim, 1.0)
+    empty = torch.where(mask.sum(dim=1) == 0)[0]
+    mask[empty, torch.randint(0, dim, size=(len(empty),))] = True
+    x = x_center.expand(n, dim).clone()
+    x[mask] = pert[mask]
+    return x
+
+
+def feasible_new(p: Problem, x: torch.Tensor, seen: set[str]) -> list[Config]:
+    """The distinct configurations ``x`` rounds to, each repaired into the budget, none in ``seen``: so Thompson
+    sampling picks among real, feasible, never-evaluated candidates."""
+    repaired: dict[Config, Config] = {}
+    candidates: dict[str, Config] = {}
+    for row in x.numpy():
+        rounded = decode(p.space, row)
+        if rounded not in repaired:
+            repaired[rounded] = repair(rounded, p)
+        c = repaired[rounded]
+        if c.key() not in seen and c.key() not in candidates:
+            candidates[c.key()] = c
+    return list(candidates.values())
+
+
+def propose(run: TurboRun, p: Problem, data: Sequence[Evaluation], settings: TurboSettings) -> list[Config]:
+    """Up to ``batch_size`` new feasible configs from the trust region (``data``: top-rung evaluations): the GP
+    fitted, candidates drawn in the region, rounded and repaired, then chosen by Thompson sampling."""
+    space = p.space
     with torch.random.fork_rng(), _one_thread():
-        torch.manual_seed(run.seed * 100_003 + run.iteration)
+        torch.manual_seed(_seed(run))
         model = _fit_gp(*_xy(space, data))
-
         x_center = torch.tensor(encode(space, run.center), dtype=torch.double)
-        weights = torch.ones(dim, dtype=torch.double)
-        if model is not None:
-            kernel = getattr(model.covar_module, "base_kernel", model.covar_module)
-            ls = kernel.lengthscale.squeeze().detach()
-            weights = ls / ls.mean()
-            weights = weights / torch.prod(weights.pow(1.0 / len(weights)))
-        tr_lb = torch.clamp(x_center - weights * run.state.length / 2.0, 0.0, 1.0)
-        tr_ub = torch.clamp(x_center + weights * run.state.length / 2.0, 0.0, 1.0)
-
-        n = settings.n_candidates
-        sobol = SobolEngine(dim, scramble=True, seed=run.seed * 100_003 + run.iteration)
-        pert = tr_lb + (tr_ub - tr_lb) * sobol.draw(n).to(torch.double)
-        # Perturb only a few coordinates of the centre (TuRBO's trick for higher dimensions).
-        mask = torch.rand(n, dim) <= min(settings.perturb_dims / dim, 1.0)
-        empty = torch.where(mask.sum(dim=1) == 0)[0]
-        mask[empty, torch.randint(0, dim, size=(len(empty),))] = True
-        X_cand = x_center.expand(n, dim).clone()
-        X_cand[mask] = pert[mask]
-
-        # Round and repair before choosing, so Thompson sampling picks among real, new candidates.
-        repaired: dict[Config, Config] = {}
-        candidates: dict[str, Config] = {}
-        for x in X_cand.numpy():
-            rounded = decode(space, x)
-            if rounded not in repaired:
-                repaired[rounded] = repair(rounded, space, priors, cost, budget)
-            c = repaired[rounded]
-            if c.key() not in seen and c.key() not in candidates:
-                candidates[c.key()] = c
-        pool = list(candidates.values())
+        x = perturbed(x_center, trust_region(model, x_center, run.state.length), settings.n_candidates,
+                      settings.perturb_dims, _seed(run))
+        pool = feasible_new(p, x, {e.config.key() for e in data})
         k = min(settings.batch_size, len(pool))
         if model is None or k == 0:
             return pool[:k]
@@ -349,10 +361,7 @@ def _restart(run: TurboRun, space: SearchSpace, data: Sequence[Evaluation], sett
 
 def step(
     run: TurboRun,
-    space: SearchSpace,
-    priors: Priors,
-    cost: Cost,
-    budget: int,
+    p: Problem,
     warm: Sequence[Evaluation],
     evaluate_many: EvaluateMany,
     top: int,
@@ -365,16 +374,16 @@ def step(
         return run
     data = [e for e in list(warm) + run.history if e.fidelity == top]
     if run.state.restart_triggered:
-        run = _restart(run, space, data, settings)
+        run = _restart(run, p.space, data, settings)
         if run.done:
             return run
-    batch = propose(run, space, priors, cost, budget, data, settings)
+    batch = propose(run, p, data, settings)
     seeds = race_seeds(run.seed, race.max_config_calls)
     known = list(warm) + run.history
     new = evaluate_new([(c, top, seeds[0]) for c in batch], known, evaluate_many)
     new += intensify(known + new, batch, top, seeds, evaluate_many, race)
     with _one_thread():
-        fit = posterior_means(space, data + [e for e in new if e.fidelity == top])
+        fit = posterior_means(p.space, data + [e for e in new if e.fidelity == top])
     improved, center, value = noisy_success(fit, run.center, batch)
     return replace(
         run,

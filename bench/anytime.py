@@ -121,7 +121,7 @@ def run_seed(seed: int, args) -> dict:
             state, start = SearchState.new(seed), time.time()
             ev = top_only if len(settings.ladder.rungs) == 1 else evaluate
             while state.stage != "done" and history_tokens(state.history, settings.ladder) < limit:
-                state = advance(state, run.space, pri, run.cost, run.budget_bytes, ev, settings)
+                state = advance(state, run.problem(pri), ev, settings)
             hist = state.history
             returned[name] = search_result(state, settings).best.config
             print(f"seed {seed} {name}: {len(hist)} evaluations, {history_tokens(hist, settings.ladder):,} tokens, "
@@ -162,7 +162,7 @@ def run_seed(seed: int, args) -> dict:
                 out["methods"][name] = curve(search(name, settings, pri, T), settings.ladder, settings.seeds)
         n = math.ceil(T / ladder[top].train_tokens)
         if "random" in args.methods:
-            configs = random_search(run.space, priors, run.cost, run.budget_bytes, n, random.Random(f"anytime-{seed}"))
+            configs = random_search(run.problem(priors), n, random.Random(f"anytime-{seed}"))
             out["methods"]["random"] = curve(single_draws("random", configs), ladder, [seed])
         if "tpe" in args.methods:
             out["methods"]["tpe"] = curve(tpe(run, priors, n, seed, top, evaluate, returned), ladder, [seed])
@@ -200,8 +200,7 @@ def tpe(run, priors, n: int, seed: int, top: int, evaluate, returned: dict) -> l
             break
         trial = study.ask(dists)
         c = repair(space.config([trial.params[f"b{l}"] for l in range(len(space))],
-                                [trial.params[f"r{l}"] for l in range(len(space))]), space, priors, run.cost,
-                   run.budget_bytes)
+                                [trial.params[f"r{l}"] for l in range(len(space))]), run.problem(priors))
         if c.key() not in known:
             e = evaluate([(c, top, seed)])[0]
             hist.append(e)

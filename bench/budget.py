@@ -48,7 +48,7 @@ def measure(budgets: list[str], seeds: list[int], top_sd: float) -> list[dict]:
             raise SystemExit(f"{b}: this checkout's search has no budget in fine-tunes (use --budgets none)")
         spent, regret, worse, top = [], [], 0, []
         for seed in seeds:
-            res = run_search(T.SPACE, T.PRIORS, T.cost, T.BUDGET, T.Recorder(T.noisy(top_sd)),
+            res = run_search(T.PROBLEM, T.Recorder(T.noisy(top_sd)),
                              dataclasses.replace(settings, seed=seed))
             spent.append(sum(charged_tokens(res.history, T.LADDER)) / T.LADDER.full.train_tokens)
             truth = T.true_loss(res.best.config)

@@ -55,7 +55,7 @@ def main() -> None:
         bests, calls = [], []
         for seed in range(args.seeds):
             rec = T.Recorder(T.noisy(sd))
-            bests.append(run_search(T.SPACE, T.PRIORS, T.cost, T.BUDGET, rec,
+            bests.append(run_search(T.PROBLEM, rec,
                                     dataclasses.replace(T.SETTINGS, seed=seed, race=race,
                                                         fine_tunes=DEFAULT_FINE_TUNES)).best)
             calls.append(len(rec.calls))

@@ -74,14 +74,13 @@ def measure(args) -> dict:
         run = Run.prepare(args.model, args.dataset, args.budget, rc, args.seed)
         settings, pri = run.search_settings(), run.priors()
         ladder = run.ladder
-        configs = references(run.space, pri, run.cost, run.budget_bytes)  # the top rung's starts, uniform-best's
+        configs = references(run.problem(pri))  # the top rung's starts, uniform-best's
         configs += [c for c in uniform_best_candidates(run.space, run.cost, run.budget_bytes).values()
                     if c not in configs]
         rng = random.Random(f"rungs-{args.seed}")
         avoid = pri.catastrophic(settings.evolution.catastrophic_ratio)
         while len(configs) < args.configs:
-            c = repair(random_config(run.space, rng, avoid, settings.evolution.catastrophic_prob), run.space, pri,
-                       run.cost, run.budget_bytes)
+            c = repair(random_config(run.space, rng, avoid, settings.evolution.catastrophic_prob), run.problem(pri))
             if c not in configs:
                 configs.append(c)
         configs = configs[: args.limit or None]  # a part of the study: the first configurations (cached later)

@@ -19,6 +19,7 @@ from autoqra_core.data import check_task, columns_text, loss_tokens, masked, tra
 from autoqra_core.evaluation import Evaluation, Request
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.priors import Priors
+from autoqra_core.problem import Problem
 from autoqra_core.memory import MemorySettings, parse_budget, total_bytes
 from autoqra_core.protocol import SeedScores, report_seeds
 from autoqra_core.protocol import history_tokens
@@ -111,6 +112,10 @@ class Run:
         return {"model": self.model_id, "dataset": self.dataset_id, "budget_bytes": self.budget_bytes,
                 "seed": self.seed, "config": self.rc.model_dump(mode="json", exclude={"execution"}),
                 "code_version": self.code}
+
+    def problem(self, priors: Priors) -> Problem:
+        """The search's problem on this run: its space, ``priors``, the memory model and the budget."""
+        return Problem(self.space, priors, self.cost, self.budget_bytes)
 
     def priors(self) -> Priors:
         return Priors.from_dict(priors_task(

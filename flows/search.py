@@ -266,7 +266,7 @@ def _drop_checkpoints(run: Run, configs: list[Config], keep: set[str], since: fl
 def _baseline_runs(run: Run, pri, n_random: int) -> list[Config]:
     """Every configuration the baselines fine-tune (random search's draws included, not only its best)."""
     b = replace(run.rc.baseline_settings(), n_random=n_random)
-    return [c for cs in baseline_configs(run.space, pri, run.cost, run.budget_bytes, b, seed=run.seed).values()
+    return [c for cs in baseline_configs(run.problem(pri), b, seed=run.seed).values()
             for c in cs]
 
 

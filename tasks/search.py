@@ -26,6 +26,7 @@ from prefect.transactions import CommitMode, transaction
 from autoqra_core.baselines import BaselineSettings, run_baselines
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.priors import Priors
+from autoqra_core.problem import Problem
 from autoqra_core.racing import incumbent, standings
 from autoqra_core.search import SearchSettings, SearchState, advance, next_step
 from autoqra_core.space import Config, SearchSpace
@@ -131,8 +132,8 @@ def search_step(step: str, state: dict, settings: dict, priors: dict, params: di
     before = SearchState.from_dict(state)
     lv = borrow(live)
     with _each_evaluation_commits():
-        after = advance(before, lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"],
-                        lv.evaluate_many, settings_)
+        problem = Problem(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"])
+        after = advance(before, problem, lv.evaluate_many, settings_)
     create_table_artifact(population_table(after, settings_),
                           description=f"**{step}**: {step_summary(before, after)}; the population (TuRBO: its "
                                       f"evaluations) at the highest rung each reached, and the best so far")
@@ -145,8 +146,8 @@ def baselines_step(history: list[dict], rung: int, n_random: int, priors: dict, 
     """Every baseline at ``rung`` (requests the search already ran are reused): name -> Evaluation.to_dict()."""
     lv = borrow(live)
     with _each_evaluation_commits():
-        base = run_baselines(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"], lv.evaluate_many,
-                             rung, BaselineSettings(tuple(uniform_bits), rank, n_random), seed=seed,
+        problem = Problem(lv.space, Priors.from_dict(priors), lv.cost, params["budget_bytes"])
+        base = run_baselines(problem, lv.evaluate_many, rung, BaselineSettings(tuple(uniform_bits), rank, n_random), seed=seed,
                              history=[Evaluation.from_dict(e) for e in history], seeds=seeds)
     return {name: e.to_dict() for name, e in base.items()}
 

@@ -28,6 +28,7 @@ from autoqra_core.racing import incumbent
 from autoqra_core.fidelity import Fidelity, Ladder
 from autoqra_core.priors import Priors
 from autoqra_core.feasibility import minimal, repair
+from autoqra_core.problem import Problem
 from autoqra_core.search import DEFAULT_FINE_TUNES, SearchSettings, SearchState, pareto_front, run_search
 from autoqra_core.space import Config, SearchSpace
 from autoqra_core.surrogate import Surrogate, encode, rung_offsets
@@ -87,6 +88,7 @@ def priors() -> Priors:
 
 
 PRIORS = priors()
+PROBLEM = Problem(SPACE, PRIORS, cost, BUDGET)
 
 
 def optimum() -> float:
@@ -134,7 +136,7 @@ SETTINGS = SearchSettings.from_dict({  # the suite's long search: every step it 
 def full_run():
     recorder = Recorder()
     checkpoints: list[str] = []
-    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SETTINGS,
+    result = run_search(PROBLEM, recorder, SETTINGS,
                         on_checkpoint=lambda s: checkpoints.append(json.dumps(s.to_dict())))
     return result, recorder, checkpoints
 
@@ -150,10 +152,10 @@ def test_repair_always_feasible_and_uses_the_memory():
     rng = random.Random(0)
     configs = [SPACE.random(rng) for _ in range(40)] + [SPACE.uniform(8, 64), minimal(SPACE)]
     for c in configs:
-        fixed = repair(c, SPACE, PRIORS, cost, BUDGET)
+        fixed = repair(c, PROBLEM)
         SPACE.validate(fixed)
         assert cost(fixed) <= BUDGET
-        assert repair(c, SPACE, PRIORS, cost, BUDGET) == fixed  # deterministic
+        assert repair(c, PROBLEM) == fixed  # deterministic
         # Spare memory was given back: no single step up still fits.
         bit_idx, rank_idx = SPACE.to_indices(fixed)
         for l in range(len(SPACE)):
@@ -164,22 +166,22 @@ def test_repair_always_feasible_and_uses_the_memory():
 
 
 def test_repair_cuts_the_least_important_layers_first():
-    fixed = repair(SPACE.uniform(8, 16), SPACE, PRIORS, cost, BUDGET, give_back=False)
+    fixed = repair(SPACE.uniform(8, 16), PROBLEM, give_back=False)
     importance = PRIORS.importance()
     most, least = max(range(len(W)), key=importance.__getitem__), min(range(len(W)), key=importance.__getitem__)
     assert cost(fixed) <= BUDGET
     assert fixed.bits[most] > fixed.bits[least]
     # Pinned layers keep an operator's move unless nothing else can give.
     moved = SPACE.uniform(4, 16).replace(least, bits=8)
-    kept = repair(moved, SPACE, PRIORS, cost, BUDGET, pinned=(least,))
+    kept = repair(moved, PROBLEM, pinned=(least,))
     assert kept.bits[least] == 8 and cost(kept) <= BUDGET
 
 
 def test_repair_raises_when_nothing_fits():
     smallest = cost(minimal(SPACE))
     with pytest.raises(BudgetError, match=str(smallest)):
-        repair(SPACE.uniform(4, 16), SPACE, PRIORS, cost, smallest - 1)
-    assert cost(repair(SPACE.uniform(4, 16), SPACE, PRIORS, cost, smallest)) == smallest
+        repair(SPACE.uniform(4, 16), dataclasses.replace(PROBLEM, budget=smallest - 1))
+    assert cost(repair(SPACE.uniform(4, 16), dataclasses.replace(PROBLEM, budget=smallest))) == smallest
 
 
 # --- surrogate -----------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_repair_raises_when_nothing_fits():
 
 def test_surrogate_falls_back_then_learns():
     rng = random.Random(1)
-    configs = [repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET) for _ in range(60)]
+    configs = [repair(SPACE.random(rng), PROBLEM) for _ in range(60)]
     few = Surrogate.fit(SPACE, [evaluate(c, 0) for c in configs[:3]], LADDER.top)
     assert not few.fitted and len(set(few.lcb(configs).tolist())) == 1
     history = [evaluate(c, k) for k, n in ((0, 40), (1, 12), (2, 4)) for c in configs[:n]]
@@ -205,7 +207,7 @@ def test_surrogate_falls_back_then_learns():
 
 
 def test_prior_individuals_are_feasible_and_split_memory():
-    configs = evolution.prior_configs(SPACE, PRIORS, cost, BUDGET)
+    configs = evolution.prior_configs(PROBLEM)
     assert len(configs) >= 3 and all(cost(c) <= BUDGET for c in configs)
     all_bits, all_rank = configs[0], configs[-1]
     assert sum(all_bits.bits) > sum(all_rank.bits) and sum(all_bits.ranks) < sum(all_rank.ranks)
@@ -219,7 +221,7 @@ def test_ga_improves_over_its_initial_population():
                               turbo=turbo.TurboSettings(iterations=0))  # stage 1 alone
     recorder = Recorder()
     states = []
-    final = run_search(SPACE, PRIORS, cost, BUDGET, recorder, settings, on_checkpoint=states.append).state.evolution
+    final = run_search(PROBLEM, recorder, settings, on_checkpoint=states.append).state.evolution
     assert final.generation == 6
     initial = min(true_loss(e.config) for e in states[0].evolution.history if e.fidelity == 0)
     best = incumbent(final.history, LADDER.top, race_seeds(2, 3))
@@ -231,7 +233,7 @@ def test_ga_improves_over_its_initial_population():
     # successive halving: fewer configurations at each rung up; the top rung holds the promoted ones and the
     # references of the full-fidelity start (generation 0), raced on further seeds
     at = {k: {e.config.key() for e in final.history if e.fidelity == k} for k in range(3)}
-    refs = {c.key() for c in evolution.references(SPACE, PRIORS, cost, BUDGET)}
+    refs = {c.key() for c in evolution.references(PROBLEM)}
     assert len(at[0]) > len(at[1]) > 0 and at[1] <= at[0] and at[2] - refs <= at[1] and refs <= at[2]
     assert {e.seed for e in final.history if e.fidelity < 2} == {2}
 
@@ -240,7 +242,7 @@ def test_step_leaves_global_random_alone():
     random.seed(123)
     expected = random.random()
     random.seed(123)
-    evolution.step(evolution.EvolutionState.new(0), SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER, SETTINGS.evolution)
+    evolution.step(evolution.EvolutionState.new(0), PROBLEM, Recorder(), LADDER, SETTINGS.evolution)
     assert random.random() == expected
 
 
@@ -252,14 +254,14 @@ def turbo_alone(warm: list[Evaluation], settings: turbo.TurboSettings, recorder:
     """Stage 2 alone through ``run_search``: centred on ``warm`` (as stage 1's history), seed 0."""
     state = SearchState("turbo", dataclasses.replace(evolution.EvolutionState.new(0), history=warm),
                         turbo.start(SPACE, warm, LADDER.top, settings, seed=0))
-    result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SearchSettings(ladder=LADDER, turbo=settings, fine_tunes=None),
+    result = run_search(PROBLEM, recorder, SearchSettings(ladder=LADDER, turbo=settings, fine_tunes=None),
                         state=state, on_checkpoint=None if on_iteration is None else lambda s: on_iteration(s.turbo))
     return result.state.turbo
 
 
 def test_turbo_improves_over_its_start():
     rng = random.Random(5)
-    warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
+    warm = [evaluate(repair(SPACE.random(rng), PROBLEM), LADDER.top) for _ in range(4)]
     start = min(e.eval_loss for e in warm)
     recorder = Recorder()
     settings = turbo.TurboSettings(iterations=6, batch_size=2, n_candidates=128)
@@ -300,7 +302,7 @@ def test_turbo_grows_shrinks_and_restarts_and_counts_failed_evaluations():
         failing[0] = run.iteration >= 3
 
     rng = random.Random(5)
-    warm = [evaluate(repair(SPACE.random(rng), SPACE, PRIORS, cost, BUDGET), LADDER.top) for _ in range(4)]
+    warm = [evaluate(repair(SPACE.random(rng), PROBLEM), LADDER.top) for _ in range(4)]
     settings = dataclasses.replace(turbo.TurboSettings(), iterations=14, n_candidates=128, success_tolerance=1)
     trace: list[turbo.TurboRun] = []
     run = turbo_alone(warm, settings, Recorder(fails_after_three_batches), on_iteration=trace_and_fail)
@@ -332,7 +334,7 @@ def test_search_beats_baselines_and_approaches_the_optimum(full_run):
     best = true_loss(result.best.config)
     uniform = true_loss(SPACE.uniform(4, 16))
     n = protocol.equal_compute_count(protocol.history_tokens(result.history, LADDER), LADDER)
-    rand = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, Recorder(), LADDER.top,
+    rand = baselines.run_baselines(PROBLEM, Recorder(), LADDER.top,
                                    baselines.BaselineSettings(n_random=n), seed=11)
     assert best < uniform
     assert best < true_loss(rand["random"].config)
@@ -357,7 +359,7 @@ def test_search_result_is_consistent(full_run):
 
 
 def test_same_seed_same_result(full_run):
-    again = run_search(SPACE, PRIORS, cost, BUDGET, Recorder(), SETTINGS)
+    again = run_search(PROBLEM, Recorder(), SETTINGS)
     assert fingerprint(again) == fingerprint(full_run[0])
 
 
@@ -367,7 +369,7 @@ def test_checkpoint_resume_gives_the_same_result(full_run, stage):
     middle = [c for c in checkpoints if json.loads(c)["stage"] == stage]
     state = SearchState.from_dict(json.loads(middle[len(middle) // 2]))
     recorder = Recorder()
-    resumed = run_search(SPACE, PRIORS, cost, BUDGET, recorder, SETTINGS, state=state)
+    resumed = run_search(PROBLEM, recorder, SETTINGS, state=state)
     assert fingerprint(resumed) == fingerprint(result)
     done = {(e.config.key(), e.fidelity, e.seed) for e in state.history}
     assert not done & set(recorder.calls)  # a resumed search redoes no finished evaluation
@@ -380,7 +382,7 @@ def test_failed_candidates_do_not_stop_the_search():
         return evaluate(config, rung, seed)
 
     settings = SearchSettings.from_dict({**SETTINGS.to_dict(), "generations": 3, "turbo": {"iterations": 2}})
-    result = run_search(SPACE, PRIORS, cost, BUDGET, Recorder(flaky), settings)
+    result = run_search(PROBLEM, Recorder(flaky), settings)
     failed = [e for e in result.history if not e.ok]
     assert failed
     assert result.best is not None and result.best.ok and result.best.config.ranks[0] < 32
@@ -389,7 +391,7 @@ def test_failed_candidates_do_not_stop_the_search():
 
 def test_baselines():
     five = baselines.BaselineSettings(n_random=5)
-    configs = baselines.baseline_configs(SPACE, PRIORS, cost, BUDGET, five, seed=0)
+    configs = baselines.baseline_configs(PROBLEM, five, seed=0)
     assert set(configs) == {"uniform-2bit-r16", "uniform-3bit-r16", "uniform-4bit-r16", "uniform-8bit-r16",
                             "uniform-best", "sequential", "random", "fp-lora"}
     # uniform-best: each bit-width at its largest fitting rank (4-bit: r16 exactly, at this budget)
@@ -403,11 +405,11 @@ def test_baselines():
     assert configs["fp-lora"][0].bits == (16,) * len(SPACE)
     history = [evaluate(SPACE.uniform(4, 16), LADDER.top)]
     recorder = Recorder()
-    out = baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, recorder, LADDER.top, five, history=history)
+    out = baselines.run_baselines(PROBLEM, recorder, LADDER.top, five, history=history)
     assert out["uniform-4bit-r16"] == history[0] and (SPACE.uniform(4, 16).key(), 2, 0) not in recorder.calls
     assert recorder.batches == 1
     with pytest.raises(BudgetError):
-        baselines.sequential(SPACE, PRIORS, cost, cost(minimal(SPACE)) - 1)
+        baselines.sequential(dataclasses.replace(PROBLEM, budget=cost(minimal(SPACE)) - 1))
 
 
 # --- the search under noise ------------------------------------------------------------------------
@@ -434,7 +436,7 @@ def noisy_runs():
     out = {}
     for name, sd, race in (("raced", TOP_SD, SETTINGS.race), ("single draw", TOP_SD, no_race),
                            ("noiseless", 0.0, SETTINGS.race)):
-        out[name] = [run_search(SPACE, PRIORS, cost, BUDGET, Recorder(noisy(sd)),
+        out[name] = [run_search(PROBLEM, Recorder(noisy(sd)),
                                 dataclasses.replace(SETTINGS, seed=seed, race=race, fine_tunes=DEFAULT_FINE_TUNES))
                      for seed in range(10)]
     return out
@@ -471,7 +473,7 @@ def test_the_budget_caps_every_batch_and_ends_the_search():
     search early with an answer at the top rung, and a metered batch runs the prefix that fits."""
     for budget in (2.5, 5.0):
         recorder, states = Recorder(), []
-        result = run_search(SPACE, PRIORS, cost, BUDGET, recorder, dataclasses.replace(SETTINGS, fine_tunes=budget),
+        result = run_search(PROBLEM, recorder, dataclasses.replace(SETTINGS, fine_tunes=budget),
                             on_checkpoint=states.append)
         assert LADDER.fine_tunes(protocol.history_tokens(result.history, LADDER)) <= budget
         assert result.best is not None and result.state.stage == "done"

@@ -124,7 +124,7 @@ def test_progress_plan_matches_a_search_at_the_defaults():
     from autoqra_core import baselines, protocol
     from flows.search import _planned
 
-    from .test_search import BUDGET, PRIORS, SPACE, Recorder, cost
+    from .test_search import BUDGET, PROBLEM, SPACE, Recorder, cost
 
     rc = RunConfig()
     settings = rc.search_settings(0, DEFAULT_STEPS)
@@ -134,10 +134,10 @@ def test_progress_plan_matches_a_search_at_the_defaults():
         asked.extend(recorder(requests))
         return asked[-len(requests):]
 
-    res = run_search(SPACE, PRIORS, cost, BUDGET, evaluate_many, settings)
+    res = run_search(PROBLEM, evaluate_many, settings)
     ladder = settings.ladder
     n_random = protocol.equal_compute_count(protocol.history_tokens(res.history, ladder), ladder)
-    baselines.run_baselines(SPACE, PRIORS, cost, BUDGET, evaluate_many, ladder.top, BaselineSettings(n_random=n_random),
+    baselines.run_baselines(PROBLEM, evaluate_many, ladder.top, BaselineSettings(n_random=n_random),
                             seed=0, history=res.history)
     methods = 1 + BaselineSettings().methods
     done = protocol.history_tokens(asked, ladder) + rc.report.seeds * methods * ladder.full.train_tokens
