@@ -182,7 +182,6 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     common prompt once (``share_prompts``), checked the same way; without ``body_rows``, every row runs whole."""
     model.eval()
     device = model_device(model)
-    nll_sum = torch.zeros(len(ev.input_ids))
     n_tok = ev.target_mask[:, 1:].sum(1).clamp(min=1)
     lengths = ev.lengths
     order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
@@ -199,21 +198,33 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
             nll = None
         nll_sum = nll if nll is not None else _split_nll(split, ev, body_rows, batch_size)
     else:
-        for i in range(0, len(order), batch_size):
-            rows = order[i : i + batch_size]
-            width = int(lengths[rows].max())
-            ids = ev.input_ids[rows, :width].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
-            del logits
-            nll_sum[rows] = (nll * ev.target_mask[rows, 1:width]).sum(1)
+        nll_sum = _whole_nll(model, ev, batch_size)
     if not torch.isfinite(nll_sum).all():
         raise CandidateFailed("diverged: non-finite held-out loss")
     correct = ev.correct
     loss = (nll_sum[correct].sum() / n_tok[correct].sum()).item()
-    if not ev.labelled:
-        return loss, None
-    mean_ll = -(nll_sum / n_tok)
+    return loss, (accuracy(ev, -(nll_sum / n_tok)) if ev.labelled else None)
+
+
+def _whole_nll(model: nn.Module, ev: EvalSet, batch_size: int) -> torch.Tensor:
+    """Per-row summed NLL of the scored tokens, each row run whole, ``batch_size`` rows of similar length at a time."""
+    device, lengths = model_device(model), ev.lengths
+    order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
+    nll_sum = torch.zeros(len(ev.input_ids))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        width = int(lengths[rows].max())
+        ids = ev.input_ids[rows, :width].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        del logits
+        nll_sum[rows] = (nll * ev.target_mask[rows, 1:width]).sum(1)
+    return nll_sum
+
+
+def accuracy(ev: EvalSet, mean_ll: torch.Tensor) -> float:
+    """Multiple-choice accuracy from each row's mean log-likelihood per scored token: a question is right when its
+    correct choice scores highest."""
     n_ex = int(ev.example.max()) + 1
     best = torch.full((n_ex,), -math.inf)
     best = best.scatter_reduce(0, ev.example, mean_ll, reduce="amax")
@@ -221,4 +232,4 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
     ties = torch.zeros(n_ex).index_add_(0, ev.example, top)  # choices sharing the best score
     # a k-way tie earns 1/k (the expected accuracy of breaking it at random): in bf16 compute, choices that
     # differ in one token often score exactly alike, and counting every tie as a hit inflates accuracy
-    return loss, (top * correct / ties[ev.example]).sum().item() / n_ex
+    return (top * ev.correct / ties[ev.example]).sum().item() / n_ex
