@@ -204,27 +204,8 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         formats["ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / CT_DIR, adapter), tokenizer, task,
                                                                 fidelity, "test")))
     del packed
-    merged = None
-    if s.merge or "gguf" in s.formats:
-        m = merge(base, config, lmap, q.group_size, adapter, torch.float32)
-        if "gguf" in s.formats:
-            try:
-                types = save_gguf(m, tokenizer, config, lmap, out / GGUF_DIR, name=out.name)
-                g_loss, g_acc = held_out(load_gguf(out / GGUF_DIR), tokenizer, task, fidelity, "test")
-                formats["gguf"] = {"loss": g_loss, "accuracy": g_acc, "tensor_types": types}
-            except FormatError as e:  # a model or tokenizer GGUF cannot hold: said in the card, the rest written
-                shutil.rmtree(out / GGUF_DIR, ignore_errors=True)
-                formats["gguf"] = {"skipped": str(e)}
-        if s.merge and "ct" in s.formats:
-            save_compressed_tensors(pack(m, config, lmap, q.group_size), tokenizer, out / MERGED_CT_DIR)
-            formats["merged-ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / MERGED_CT_DIR), tokenizer,
-                                                                           task, fidelity, "test")))
-        if s.merge:
-            m = m.to(getattr(torch, s.merged_dtype))
-            save_merged(m, tokenizer, out / MERGED_DIR)
-            m_loss, m_acc = held_out(m.float(), tokenizer, task, fidelity, "test")  # its dtype's weights, fp32 compute
-            merged = {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
-        del m
+    merged = _write_merged(base, tokenizer, task, lmap, config, adapter, fidelity, s, q, out, formats) \
+        if s.merge or "gguf" in s.formats else None
     test = report or {"loss_mean": loss, "loss_sd": None, "accuracy_mean": acc, "accuracy_sd": None,
                       "seeds": [t.seed], "losses": [loss], "accuracies": [acc]}
     metrics = {
@@ -235,18 +216,47 @@ def write_export(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config:
         "merged": merged,
         "formats": formats,  # model-ct/ (+ adapter/) and gguf/ reloaded through transformers: test loss, accuracy
         "bytes": {part: folder_bytes(out / part) for part in PARTS if (out / part).is_dir()},
-        "fine_tune": {"steps": fidelity.steps, "data_fraction": fidelity.data_fraction, "seq_len": fidelity.seq_len,
-                      "batch_size": fidelity.batch_size, "seed": t.seed, "schedule": t.schedule,
-                      "test_examples": fidelity.eval_examples, "backend": q.backend, "group_size": q.group_size,
-                      "train_tokens": fidelity.train_tokens},
+        "fine_tune": _fine_tune_record(fidelity, q, t),
         "training_curves": {str(t.seed): ckpt.losses},
         "config_key": config.key(),
         "settings": settings_dict(s),  # with config_key and exported_seed: what ``holds`` checks
-        # the search-era keys, kept for readers of export.json: the test numbers
-        "eval_loss": test["loss_mean"], "accuracy": test["accuracy_mean"],
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _fine_tune_record(fidelity: Fidelity, q: QuantSettings, t: TrainSettings) -> dict:
+    """The exported run's fine-tune as the card shows it."""
+    return {"steps": fidelity.steps, "data_fraction": fidelity.data_fraction, "seq_len": fidelity.seq_len,
+            "batch_size": fidelity.batch_size, "seed": t.seed, "schedule": t.schedule,
+            "test_examples": fidelity.eval_examples, "backend": q.backend, "group_size": q.group_size,
+            "train_tokens": fidelity.train_tokens}
+
+
+def _write_merged(base: nn.Module, tokenizer, task: Task, lmap: LayerMap, config: Config, adapter, fidelity: Fidelity,
+                  s: ExportSettings, q: QuantSettings, out: Path, formats: dict) -> dict | None:
+    """The parts with the adapter merged into the dequantized base: ``gguf/`` (a GGUF it cannot hold is skipped,
+    the reason recorded), ``merged-ct/`` and ``merged/``, each scored on test; their results go into ``formats``.
+    Returns ``merged/``'s (None without ``s.merge``)."""
+    m = merge(base, config, lmap, q.group_size, adapter, torch.float32)
+    if "gguf" in s.formats:
+        try:
+            types = save_gguf(m, tokenizer, config, lmap, out / GGUF_DIR, name=out.name)
+            g_loss, g_acc = held_out(load_gguf(out / GGUF_DIR), tokenizer, task, fidelity, "test")
+            formats["gguf"] = {"loss": g_loss, "accuracy": g_acc, "tensor_types": types}
+        except FormatError as e:  # a model or tokenizer GGUF cannot hold: said in the card, the rest written
+            shutil.rmtree(out / GGUF_DIR, ignore_errors=True)
+            formats["gguf"] = {"skipped": str(e)}
+    if not s.merge:
+        return None
+    if "ct" in s.formats:
+        save_compressed_tensors(pack(m, config, lmap, q.group_size), tokenizer, out / MERGED_CT_DIR)
+        formats["merged-ct"] = dict(zip(("loss", "accuracy"), held_out(load_ct(out / MERGED_CT_DIR), tokenizer,
+                                                                       task, fidelity, "test")))
+    m = m.to(getattr(torch, s.merged_dtype))
+    save_merged(m, tokenizer, out / MERGED_DIR)
+    m_loss, m_acc = held_out(m.float(), tokenizer, task, fidelity, "test")  # its dtype's weights, fp32 compute
+    return {"dtype": s.merged_dtype, "loss": m_loss, "accuracy": m_acc}
 
 
 LOADING_SNIPPET = """\

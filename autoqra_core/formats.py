@@ -182,12 +182,43 @@ def save_gguf(merged: nn.Module, tokenizer, config: Config, lmap: LayerMap, out:
     tok = _tokenizer_fields(tokenizer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(out / GGUF_FILE), "llama")
+    _gguf_metadata(w, cfg, tokenizer, tok, name)
     layer_bits = dict(zip(config.names, config.bits))
     bits = {m: layer_bits[layer] for m, layer in lmap.modules().items()}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    written = {}
+    state = merged.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # no output.weight: readers tie the head to the embeddings
+    for hf_name, t in state.items():
+        module, _, suffix = hf_name.rpartition(".")
+        gname = names.get_name(module)
+        if gname is None:
+            raise FormatError(f"no GGUF name for {hf_name!r}: GGUF export writes Llama-architecture models only")
+        t = t.detach().float()
+        if module.endswith("q_proj"):
+            t = _permute(t, cfg.num_attention_heads)
+        elif module.endswith("k_proj"):
+            t = _permute(t, cfg.num_key_value_heads)
+        kind = gguf.GGMLQuantizationType.F32 if t.ndim == 1 else gguf_type(bits.get(module, 16), t.shape[-1])
+        data = gguf.quantize(t.numpy(), kind)
+        w.add_tensor(f"{gname}.{suffix}", data, raw_dtype=kind if kind.name.startswith("Q") else None)
+        written[f"{gname}.{suffix}"] = kind.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def _gguf_metadata(w, cfg, tokenizer, tok: dict, name: str) -> None:
+    """The Llama architecture's and the tokenizer's key-value metadata, as llama.cpp and transformers read it."""
+    import gguf
+
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    w = gguf.GGUFWriter(str(out / GGUF_FILE), "llama")
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -212,27 +243,3 @@ def save_gguf(merged: nn.Module, tokenizer, config: Config, lmap: LayerMap, out:
     w.add_add_bos_token(False)
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    written = {}
-    state = merged.state_dict()
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # no output.weight: readers tie the head to the embeddings
-    for hf_name, t in state.items():
-        module, _, suffix = hf_name.rpartition(".")
-        gname = names.get_name(module)
-        if gname is None:
-            raise FormatError(f"no GGUF name for {hf_name!r}: GGUF export writes Llama-architecture models only")
-        t = t.detach().float()
-        if module.endswith("q_proj"):
-            t = _permute(t, heads)
-        elif module.endswith("k_proj"):
-            t = _permute(t, kv_heads)
-        kind = gguf.GGMLQuantizationType.F32 if t.ndim == 1 else gguf_type(bits.get(module, 16), t.shape[-1])
-        data = gguf.quantize(t.numpy(), kind)
-        w.add_tensor(f"{gname}.{suffix}", data, raw_dtype=kind if kind.name.startswith("Q") else None)
-        written[f"{gname}.{suffix}"] = kind.name
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return written

@@ -75,7 +75,7 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
     try:
-        rc = RunConfig.model_validate(result["settings"])  # runs from before the export section get its defaults
+        rc = RunConfig.model_validate(result["settings"])
     except ValidationError as e:
         raise AutoQRAError(f"{run_dir / 'result.json'}'s settings do not match this AutoQRA ({e.errors()[0]['loc']}: "
                            f"{e.errors()[0]['msg']}): it was written before the fine-tune's rungs were checkpoints of "

@@ -252,23 +252,18 @@ def test_model_card_has_what_a_user_needs(exported):
         assert needle in card, needle
 
 
-def test_runs_from_before_the_export_settings_still_export(tmp_path):
+def test_a_result_without_its_settings_is_refused_with_the_fix(tmp_path):
     from autoqra_core.errors import AutoQRAError
     from flows.config import RunConfig
     from flows.export import read_result
 
-    old_settings = RunConfig().model_dump(mode="json")
-    del old_settings["export"]
-    rc = RunConfig.model_validate(old_settings)
-    from autoqra_core.export import ExportSettings
-
-    assert rc.export_settings() == ExportSettings()
     result = {"model": "m", "dataset": "d", "budget_bytes": 1, "best": {"config": {"layers": []}}}
     (tmp_path / "result.json").write_text(json.dumps(result))
     with pytest.raises(AutoQRAError, match="re-run the search with the same --out"):
         read_result(tmp_path)
-    (tmp_path / "result.json").write_text(json.dumps({**result, "settings": old_settings, "seed": 0}))
-    assert read_result(tmp_path)["settings"] == old_settings
+    settings = RunConfig().model_dump(mode="json")
+    (tmp_path / "result.json").write_text(json.dumps({**result, "settings": settings, "seed": 0}))
+    assert read_result(tmp_path)["settings"] == settings
 
 
 # ---------------------------------------------------------------- registry and serving
