@@ -12,7 +12,20 @@ from dataclasses import dataclass
 from .baselines import BaselineSettings, uniform_name
 from .formats import serving_bytes
 from .memory import MemoryBreakdown, MemorySettings, ModelShape, budget_bytes, memory_breakdown
-from .space import Config, SearchSpace
+from .space import DEFAULT_BITS, DEFAULT_RANKS, Config, SearchSpace
+
+
+def planning_space(names: tuple[str, ...], backend: str, config: Config | None = None) -> SearchSpace:
+    """The space a plan compares in: the default bit-widths ``backend`` packs and the default ranks, with the
+    levels of ``config`` (checked against the backend) added so that it lies inside."""
+    from .quantize import BACKENDS, check_backend
+
+    bits = tuple(b for b in DEFAULT_BITS if b in BACKENDS[backend][0])
+    if config is None:
+        return SearchSpace(names, bits, DEFAULT_RANKS)
+    check_backend(backend, config.bits)
+    return SearchSpace(names, tuple(sorted(set(bits) | set(config.bits))),
+                       tuple(sorted(set(DEFAULT_RANKS) | set(config.ranks))))
 
 
 @dataclass(frozen=True)

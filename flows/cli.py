@@ -297,58 +297,54 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="The breakdown as JSON, with the memory model's term names."),
 ):
     """Memory of a configuration for any causal LM, from its config.json alone (no weights read or downloaded)."""
-    from flows.config import QuantSection, TrainSection
-    from flows.prepared_run import resolve
-
-    def go():
-        import dataclasses
-
-        from autoqra_core.device import resolve as resolve_auto
-        from autoqra_core.errors import SpaceError
-        from autoqra_core.estimate import plan
-        from autoqra_core.memory import settings_for
-        from autoqra_core.model import layer_map, load_skeleton, model_shape
-        from autoqra_core.quantize import BACKENDS, check_backend
-        from autoqra_core.space import DEFAULT_BITS, DEFAULT_RANKS, Config, SearchSpace
-
-        if config_json is not None and (bits is not None or rank is not None):
-            raise SpaceError("give either --config CONFIG.json or --bits B --rank R, not both")
-        if (bits is None) != (rank is None):
-            raise SpaceError("--bits and --rank go together: e.g. --bits 4 --rank 16")
-        dev, _, back = resolve_auto(device, "auto", backend, present=False)  # planning for a GPU needs none
-        if back not in BACKENDS:
-            raise SpaceError(f"unknown backend {back!r}: choose sim, hqq, bnb or auto")
-        skeleton = load_skeleton(resolve(model, "model"))
-        lmap = layer_map(skeleton)
-        shape = model_shape(skeleton, lmap)
-        space_bits = tuple(b for b in DEFAULT_BITS if b in BACKENDS[back][0])
-        space = SearchSpace(lmap.names, space_bits + ((bits,) if bits == 16 else ()), DEFAULT_RANKS)
-        if bits is not None:
-            check_backend(back, (bits,))
-            if rank < 0:
-                raise SpaceError(f"--rank {rank} must be >= 0")
-            space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | {bits})), tuple(sorted(set(space.ranks) | {rank})))
-            cfg = space.uniform(bits, rank)
-        elif config_json is not None:
-            data = _read_config_json(config_json)
-            cfg = Config.from_dict(data.get("config", data))
-            check_backend(back, cfg.bits)
-            space = SearchSpace(lmap.names, tuple(sorted(set(space.bits) | set(cfg.bits))),
-                                tuple(sorted(set(space.ranks) | set(cfg.ranks))))
-        else:
-            cfg = None
-        ft = TrainSection()  # the default fine-tune: the shape the search's cost charges
-        group = QuantSection.model_fields["group_size"].default if group_size is None else group_size
-        mem = settings_for(dev, back, group, batch_size or ft.batch_size, seq_len or ft.seq_len, grad_checkpointing)
-        if score_batch_size is not None:
-            mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
-        return plan(shape, space, mem, cfg, budget), shape
-
-    p, shape = _run(go)
+    p, shape = _run(lambda: _estimate(model, config_json, bits, rank, seq_len, batch_size, grad_checkpointing, device,
+                                      backend, group_size, score_batch_size, budget))
     if as_json:
         typer.echo(json.dumps({"model": model, **p.to_dict()}, indent=2))
         return
     _plan_table(model, p, shape)
+
+
+def _estimate(model, config_json, bits, rank, seq_len, batch_size, grad_checkpointing, device, backend, group_size,
+              score_batch_size, budget):
+    """``estimate``'s plan and the model's shape (the options as given)."""
+    import dataclasses
+
+    from autoqra_core.device import resolve as resolve_auto
+    from autoqra_core.errors import SpaceError
+    from autoqra_core.estimate import plan, planning_space
+    from autoqra_core.memory import settings_for
+    from autoqra_core.model import layer_map, load_skeleton, model_shape
+    from autoqra_core.quantize import BACKENDS
+    from autoqra_core.space import Config, SearchSpace
+    from flows.config import QuantSection, TrainSection
+    from flows.prepared_run import resolve
+
+    if config_json is not None and (bits is not None or rank is not None):
+        raise SpaceError("give either --config CONFIG.json or --bits B --rank R, not both")
+    if (bits is None) != (rank is None):
+        raise SpaceError("--bits and --rank go together: e.g. --bits 4 --rank 16")
+    dev, _, back = resolve_auto(device, "auto", backend, present=False)  # planning for a GPU needs none
+    if back not in BACKENDS:
+        raise SpaceError(f"unknown backend {back!r}: choose sim, hqq, bnb or auto")
+    skeleton = load_skeleton(resolve(model, "model"))
+    lmap = layer_map(skeleton)
+    shape = model_shape(skeleton, lmap)
+    if bits is not None and rank < 0:
+        raise SpaceError(f"--rank {rank} must be >= 0")
+    cfg = None
+    if bits is not None:
+        cfg = SearchSpace(lmap.names, (bits,), (rank,)).uniform(bits, rank)
+    elif config_json is not None:
+        data = _read_config_json(config_json)
+        cfg = Config.from_dict(data.get("config", data))
+    space = planning_space(lmap.names, back, cfg)
+    ft = TrainSection()  # the default fine-tune: the shape the search's cost charges
+    group = QuantSection.model_fields["group_size"].default if group_size is None else group_size
+    mem = settings_for(dev, back, group, batch_size or ft.batch_size, seq_len or ft.seq_len, grad_checkpointing)
+    if score_batch_size is not None:
+        mem = dataclasses.replace(mem, score_batch_size=score_batch_size)
+    return plan(shape, space, mem, cfg, budget), shape
 
 
 def _plan_table(model: str, p, shape) -> None:
