@@ -74,23 +74,8 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     log = get_run_logger()
     run_dir = Path(run).resolve()
     result = read_result(run_dir)
-    try:
-        rc = RunConfig.model_validate(result["settings"])
-    except ValidationError as e:
-        raise AutoQRAError(f"{run_dir / 'result.json'}'s settings do not match this AutoQRA ({e.errors()[0]['loc']}: "
-                           f"{e.errors()[0]['msg']}): it was written before the fine-tune's rungs were checkpoints of "
-                           f"one run; re-run the search with this version and export again") from None
-    overrides = {k: v for k, v in (("merge", merge), ("formats", formats)) if v is not None}
-    if overrides:
-        rc = rc.model_copy(update={"export": rc.export.model_validate({**rc.export.model_dump(), **overrides})})
-    r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"],
-                    result.get("columns"))
-    config = Config.from_dict(result["best"]["config"])
-    r.space.validate(config)
-    if getattr(r.wb.base.config, "model_type", "") in CONV1D_MODELS:
-        raise AutoQRAError(f"{result['model']} is a {r.wb.base.config.model_type} model: its Conv1D layers are searched "
-                           f"as nn.Linear, so model/ and merged/ would not load into its transformers class; the "
-                           f"configuration is in {run_dir / 'result.json'} (best.config), export it by hand")
+    r, config = _prepare(run_dir, result, merge, formats)
+    rc = r.rc
     name = name or model_name(result["model"])
     export_dir = run_dir / "export" / name
     seed = report_seeds(r.seed, 1)[0]  # the first report seed: fixed before anything was scored on test
@@ -111,6 +96,43 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
     metrics = state.result()
     if state.name == "Cached":
         log.info(f"{export_dir} already holds this export (a cached run of an earlier one): reused")
+    card, tags = _card_and_tags(name, result, r, config, metrics, export_dir)
+    (export_dir / CARD_FILE).write_text(card)
+    published = publish(str(export_dir), store, f"{name}/{run_dir.name}-{config.key()[:8]}", name,
+                        result.get("mlflow_run_id"), tags, card)
+    out = {"config": config.to_dict(), "memory_bytes": r.cost(config), "export_dir": str(export_dir),
+           "adapter_dir": str(export_dir / ADAPTER_DIR), "card": str(export_dir / CARD_FILE),
+           **{k: v for k, v in metrics.items() if k != "training_curves"}, **published}
+    write_json(run_dir / EXPORT_FILE, out)
+    log.info(f"registered {name} v{published['version']} (alias champion); files at {published['store_url']}")
+    return out
+
+
+def _prepare(run_dir: Path, result: dict, merge: bool | None, formats: list[str] | None) -> tuple[Run, Config]:
+    """The search's run prepared again from its result.json (``merge``/``formats`` overriding its export settings)
+    and the configuration to export, checked: its settings match this AutoQRA, its layers the model's."""
+    try:
+        rc = RunConfig.model_validate(result["settings"])
+    except ValidationError as e:
+        raise AutoQRAError(f"{run_dir / 'result.json'}'s settings do not match this AutoQRA ({e.errors()[0]['loc']}: "
+                           f"{e.errors()[0]['msg']}): it was written before the fine-tune's rungs were checkpoints of "
+                           f"one run; re-run the search with this version and export again") from None
+    overrides = {k: v for k, v in (("merge", merge), ("formats", formats)) if v is not None}
+    if overrides:
+        rc = rc.model_copy(update={"export": rc.export.model_validate({**rc.export.model_dump(), **overrides})})
+    r = Run.prepare(result["model"], result["dataset"], result["budget_bytes"], rc, result["seed"],
+                    result.get("columns"))
+    config = Config.from_dict(result["best"]["config"])
+    r.space.validate(config)
+    if getattr(r.wb.base.config, "model_type", "") in CONV1D_MODELS:
+        raise AutoQRAError(f"{result['model']} is a {r.wb.base.config.model_type} model: its Conv1D layers are searched "
+                           f"as nn.Linear, so model/ and merged/ would not load into its transformers class; the "
+                           f"configuration is in {run_dir / 'result.json'} (best.config), export it by hand")
+    return r, config
+
+
+def _card_and_tags(name: str, result: dict, r: Run, config: Config, metrics: dict, export_dir: Path) -> tuple[str, dict]:
+    """The model card (its plots written beside it) and the registry tags of the written export."""
     flow_id, parent_id = _flow_run_ids()
     search_flow = result.get("prefect_flow_run_id") or parent_id
     memory = memory_breakdown(config, r.wb.shape, r.mem).to_dict()
@@ -128,18 +150,10 @@ def export_flow(run: str, store: str | None = None, name: str | None = None, mer
         extra={"Prefect flow run (export)": flow_id or "n/a", "config key": config.key(),
                "search validation loss": result["best"].get("eval_loss")},
     ).render()
-    (export_dir / CARD_FILE).write_text(card)
     cc = compact_config(config.to_dict())
     tags = {"test_loss": test["loss_mean"], "test_loss_sd": test["loss_sd"], "test_accuracy": test["accuracy_mean"],
             "test_accuracy_sd": test["accuracy_sd"], "memory_bytes": r.cost(config), "budget_bytes": r.budget_bytes,
             "mean_bits": cc.get("mean_bits"), "mean_rank": cc.get("mean_rank"), "config_key": config.key(),
             "model": result["model"], "dataset": result["dataset"], "seed": r.seed,
             "prefect_flow_run_id": search_flow or flow_id}
-    published = publish(str(export_dir), store, f"{name}/{run_dir.name}-{config.key()[:8]}", name,
-                        result.get("mlflow_run_id"), tags, card)
-    out = {"config": config.to_dict(), "memory_bytes": r.cost(config), "export_dir": str(export_dir),
-           "adapter_dir": str(export_dir / ADAPTER_DIR), "card": str(export_dir / CARD_FILE),
-           **{k: v for k, v in metrics.items() if k != "training_curves"}, **published}
-    write_json(run_dir / EXPORT_FILE, out)
-    log.info(f"registered {name} v{published['version']} (alias champion); files at {published['store_url']}")
-    return out
+    return card, tags

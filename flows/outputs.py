@@ -114,50 +114,8 @@ class RunOutputs:
                tests: dict[str, SeedScores] | None = None, compute: dict[str, int] | None = None) -> dict:
         """Write result.json (validation numbers of every evaluation; test numbers of the winner and of every
         baseline under ``test``; each method's fine-tuning tokens under ``train_tokens``), plots, artifacts."""
-        tests, compute = tests or {}, compute or {}
-        ladder = self.run.ladder
-        full = ladder.full.train_tokens
-        compared = compare(tests)
-        history = list(res.history) if res else []
-        extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
-                                                       for h in history)]
-        all_evals = history + extra
-        best = res.best if res else min((e for e in baselines.values() if e.ok and e.memory_bytes <=
-                                         self.run.budget_bytes), key=lambda e: e.eval_loss, default=None)
-        pareto = res.pareto if res else pareto_front(all_evals, self.run.ladder.top)
-        result = {
-            "model": self.run.model,
-            "dataset": self.run.dataset,
-            "columns": self.run.columns,
-            "budget_bytes": self.run.budget_bytes,
-            "best": _with_protocol(_best_entry(best), compared.get("autoqra" if res else _name_of(best, baselines)),
-                                   compute.get("autoqra" if res else _name_of(best, baselines)), full),
-            "baselines": {name: _with_protocol(_eval_entry(e), compared.get(name), compute.get(name), full)
-                          for name, e in baselines.items()},
-            # the user's one fine-tune: the top rung, what the test report scores and what the export ships
-            "fine_tune": {"steps": ladder.full.steps, "train_tokens": full,
-                          "rungs": [{"steps": f.steps, "fraction": round(f.steps / ladder.full.steps, 4),
-                                     "eval_examples": f.eval_examples} for f in ladder.rungs],
-                          "ladder": ladder.to_dict()},
-            "search_cost": ({"train_tokens": compute["autoqra"], "fine_tunes": round(compute["autoqra"] / full, 3),
-                             "budget_fine_tunes": self.run.search_settings().fine_tunes,  # null: no cap
-                             "evaluations": len(history)} if res and "autoqra" in compute else None),
-            "evaluations": [_eval_entry(e) for e in all_evals],
-            "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines
-            "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
-                       for e in pareto],
-            "progress": res.to_dict()["progress"] if res else [],
-            "protocol": {"selection_split": "validation", "report_split": "test",
-                         "report_seeds": next((t["seeds"] for t in compared.values()), []),
-                         "test_examples": self.run.rc.report.test_examples or len(self.run.wb.task.test),
-                         "validation_examples": self.run.ladder[self.run.ladder.top].eval_examples,
-                         "train_tokens": compute},
-            "priors": priors.to_dict(),
-            "settings": self.run.rc.model_dump(mode="json"),
-            "seed": self.run.seed,
-            "code_version": self.run.code,
-            "mlflow_run_id": self.mlflow_run,
-        }
+        compared = compare(tests or {})
+        result, all_evals, best = self._result(res, baselines, priors, compared, compute or {})
         write_json(self.out / "result.json", result)
         if best:
             write_json(self.out / "best_config.json", best.config.to_dict())
@@ -182,6 +140,54 @@ class RunOutputs:
             get_run_logger().warning(f"MLflow run {self.mlflow_run} is incomplete: re-run the same command when "
                                      f"{self.uri} answers (every evaluation is cached) to log the rest")
         return result
+
+    def _result(self, res: SearchResult | None, baselines: dict[str, Evaluation], priors: Priors, compared: dict,
+                compute: dict[str, int]) -> tuple[dict, list[Evaluation], Evaluation | None]:
+        """result.json's content, every evaluation in it (the search's, then the baselines' own) and the best."""
+        ladder = self.run.ladder
+        full = ladder.full.train_tokens
+        history = list(res.history) if res else []
+        extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
+                                                       for h in history)]
+        all_evals = history + extra
+        best = res.best if res else min((e for e in baselines.values() if e.ok and e.memory_bytes <=
+                                         self.run.budget_bytes), key=lambda e: e.eval_loss, default=None)
+        pareto = res.pareto if res else pareto_front(all_evals, self.run.ladder.top)
+        n_test = len(self.run.wb.task.test)
+        result = {
+            "model": self.run.model,
+            "dataset": self.run.dataset,
+            "columns": self.run.columns,
+            "budget_bytes": self.run.budget_bytes,
+            "best": _with_protocol(_best_entry(best), compared.get("autoqra" if res else _name_of(best, baselines)),
+                                   compute.get("autoqra" if res else _name_of(best, baselines)), full),
+            "baselines": {name: _with_protocol(_eval_entry(e), compared.get(name), compute.get(name), full)
+                          for name, e in baselines.items()},
+            # the user's one fine-tune: the top rung, what the test report scores and what the export ships
+            "fine_tune": {"steps": ladder.full.steps, "train_tokens": full,
+                          "rungs": [{"steps": f.steps, "fraction": round(f.steps / ladder.full.steps, 4),
+                                     "eval_examples": f.eval_examples} for f in ladder.rungs],
+                          "ladder": ladder.to_dict()},
+            "search_cost": ({"train_tokens": compute["autoqra"], "fine_tunes": round(compute["autoqra"] / full, 3),
+                             "budget_fine_tunes": self.run.search_settings().fine_tunes,  # null: no cap
+                             "evaluations": len(history)} if res and "autoqra" in compute else None),
+            "evaluations": [_eval_entry(e) for e in all_evals],
+            "search_evaluations": len(history),  # the first ones in "evaluations"; the rest are baselines
+            "pareto": [{"memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss, "config": e.config.to_dict()}
+                       for e in pareto],
+            "progress": res.to_dict()["progress"] if res else [],
+            "protocol": {"selection_split": "validation", "report_split": "test",
+                         "report_seeds": next((t["seeds"] for t in compared.values()), []),
+                         "test_examples": min(self.run.rc.report.test_examples or n_test, n_test),  # rows scored
+                         "validation_examples": self.run.ladder[self.run.ladder.top].eval_examples,
+                         "train_tokens": compute},
+            "priors": priors.to_dict(),
+            "settings": self.run.rc.model_dump(mode="json"),
+            "seed": self.run.seed,
+            "code_version": self.run.code,
+            "mlflow_run_id": self.mlflow_run,
+        }
+        return result, all_evals, best
 
     def _plots(self, result: dict) -> list[Path]:
         paths = []

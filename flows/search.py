@@ -129,56 +129,64 @@ def search_flow(
     if export:
         check_exportable(rc.quant_settings())  # before the search, not after it
     run = Run.prepare(model, dataset, budget, rc, seed, columns)
-    out_dir = Path(out).resolve()
-    params = run.params(budget)
+    out_dir, params = Path(out).resolve(), run.params(budget)
     check_out(out_dir, params)
     started = _first_started(out_dir) or started  # a resumed search: when its first attempt began
     check_budget(run.space, run.cost, run.budget_bytes)
     outputs = RunOutputs.start(run, out_dir, kind="search")
     log.info(f"{len(run.space)} layers, budget {run.budget_bytes} bytes")
     pri = run.priors()
-    settings = run.search_settings()
     progress = Progress(run, _planned(run, baselines))
     with _lend(run, progress) as live:
-        state, renames = SearchState.new(seed), []
-        while (name := step_name(state, settings)) is not None:
-            progress.at(name)
-            done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
-            after = SearchState.from_dict(done.result())
-            renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
-            write_json(out_dir / STATE_FILE, {"params": params, "started": started, "step": name,
-                                              "state": after.to_dict()})
-            outputs.checkpoint(search_result(after, settings))
-            state = after
-        res = search_result(state, settings)
-        base, compute = {}, {"autoqra": history_tokens(res.history, run.ladder)}
-        if baselines:
-            progress.at("baselines")
-            # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
-            b = rc.baseline_settings()
-            n_random = b.random_count(compute["autoqra"], run.ladder)
-            progress.plan(_baseline_fine_tunes(run, n_random) + rc.report.seeds * b.methods)
-            base = _baselines(run, pri, params, live, n_random, res.history, settings.seeds)
-            compute |= baseline_compute(base, n_random, run)
+        state, renames = _steps(run, pri, params, live, progress, outputs, started)
+        res = search_result(state, run.search_settings())
+        compute = {"autoqra": history_tokens(res.history, run.ladder)}
+        # Equal compute: random search gets as many top-rung fine-tunes as the whole search's tokens pay for.
+        n_random = rc.baseline_settings().random_count(compute["autoqra"], run.ladder) if baselines else 0
+        base = _search_baselines(run, pri, params, live, progress, n_random, res.history) if baselines else {}
+        compute |= baseline_compute(base, n_random, run) if baselines else {}
         tests = _test_report(run, params, live, {"autoqra": res.best.config} if res.best else {}, base, progress)
     _rename(renames)
     result = outputs.finish(res, base, pri, tests, compute)
     log.info(f"the search cost {run.ladder.fine_tunes(compute['autoqra']):.2f} full fine-tunes "
              f"({compute['autoqra']:,} tokens; one fine-tune: {run.total_steps} steps, "
              f"{run.ladder.full.train_tokens:,} tokens), replicates included")
-    export_seed = report_seeds(seed, 1)[0]
-    keep = {run.checkpoint_key(res.best.config, run.ladder.top, export_seed)} if res.best else set()
+    keep = {run.checkpoint_key(res.best.config, run.ladder.top, report_seeds(seed, 1)[0])} if res.best else set()
     ran = [e.config for e in res.history] + (_baseline_runs(run, pri, n_random) if baselines else [])
     _drop_checkpoints(run, ran, keep, started)
     if export and result["best"]:
         progress.at("export")
-        try:
-            result["export"] = export_flow(str(out_dir), store)
-        except Exception as e:  # noqa: BLE001 - the search's results are written; only the export is redone
-            result["export_error"] = (f"{type(e).__name__}: {e}; every result is in {out_dir / 'result.json'}: "
-                                      f"publish it with `autoqra export --run {out}`")
-            log.error(f"export failed: {result['export_error']}")
+        result |= _export(out_dir, out, store)
     return result
+
+
+def _steps(run: Run, pri, params: dict, live: str, progress: Progress, outputs: RunOutputs,
+           started: float) -> tuple[SearchState, list[tuple]]:
+    """The search, one cached task run per step (a generation or a TuRBO iteration), its state and the partial
+    result written after each; returns the last state and the step runs' names (set once the flow ends)."""
+    settings, state, renames = run.search_settings(), SearchState.new(run.seed), []
+    while (name := step_name(state, settings)) is not None:
+        progress.at(name)
+        done = search_step(name, state.to_dict(), settings.to_dict(), pri.to_dict(), params, live, return_state=True)
+        after = SearchState.from_dict(done.result())
+        renames.append((done.state_details.task_run_id, f"{name.split(' (')[0]} ({step_summary(state, after)})"))
+        write_json(outputs.out / STATE_FILE, {"params": params, "started": started, "step": name,
+                                              "state": after.to_dict()})
+        outputs.checkpoint(search_result(after, settings))
+        state = after
+    return state, renames
+
+
+def _export(out_dir: Path, out: str, store: str | None) -> dict:
+    """``export_flow`` on the written result; a failure is recorded (``export_error``, with the command that
+    publishes it later), not raised: the search's results are written, only the export is redone."""
+    try:
+        return {"export": export_flow(str(out_dir), store)}
+    except Exception as e:  # noqa: BLE001
+        error = (f"{type(e).__name__}: {e}; every result is in {out_dir / 'result.json'}: "
+                 f"publish it with `autoqra export --run {out}`")
+        get_run_logger().error(f"export failed: {error}")
+        return {"export_error": error}
 
 
 @flow(name="autoqra-baselines", log_prints=True)
@@ -228,6 +236,14 @@ def _lend(run: Run, progress: Progress) -> AbstractContextManager[str]:
     """What this run's steps call (space, cost, evaluation with progress), lent while the steps run."""
     return lend(Live(run.space, run.cost, lambda p: run.evaluate_many(p, progress),
                      lambda m: run.test_report(m, progress)))
+
+
+def _search_baselines(run: Run, pri, params: dict, live: str, progress: Progress, n_random: int,
+                      history: list[Evaluation]) -> dict:
+    """The baselines after a search (its evaluations of them reused), the plan of what is left made exact."""
+    progress.at("baselines")
+    progress.plan(_baseline_fine_tunes(run, n_random) + run.rc.report.seeds * run.rc.baseline_settings().methods)
+    return _baselines(run, pri, params, live, n_random, history, run.search_settings().seeds)
 
 
 def _baselines(run: Run, pri, params: dict, live: str, n_random: int, history: list[Evaluation],
