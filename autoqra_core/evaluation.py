@@ -26,7 +26,7 @@ class Evaluation:
     (``racing.summary``), as the search's winner is reported."""
 
     config: Config
-    fidelity: int
+    rung: int  # the index of the ladder's rung it was scored at
     eval_loss: float  # held-out loss after fine-tuning; +inf when failed
     memory_bytes: int
     status: str = "ok"  # "ok" | "failed"
@@ -39,7 +39,7 @@ class Evaluation:
 
     @property
     def request(self) -> "Request":
-        return (self.config, self.fidelity, self.seed)
+        return (self.config, self.rung, self.seed)
 
     @property
     def ok(self) -> bool:
@@ -48,7 +48,7 @@ class Evaluation:
     def to_dict(self) -> dict:
         d = {
             "config": self.config.to_dict(),
-            "fidelity": self.fidelity,
+            "rung": self.rung,
             "eval_loss": self.eval_loss if math.isfinite(self.eval_loss) else None,
             "memory_bytes": self.memory_bytes,
             "status": self.status,
@@ -68,7 +68,7 @@ class Evaluation:
         loss = d.get("eval_loss")
         return cls(
             config=Config.from_dict(d["config"]),
-            fidelity=int(d["fidelity"]),
+            rung=int(d["rung"] if "rung" in d else d["fidelity"]),  # "fidelity": written before the rename
             eval_loss=math.inf if loss is None else float(loss),
             memory_bytes=int(d["memory_bytes"]),
             status=d.get("status", "ok"),

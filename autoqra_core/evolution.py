@@ -332,8 +332,8 @@ def select_population(
 
 def promotions(history: Sequence[Evaluation], rung: int, fraction: float) -> list[Config]:
     """Configs in the best ``fraction`` of everything ok at ``rung`` that have not been run at ``rung + 1``."""
-    done = {e.config.key() for e in history if e.fidelity == rung + 1}
-    ranked = sorted((e for e in history if e.fidelity == rung and e.ok), key=lambda e: (e.eval_loss, e.config.key()))
+    done = {e.config.key() for e in history if e.rung == rung + 1}
+    ranked = sorted((e for e in history if e.rung == rung and e.ok), key=lambda e: (e.eval_loss, e.config.key()))
     n = max(1, int(len(ranked) * fraction)) if ranked else 0
     return [e.config for e in ranked[:n] if e.config.key() not in done]
 
@@ -370,7 +370,7 @@ def step(
     seeds = race_seeds(state.seed, race.max_config_calls)
     history = evaluate_generation(list(state.history), refs, children, ladder, evaluate_many, seeds, race)
     scores = corrected_losses(history, ladder.top)
-    finished = [e.config for e in history if e.fidelity == ladder.top]  # every top-rung config may be chosen
+    finished = [e.config for e in history if e.rung == ladder.top]  # every top-rung config may be chosen
     population = select_population(list(state.population) + children + finished, scores, settings.population_size,
                                    settings.elite, toolbox, rng)
     return EvolutionState(population, history, state.generation + 1, _rng_state(rng), state.seed)
@@ -404,12 +404,12 @@ def evaluate_generation(history: list[Evaluation], refs: Sequence[Config], child
     """A generation's fine-tunes, appended to ``history``: the references at the top rung and the children at
     rung 0 (one batch), successive halving up the rungs, then every configuration new at the top raced against
     the incumbent on the shared seeds."""
-    at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
+    at_top = {e.config.key() for e in history if e.rung == ladder.top}
     history = history + evaluate_new([(c, ladder.top, seeds[0]) for c in refs] + [(c, 0, seeds[0]) for c in children],
                                      history, evaluate_many)
     history += climb(history, ladder, evaluate_many, seeds[0])
     new_at_top = list({e.config.key(): e.config for e in history
-                       if e.fidelity == ladder.top and e.config.key() not in at_top}.values())
+                       if e.rung == ladder.top and e.config.key() not in at_top}.values())
     return history + intensify(history, new_at_top, ladder.top, seeds, evaluate_many, race)
 
 
@@ -422,7 +422,7 @@ def finish(
     history = list(state.history)
     seeds = race_seeds(state.seed, race.max_config_calls)
     scores = corrected_losses(history, ladder.top)
-    at_top = {e.config.key() for e in history if e.fidelity == ladder.top}
+    at_top = {e.config.key() for e in history if e.rung == ladder.top}
     unfinished = {e.config for e in history if e.config.key() not in at_top}
     candidates = sorted(unfinished, key=lambda c: (scores[c.key()], c.key()))
     while incumbent(history, ladder.top, seeds) is None and candidates:

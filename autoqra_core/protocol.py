@@ -59,7 +59,7 @@ def charged_tokens(history: Sequence[Evaluation], ladder: Ladder) -> list[int]:
     promotion costs only the steps from the run's last checkpoint to its new one (failed evaluations count: their
     compute was spent)."""
     reached: dict[tuple[str, int], int] = {}  # (config, seed) -> tokens its run has been charged
-    return [_charge(reached, e.config.key(), e.seed, ladder[e.fidelity].train_tokens) for e in history]
+    return [_charge(reached, e.config.key(), e.seed, ladder[e.rung].train_tokens) for e in history]
 
 
 def metered(evaluate_many: EvaluateMany, history: Sequence[Evaluation], ladder: Ladder, tokens: int) -> EvaluateMany:
@@ -68,7 +68,7 @@ def metered(evaluate_many: EvaluateMany, history: Sequence[Evaluation], ladder: 
     returns that prefix's evaluations. The search's cap in whole fine-tunes (``SearchSettings.fine_tunes``)."""
     reached: dict[tuple[str, int], int] = {}
     for e in history:
-        _charge(reached, e.config.key(), e.seed, ladder[e.fidelity].train_tokens)
+        _charge(reached, e.config.key(), e.seed, ladder[e.rung].train_tokens)
     left = [tokens]
 
     def run(requests: list[Request]) -> list[Evaluation]:

@@ -49,7 +49,7 @@ def table(history: Sequence[Evaluation], rung: int, seeds: Sequence[int]) -> Tab
     allowed = set(seeds)
     out: Table = {}
     for e in history:
-        if e.fidelity == rung and e.seed in allowed:
+        if e.rung == rung and e.seed in allowed:
             out.setdefault(e.config.key(), {})[e.seed] = e
     return out
 

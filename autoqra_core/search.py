@@ -164,9 +164,9 @@ def progress(state: SearchState, ladder: Ladder, seeds: Sequence[int]) -> list[P
     so_far: list[Evaluation] = []
     inc = None
     for i, ((stage, e), tokens) in enumerate(zip(labelled, charged), 1):
-        steps += tokens // (ladder[e.fidelity].batch_size * ladder[e.fidelity].seq_len)
+        steps += tokens // (ladder[e.rung].batch_size * ladder[e.rung].seq_len)
         so_far.append(e)
-        if e.fidelity == ladder.top:
+        if e.rung == ladder.top:
             inc = incumbent(so_far, ladder.top, seeds)
         out.append(ProgressPoint(i, steps, stage, inc.eval_loss if inc else None))
     return out

@@ -49,7 +49,7 @@ def _means(history: Sequence[Evaluation]) -> dict[str, dict[int, float]]:
     """Per config key and rung: the mean loss over its seeds there (inf if any of them failed)."""
     runs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for e in history:
-        runs[e.config.key()][e.fidelity].append(e.eval_loss if e.ok else math.inf)
+        runs[e.config.key()][e.rung].append(e.eval_loss if e.ok else math.inf)
     return {k: {r: sum(v) / len(v) for r, v in by_rung.items()} for k, by_rung in runs.items()}
 
 
@@ -97,14 +97,14 @@ class Surrogate:
     ) -> "Surrogate":
         offsets = rung_offsets(history, top)
         ok = [e for e in history if e.ok]
-        y_ok = [e.eval_loss + offsets.get(e.fidelity, 0.0) for e in ok]
+        y_ok = [e.eval_loss + offsets.get(e.rung, 0.0) for e in ok]
         if len(ok) < min_points:
             return cls(space, None, float(np.mean(y_ok)) if y_ok else 0.0, 1.0)
         # Failed runs (diverged, OOM) count as the worst loss seen, so screening steers away from them.
         worst = max(y_ok) + (float(np.std(y_ok)) or 1.0)
         X = np.stack([encode(space, e.config) for e in history])
-        y = np.array([e.eval_loss + offsets.get(e.fidelity, 0.0) if e.ok else worst for e in history])
-        w = np.array([2.0**e.fidelity for e in history])  # higher rungs: longer fine-tunes, less noise
+        y = np.array([e.eval_loss + offsets.get(e.rung, 0.0) if e.ok else worst for e in history])
+        w = np.array([2.0**e.rung for e in history])  # higher rungs: longer fine-tunes, less noise
         model = RandomForestRegressor(
             n_estimators=64, min_samples_leaf=2, max_features=0.5, random_state=seed, n_jobs=1
         )

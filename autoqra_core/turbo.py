@@ -179,7 +179,7 @@ class TurboRun:
 def start(space: SearchSpace, warm: Sequence[Evaluation], top: int, settings: TurboSettings, seed: int = 0) -> TurboRun:
     """A run centred at the ok top-rung configuration of ``warm`` (stage 1's history) with the lowest posterior
     mean (the lowest mean over its seeds where the GP cannot be fitted)."""
-    data = [e for e in warm if e.fidelity == top]
+    data = [e for e in warm if e.rung == top]
     if not any(e.ok for e in data):
         raise ValueError("TuRBO needs at least one ok top-rung evaluation to centre on")
     with _one_thread():
@@ -372,7 +372,7 @@ def step(
     refitted GP (``noisy_success``). A failed evaluation is a miss, not ignored."""
     if run.done:
         return run
-    data = [e for e in list(warm) + run.history if e.fidelity == top]
+    data = [e for e in list(warm) + run.history if e.rung == top]
     if run.state.restart_triggered:
         run = _restart(run, p.space, data, settings)
         if run.done:
@@ -383,7 +383,7 @@ def step(
     new = evaluate_new([(c, top, seeds[0]) for c in batch], known, evaluate_many)
     new += intensify(known + new, batch, top, seeds, evaluate_many, race)
     with _one_thread():
-        fit = posterior_means(p.space, data + [e for e in new if e.fidelity == top])
+        fit = posterior_means(p.space, data + [e for e in new if e.rung == top])
     improved, center, value = noisy_success(fit, run.center, batch)
     return replace(
         run,

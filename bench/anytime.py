@@ -72,10 +72,10 @@ def curve(history, ladder, seeds) -> list[dict]:
     out, tokens, inc = [], 0, None
     for i, (e, charged) in enumerate(zip(history, charged_tokens(history, ladder))):
         tokens += charged  # a promoted run pays from its checkpoint
-        if e.fidelity == ladder.top:
+        if e.rung == ladder.top:
             inc = incumbent(history[: i + 1], ladder.top, seeds)
         out.append({"tokens": tokens, "best": inc.eval_loss if inc else None, "key": inc.config.key() if inc else None,
-                    "rung": e.fidelity, "seed": e.seed, "loss": e.eval_loss if e.ok else None})
+                    "rung": e.rung, "seed": e.seed, "loss": e.eval_loss if e.ok else None})
     return out
 
 
@@ -113,7 +113,7 @@ def run_seed(seed: int, args) -> dict:
 
         def top_only(requests):
             """The one-rung ladder's rung 0 is the run's top rung (``Run.evaluate_many`` reads the run's ladder)."""
-            return [replace(e, fidelity=0) for e in evaluate([(c, top, s) for c, _, s in requests])]
+            return [replace(e, rung=0) for e in evaluate([(c, top, s) for c, _, s in requests])]
 
         returned: dict[str, object] = {}
 

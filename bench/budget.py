@@ -54,7 +54,7 @@ def measure(budgets: list[str], seeds: list[int], top_sd: float) -> list[dict]:
             truth = T.true_loss(res.best.config)
             regret.append(truth - opt)
             worse += truth > uniform
-            top.append(sum(e.fidelity == T.LADDER.top for e in res.history))
+            top.append(sum(e.rung == T.LADDER.top for e in res.history))
         rows.append({"budget": b, "fine_tunes": statistics.fmean(spent), "max_fine_tunes": max(spent),
                      "regret": statistics.fmean(regret), "regret_sd": statistics.stdev(regret) if len(regret) > 1 else 0.0,
                      "worst": max(regret), "worse_than_uniform": worse, "captured": 1 - statistics.fmean(regret) / (uniform - opt),

@@ -36,10 +36,10 @@ def cost(result: dict) -> dict:
             first = spent
     by_rung: dict[int, float] = {}
     for e, t in zip(history, charged):
-        by_rung[e.fidelity] = by_rung.get(e.fidelity, 0) + t / full
+        by_rung[e.rung] = by_rung.get(e.rung, 0) + t / full
     return {"fine_tunes": sum(charged) / full, "evaluations": len(history),
             "by_rung": {r: round(v, 3) for r, v in sorted(by_rung.items())},
-            "evaluations_by_rung": {r: sum(e.fidelity == r for e in history) for r in sorted(by_rung)},
+            "evaluations_by_rung": {r: sum(e.rung == r for e in history) for r in sorted(by_rung)},
             "to_answer": None if first is None else first / full, "fine_tune_steps": ladder.full.steps}
 
 

@@ -47,10 +47,10 @@ def runner_up(result: dict) -> dict | None:
     within budget, other than the winner (validation only: chosen by what the search itself saw)."""
     from autoqra_core.space import Config
 
-    top = max(e["fidelity"] for e in result["evaluations"])
+    top = max(e.get("rung", e.get("fidelity")) for e in result["evaluations"])  # "fidelity": older results
     runs: dict[str, list[dict]] = {}
     for e in result["evaluations"]:
-        if e["fidelity"] == top and e["status"] == "ok" and e["memory_bytes"] <= result["budget_bytes"]:
+        if e.get("rung", e.get("fidelity")) == top and e["status"] == "ok" and e["memory_bytes"] <= result["budget_bytes"]:
             runs.setdefault(e["config_key"], []).append(e)
     winner = Config.from_dict(result["best"]["config"]).key()
     raced = {k: sum(e["eval_loss"] for e in v) / len(v) for k, v in runs.items() if len(v) >= 2 and k != winner}

@@ -66,10 +66,10 @@ class RunOutputs:
     def log_new(self, history: list[Evaluation], stage: str = "search") -> None:
         for e in history[self.logged:]:
             entry = _eval_entry(e) | {"stage": stage, "search_seed": self.run.seed}
-            entry["eval_id"] = f"{stage}/r{e.fidelity}/s{e.seed}/{entry['config_key']}"
+            entry["eval_id"] = f"{stage}/r{e.rung}/s{e.seed}/{entry['config_key']}"
             if entry["eval_id"] not in self.done:
                 tracking.log_evaluation(self.mlflow_run, entry,
-                                        run_name=f"{stage}-r{e.fidelity}-s{e.seed}-{e.config.key()[:8]}",
+                                        run_name=f"{stage}-r{e.rung}-s{e.seed}-{e.config.key()[:8]}",
                                         uri=self.uri)
                 self.done.add(entry["eval_id"])
             self.logged += 1  # one by one: a failure half-way re-logs nothing that is already in
@@ -147,7 +147,7 @@ class RunOutputs:
         ladder = self.run.ladder
         full = ladder.full.train_tokens
         history = list(res.history) if res else []
-        extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.fidelity != h.fidelity
+        extra = [e for e in baselines.values() if all(e.config.key() != h.config.key() or e.rung != h.rung
                                                        for h in history)]
         all_evals = history + extra
         best = res.best if res else min((e for e in baselines.values() if e.ok and e.memory_bytes <=
@@ -233,7 +233,7 @@ def _best_entry(e: Evaluation | None) -> dict | None:
     if e is None:
         return None
     return {"config": e.config.to_dict(), "memory_bytes": e.memory_bytes, "eval_loss": e.eval_loss,
-            "accuracy": e.accuracy, "fidelity": e.fidelity, "replicates": e.replicates}
+            "accuracy": e.accuracy, "rung": e.rung, "replicates": e.replicates}
 
 
 def _name_of(e: Evaluation | None, baselines: dict[str, Evaluation]) -> str | None:

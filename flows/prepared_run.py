@@ -217,7 +217,7 @@ class Progress:
         self.seen.append(ev)
         tokens = self.tokens
         self.planned = max(self.planned, tokens)  # the plan is an estimate: never show more done than planned
-        if ev.fidelity == ladder.top and self.where not in ("report", "baselines"):
+        if ev.rung == ladder.top and self.where not in ("report", "baselines"):
             self.top.append(ev)
         elapsed = time.time() - self.start
         eta = max(0.0, (self.planned - tokens) * elapsed / max(1, tokens))
@@ -226,7 +226,7 @@ class Progress:
         status = "ok" if ev.ok else f"FAILED ({ev.reason})"
         get_run_logger().info(
             f"[{self.label} {self.where}] {ladder.fine_tunes(tokens):.2f}/{ladder.fine_tunes(self.planned):.1f} "
-            f"fine-tunes, {len(self.seen)} evaluations | rung {ev.fidelity} (step {ladder[ev.fidelity].steps}/"
+            f"fine-tunes, {len(self.seen)} evaluations | rung {ev.rung} (step {ladder[ev.rung].steps}/"
             f"{ladder.full.steps}) seed {ev.seed} {ev.config.short()} -> {ev.eval_loss:.4f} {status} | "
             f"incumbent {best} | {elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min"
         )

@@ -244,8 +244,8 @@ def log_evaluation(
 ) -> str:
     """Log one candidate evaluation as a child run of ``parent_run_id``; return the child's id.
 
-    ``evaluation`` is an entry of ``result.json["evaluations"]``: ``config``, ``fidelity``
-    (or ``rung``), ``eval_loss``, ``accuracy``, ``memory_bytes``, ``seconds``, ``status``
+    ``evaluation`` is an entry of ``result.json["evaluations"]``: ``config``, ``rung``
+    (``fidelity`` in results written before the rename), ``eval_loss``, ``accuracy``, ``memory_bytes``, ``seconds``, ``status``
     (``"ok"``/``"failed"``), optionally ``stage``, ``reason``, ``seed``. A failed candidate
     becomes a FAILED run with its reason as a tag.
     """

@@ -93,9 +93,9 @@ def step_summary(before: SearchState, after: SearchState) -> str:
     replicates = len(new) - len(first)
     if before.stage == "turbo":
         return f"{len(first)} evaluated, {replicates} replicates"
-    below = {(e.config.key(), e.fidelity) for e in after.history}
-    promoted = sum(e.fidelity > 0 and (e.config.key(), e.fidelity - 1) in below for e in first)
-    fresh = sum(e.fidelity == 0 for e in first)
+    below = {(e.config.key(), e.rung) for e in after.history}
+    promoted = sum(e.rung > 0 and (e.config.key(), e.rung - 1) in below for e in first)
+    fresh = sum(e.rung == 0 for e in first)
     refs = len(first) - fresh - promoted  # generation 0's references, started at the top rung
     return f"{fresh} children, {promoted} promoted" + (f", {refs} references" if refs else "") + f", {replicates} replicates"
 
@@ -106,7 +106,7 @@ def population_table(state: SearchState, settings: SearchSettings) -> list[dict[
     ladder_top = settings.ladder.top
     reached: dict[str, Evaluation] = {}
     for e in state.history:
-        if e.config.key() not in reached or e.fidelity > reached[e.config.key()].fidelity:
+        if e.config.key() not in reached or e.rung > reached[e.config.key()].rung:
             reached[e.config.key()] = e
     reached |= {e.config.key(): e for e in standings(state.history, ladder_top, settings.seeds)}
     configs = (state.evolution.population if state.stage == "evolution" or state.turbo is None
@@ -120,7 +120,7 @@ def population_table(state: SearchState, settings: SearchSettings) -> list[dict[
 
 def _row(role: str, e: Evaluation | None, config: Config) -> dict[str, Any]:
     return {"role": role, "bits/rank per layer": config.short(),
-            "rung": None if e is None else e.fidelity,
+            "rung": None if e is None else e.rung,
             "loss": None if e is None or not e.ok else round(e.eval_loss, 4),
             "status": "-" if e is None else e.status, "key": config.key()[:10]}
 

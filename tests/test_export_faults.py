@@ -26,7 +26,7 @@ def _finished_search(out):
     out.mkdir(parents=True)
     (out / "result.json").write_text(json.dumps({
         "model": "embedded", "dataset": "embedded", "budget_bytes": 10**9, "seed": 0, "settings": settings,
-        "best": {"config": config, "memory_bytes": 1, "eval_loss": 1.0, "accuracy": None, "fidelity": 1},
+        "best": {"config": config, "memory_bytes": 1, "eval_loss": 1.0, "accuracy": None, "rung": 1},
         "mlflow_run_id": None}))
 
 

@@ -178,7 +178,7 @@ with get_client(sync_client=True) as c:
     print(json.dumps({{"state": fr.state.type.value, "result": fr.state.result(raise_on_failure=False)}}))""")
     got = json.loads(state)
     assert got["state"] == "COMPLETED", got
-    assert got["result"]["status"] == "ok" and got["result"]["fidelity"] == 0
+    assert got["result"]["status"] == "ok" and got["result"]["rung"] == 0
     assert 0 < got["result"]["eval_loss"] < 20
 
 

@@ -146,7 +146,7 @@ def test_search_decides_on_validation_and_reports_test_over_seeds(prefect_env, t
     a, b = results
 
     def decisions(r):
-        return [(e["config_key"], e["fidelity"], e["eval_loss"]) for e in r["evaluations"]]
+        return [(e["config_key"], e["rung"], e["eval_loss"]) for e in r["evaluations"]]
 
     assert decisions(a) == decisions(b) and a["best"]["config"] == b["best"]["config"]
     assert a["best"]["test"]["losses"] != b["best"]["test"]["losses"]  # the test split was really scored

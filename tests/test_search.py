@@ -223,7 +223,7 @@ def test_ga_improves_over_its_initial_population():
     states = []
     final = run_search(PROBLEM, recorder, settings, on_checkpoint=states.append).state.evolution
     assert final.generation == 6
-    initial = min(true_loss(e.config) for e in states[0].evolution.history if e.fidelity == 0)
+    initial = min(true_loss(e.config) for e in states[0].evolution.history if e.rung == 0)
     best = incumbent(final.history, LADDER.top, race_seeds(2, 3))
     assert true_loss(best.config) < initial
     assert len(final.population) == SETTINGS.evolution.population_size
@@ -232,10 +232,10 @@ def test_ga_improves_over_its_initial_population():
     assert len(recorder.calls) == len(set(recorder.calls)) == len(final.history)
     # successive halving: fewer configurations at each rung up; the top rung holds the promoted ones and the
     # references of the full-fidelity start (generation 0), raced on further seeds
-    at = {k: {e.config.key() for e in final.history if e.fidelity == k} for k in range(3)}
+    at = {k: {e.config.key() for e in final.history if e.rung == k} for k in range(3)}
     refs = {c.key() for c in evolution.references(PROBLEM)}
     assert len(at[0]) > len(at[1]) > 0 and at[1] <= at[0] and at[2] - refs <= at[1] and refs <= at[2]
-    assert {e.seed for e in final.history if e.fidelity < 2} == {2}
+    assert {e.seed for e in final.history if e.rung < 2} == {2}
 
 
 def test_step_leaves_global_random_alone():
@@ -268,7 +268,7 @@ def test_turbo_improves_over_its_start():
     run = turbo_alone(warm, settings, recorder)
     assert run.iteration == 6 and len(run.history) >= 6
     assert min(e.eval_loss for e in run.history) < start
-    assert all(e.fidelity == LADDER.top and cost(e.config) <= BUDGET for e in run.history)
+    assert all(e.rung == LADDER.top and cost(e.config) <= BUDGET for e in run.history)
     seen = {e.config.key() for e in warm}
     assert not {(k, LADDER.top, 0) for k in seen} & set(recorder.calls)  # replicates of the warm start only
     assert len(set(recorder.calls)) == len(recorder.calls)
@@ -348,7 +348,7 @@ def test_search_beats_baselines_and_approaches_the_optimum(full_run):
 def test_search_result_is_consistent(full_run):
     result, recorder, checkpoints = full_run
     assert len(recorder.calls) == len(set(recorder.calls)) == len(result.history)  # nothing evaluated twice
-    assert {e.fidelity for e in result.history} == {0, 1, 2}
+    assert {e.rung for e in result.history} == {0, 1, 2}
     assert {p.stage for p in result.progress} == {"evolution", "turbo"}
     curve = [p.best_loss for p in result.progress if p.best_loss is not None]
     assert curve[-1] == result.best.eval_loss and result.best.replicates >= 2
@@ -371,7 +371,7 @@ def test_checkpoint_resume_gives_the_same_result(full_run, stage):
     recorder = Recorder()
     resumed = run_search(PROBLEM, recorder, SETTINGS, state=state)
     assert fingerprint(resumed) == fingerprint(result)
-    done = {(e.config.key(), e.fidelity, e.seed) for e in state.history}
+    done = {(e.config.key(), e.rung, e.seed) for e in state.history}
     assert not done & set(recorder.calls)  # a resumed search redoes no finished evaluation
 
 
@@ -484,7 +484,7 @@ def test_the_budget_caps_every_batch_and_ends_the_search():
     ran = Recorder()
     metered = protocol.metered(ran, history, LADDER, LADDER[1].train_tokens - LADDER[0].train_tokens)
     out = metered([(config, 1, 3), (SPACE.uniform(8, 16), 0, 3)])
-    assert [(e.config.key(), e.fidelity) for e in out] == [(config.key(), 1)] and len(ran.calls) == 1
+    assert [(e.config.key(), e.rung) for e in out] == [(config.key(), 1)] and len(ran.calls) == 1
 
 
 def test_catastrophic_pairs_are_rarely_drawn():
