@@ -188,6 +188,54 @@ def next_step(state: SearchState) -> str | None:
     return None
 
 
+def planned_evaluations(s: SearchSettings) -> tuple[list[int], int, int]:
+    """Evaluations a search at settings ``s`` will make (an estimate for its ETA): per rung in stage 1 (its
+    asynchronous successive halving simulated on counts: each rung keeps at least ``promote_fraction`` of
+    everything seen below it), the references started at the top rung, and the whole fine-tunes after stage 1
+    (TuRBO's batches and about a quarter of the top-rung configurations' further race seeds)."""
+    seen = [0] * len(s.ladder.rungs)
+    for g in range(s.generations):
+        seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
+        for r in range(1, len(seen)):
+            seen[r] = max(seen[r], max(1, int(seen[r - 1] * s.ladder.promote_fraction)))
+    refs = 2 if s.evolution.full_fidelity_start else 0  # the best prior configuration and uniform-4bit-r16
+    turbo_runs = s.turbo.iterations * s.turbo.batch_size
+    replicates = -(-(seen[-1] + refs + turbo_runs) * (s.race.max_config_calls - 1) // 4)  # rounded up
+    return seen, refs, turbo_runs + replicates
+
+
+def planned_tokens(s: SearchSettings) -> int:
+    """Fine-tuning tokens a search at settings ``s`` will spend (``planned_evaluations``, at most its budget): a
+    promoted run pays only the steps from its last checkpoint, a run started at the top rung the whole fine-tune."""
+    seen, refs, later = planned_evaluations(s)
+    tokens = [f.train_tokens for f in s.ladder.rungs]
+    steps = sum(n * (t - (tokens[r - 1] if r else 0)) for r, (n, t) in enumerate(zip(seen, tokens)))
+    planned = steps + (refs + later) * tokens[-1]
+    return planned if s.cap_tokens is None else min(planned, s.cap_tokens)
+
+
+def step_counts(before: SearchState, after: SearchState) -> dict[str, int]:
+    """What one step evaluated: on the race's first seed, the configurations new at rung 0 (``children``),
+    promoted from the rung below (``promoted``) and started at the top rung (generation 0's ``references``),
+    all of them ``evaluated``; the rest are ``replicates`` on further seeds."""
+    new = after.history[len(before.history):]
+    first = [e for e in new if e.seed == after.evolution.seed]
+    below = {(e.config.key(), e.rung) for e in after.history}
+    promoted = sum(e.rung > 0 and (e.config.key(), e.rung - 1) in below for e in first)
+    children = sum(e.rung == 0 for e in first)
+    return {"evaluated": len(first), "children": children, "promoted": promoted,
+            "references": len(first) - children - promoted, "replicates": len(new) - len(first)}
+
+
+def highest_rungs(history: Sequence[Evaluation], top: int, seeds: Sequence[int]) -> dict[str, Evaluation]:
+    """Each configuration's evaluation at the highest rung it reached; at the top rung its mean over ``seeds``."""
+    reached: dict[str, Evaluation] = {}
+    for e in history:
+        if e.config.key() not in reached or e.rung > reached[e.config.key()].rung:
+            reached[e.config.key()] = e
+    return reached | {e.config.key(): e for e in standings(history, top, seeds)}
+
+
 def advance(
     state: SearchState,
     p: Problem,

@@ -20,9 +20,6 @@ from pathlib import Path
 
 import torch
 
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # bench/tasks.py would shadow the checkout's tasks package
-
 
 def uniform(e: dict) -> tuple[int, int] | None:
     bits = {layer["bits"] for layer in e["config"]["layers"]}

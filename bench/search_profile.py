@@ -53,7 +53,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.child:
-        sys.path.remove(str(Path(__file__).parent))  # bench/tasks.py would shadow the checkout's tasks package
         return child(args.config, args.seed, args.top)
     home = Path(tempfile.mkdtemp(prefix="search-profile-"))
     (home / "prefect").mkdir()

@@ -20,7 +20,7 @@ from autoqra_core.evaluation import Evaluation
 from autoqra_core.export import check_exportable
 from autoqra_core.protocol import history_tokens, report_seeds
 from autoqra_core.feasibility import check_budget
-from autoqra_core.search import SearchState, result as search_result
+from autoqra_core.search import SearchState, planned_tokens, result as search_result
 from autoqra_core.space import DEFAULT_BUDGET, Config
 from tasks.evaluate import delete_checkpoints
 from tasks.search import Live, baselines_step, lend, report_step, search_step, step_name, step_summary
@@ -59,43 +59,14 @@ def _first_started(out: Path) -> float | None:
         return None
 
 
-def _planned_search(run: Run) -> tuple[list[int], int, int]:
-    """Evaluations a search at ``run``'s settings will make: per rung in stage 1 (its asynchronous successive
-    halving simulated on counts: each rung keeps at least ``promote_fraction`` of everything seen below it), the
-    references started at the top rung, and the whole fine-tunes after stage 1 (TuRBO's batches and the
-    replicates)."""
-    s = run.search_settings()
-    seen = [0] * len(run.ladder.rungs)
-    for g in range(s.generations):
-        seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
-        for r in range(1, len(seen)):
-            seen[r] = max(seen[r], max(1, int(seen[r - 1] * run.ladder.promote_fraction)))
-    refs = 2 if s.evolution.full_fidelity_start else 0  # the best prior configuration and uniform-4bit-r16
-    turbo = s.turbo.iterations * s.turbo.batch_size
-    # Replicates: about a quarter of the top-rung configurations' further seeds (an estimate, made exact as it runs).
-    replicates = -(-(seen[-1] + refs + turbo) * (s.race.max_config_calls - 1) // 4)  # rounded up
-    return seen, refs, turbo + replicates
-
-
-def _planned_tokens(run: Run) -> int:
-    """Fine-tuning tokens a search at ``run``'s settings will spend (``_planned_search``, at most its budget
-    ``search.fine_tunes``): a promoted run pays only the steps from its last checkpoint, a run started at the top
-    rung the whole fine-tune."""
-    seen, refs, later = _planned_search(run)
-    tokens = [f.train_tokens for f in run.ladder.rungs]
-    steps = sum(n * (t - (tokens[r - 1] if r else 0)) for r, (n, t) in enumerate(zip(seen, tokens)))
-    planned, cap = steps + (refs + later) * tokens[-1], run.search_settings().cap_tokens
-    return planned if cap is None else min(planned, cap)
-
-
 def _planned(run: Run, baselines: bool) -> int:
-    """Fine-tuning tokens of the whole run (for the ETA): ``_planned_tokens``, the baselines (the fixed recipes
+    """Fine-tuning tokens of the whole run (for the ETA): ``search.planned_tokens``, the baselines (the fixed recipes
     and random search at the search's tokens, whole fine-tunes) and the test report (``report.seeds`` fine-tunes
     per method). Made exact as each stage starts."""
-    total, methods, full = _planned_tokens(run), 1, run.ladder.full.train_tokens
+    total, methods, full = planned_tokens(run.search_settings()), 1, run.ladder.full.train_tokens
     if baselines:
         b = run.rc.baseline_settings()
-        total += _baseline_fine_tunes(run, b.random_count(_planned_tokens(run), run.ladder)) * full
+        total += _baseline_fine_tunes(run, b.random_count(planned_tokens(run.search_settings()), run.ladder)) * full
         methods += b.methods
     return total + run.rc.report.seeds * methods * full
 
@@ -206,7 +177,7 @@ def baselines_flow(
     outputs = RunOutputs.start(run, Path(out).resolve(), kind="baselines")
     pri = run.priors()
     b = rc.baseline_settings()
-    n_random = b.random_count(_planned_tokens(run), run.ladder)
+    n_random = b.random_count(planned_tokens(run.search_settings()), run.ladder)
     fine_tunes = _baseline_fine_tunes(run, n_random) + rc.report.seeds * b.methods
     progress = Progress(run, fine_tunes * run.ladder.full.train_tokens,
                         "baselines")

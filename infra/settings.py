@@ -46,7 +46,7 @@ def embedded_model_path() -> Path:
     return EMBEDDED_DIR / "model"
 
 
-# Tasks shipped with the project, by ``--dataset`` name ('embedded' is WordNet, the default); bench/tasks.py says
+# Tasks shipped with the project, by ``--dataset`` name ('embedded' is WordNet, the default); bench/task_choice.py says
 # why two: on smollm2-135m, 4-bit costs accuracy on addition and not on WordNet definitions.
 EMBEDDED_DATASETS = {"embedded": "wordnet", "wordnet": "wordnet", "addition": "addition"}
 

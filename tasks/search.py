@@ -27,8 +27,8 @@ from autoqra_core.baselines import BaselineSettings, run_baselines
 from autoqra_core.evaluation import Evaluation
 from autoqra_core.priors import Priors
 from autoqra_core.problem import Problem
-from autoqra_core.racing import incumbent, standings
-from autoqra_core.search import SearchSettings, SearchState, advance, next_step
+from autoqra_core.racing import incumbent
+from autoqra_core.search import SearchSettings, SearchState, advance, highest_rungs, next_step, step_counts
 from autoqra_core.space import Config, SearchSpace
 
 STEP_CACHE = (INPUTS + TASK_SOURCE) - "live"  # the handle changes per process; what it lends, ``params`` fixes
@@ -88,27 +88,18 @@ def step_name(state: SearchState, settings: SearchSettings) -> str | None:
 def step_summary(before: SearchState, after: SearchState) -> str:
     """What a step did, for its run name once it is done: new evaluations at rung 0, promoted above it (and the
     references generation 0 starts at the top rung), and replicates on further seeds."""
-    new = after.history[len(before.history):]
-    first = [e for e in new if e.seed == after.evolution.seed]  # the rest: replicates on further race seeds
-    replicates = len(new) - len(first)
+    n = step_counts(before, after)
     if before.stage == "turbo":
-        return f"{len(first)} evaluated, {replicates} replicates"
-    below = {(e.config.key(), e.rung) for e in after.history}
-    promoted = sum(e.rung > 0 and (e.config.key(), e.rung - 1) in below for e in first)
-    fresh = sum(e.rung == 0 for e in first)
-    refs = len(first) - fresh - promoted  # generation 0's references, started at the top rung
-    return f"{fresh} children, {promoted} promoted" + (f", {refs} references" if refs else "") + f", {replicates} replicates"
+        return f"{n['evaluated']} evaluated, {n['replicates']} replicates"
+    refs = f", {n['references']} references" if n["references"] else ""
+    return f"{n['children']} children, {n['promoted']} promoted{refs}, {n['replicates']} replicates"
 
 
 def population_table(state: SearchState, settings: SearchSettings) -> list[dict[str, Any]]:
     """The population after a step (TuRBO: its evaluations so far), each at the highest rung it reached (at the
     top: its mean over the race's seeds), and the incumbent."""
     ladder_top = settings.ladder.top
-    reached: dict[str, Evaluation] = {}
-    for e in state.history:
-        if e.config.key() not in reached or e.rung > reached[e.config.key()].rung:
-            reached[e.config.key()] = e
-    reached |= {e.config.key(): e for e in standings(state.history, ladder_top, settings.seeds)}
+    reached = highest_rungs(state.history, ladder_top, settings.seeds)
     configs = (state.evolution.population if state.stage == "evolution" or state.turbo is None
                else [e.config for e in state.turbo.history])
     rows = [_row("population" if state.stage == "evolution" else "turbo", reached.get(c.key()), c) for c in configs]

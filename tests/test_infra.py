@@ -342,7 +342,7 @@ def test_plots_draw_the_data_they_are_given(tmp_path: Path, monkeypatch) -> None
 
 
 def test_candidate_tasks_keep_held_out_words_out_of_training() -> None:
-    """bench/tasks.py's candidate tasks: every label points at the answer, no distractor is another answer of the
+    """bench/task_choice.py's candidate tasks: every label points at the answer, no distractor is another answer of the
     same subject, and no subject (antonym pair, addition pair in either order) appears in two splits, so a
     held-out question is never trained on."""
     from infra.embedded.build import addition_rows, choice_rows

@@ -11,7 +11,7 @@ model. Two *different* offline English texts are used:
   Train, validation and test are split by headword, so no held-out word is trained on.
 
 ``TASKS`` also builds the other candidate tasks this machine's files allow (WordNet hypernyms and antonyms,
-two-digit addition); ``bench/tasks.py`` compares them on a real model to justify the default.
+two-digit addition); ``bench/task_choice.py`` compares them on a real model to justify the default.
 
 Usage (build-time only; needs ``apt-get install python3.11-doc wordnet-base``)::
 
@@ -182,7 +182,7 @@ def addition_rows(n: tuple[int, int, int], seed: int = 0) -> tuple[list[dict], l
     return out[0], out[1], out[2]
 
 
-# Candidate tasks built from files on this machine (bench/tasks.py compares them on a real model).
+# Candidate tasks built from files on this machine (bench/task_choice.py compares them on a real model).
 TASKS = {
     "wordnet": lambda n, seed=0: wordnet_rows(*n, seed=seed),
     "hypernym": lambda n, seed=0: choice_rows(hypernym_pairs(), "{} is a kind of", n, seed),

@@ -10,8 +10,8 @@ Per task: unquantized LoRA r16 and uniform 8/4/3/2-bit r16, fine-tuned at the to
 split is not read: choosing the default task is tuning a default). A task separates methods when accuracy
 moves with the bits by several binomial standard errors and sits away from chance and from 1.
 
-    .venv/bin/python bench/tasks.py [--model smollm2-135m] [--seeds 0] [--tasks ...] [--out bench/results/tasks.md]
-    .venv/bin/python bench/tasks.py --report-only   # the table from --work's results.json
+    .venv/bin/python bench/task_choice.py [--model smollm2-135m] [--seeds 0] [--tasks ...] [--out bench/results/tasks.md]
+    .venv/bin/python bench/task_choice.py --report-only   # the table from --work's results.json
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
         start = time.time()
         results[name] = run_task(name, path, args) | {
             "minutes": round((time.time() - start) / 60, 1),
-            "command": f".venv/bin/python bench/tasks.py --model {args.model} --config {rel} --seeds "
+            "command": f".venv/bin/python bench/task_choice.py --model {args.model} --config {rel} --seeds "
                        f"{' '.join(map(str, args.seeds))} --tasks {' '.join(args.tasks)}"}
         store.write_text(json.dumps(results, indent=1))
     commands = sorted({r["command"] for r in results.values()})
