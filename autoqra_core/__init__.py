@@ -10,7 +10,7 @@ Modules, in the order the method uses them: ``space`` (configurations) -> ``memo
 (repair) -> ``evolution`` / ``surrogate`` / ``fidelity`` (stage 1) -> ``turbo`` (stage 2) -> ``racing``
 (intensification) -> ``search`` (one step at a time: ``advance``), with ``model``, ``data``, ``quantize``,
 ``finetune`` and ``scoring`` building and scoring one configuration, ``baselines`` and ``protocol`` for the
-comparison, ``estimate`` and ``export`` for planning and publishing.
+comparison, ``estimate`` and ``export`` for planning and publishing, ``settings`` for declaring a settings field once.
 
 The names below are imported on first use, so ``import autoqra_core.space`` stays light.
 """

@@ -52,6 +52,7 @@ from .priors import Priors
 from .problem import Problem
 from .protocol import race_seeds
 from .racing import RaceSettings, incumbent, intensify
+from .settings import bounded
 from .space import Config, SearchSpace
 from .surrogate import Surrogate, corrected_losses, screen
 
@@ -62,19 +63,19 @@ from .surrogate import Surrogate, corrected_losses, screen
 class EvolutionSettings:
     """Stage 1's settings. These defaults are the only ones: the settings file's schema takes them from here."""
 
-    population_size: int = 10  # with the budget in fine-tunes, it sets how stage 1 spends it, not how much
-    offspring: int = 6  # children evaluated (at rung 0) per generation
-    offspring_multiplier: int = 4  # children generated per evaluated one; the surrogate keeps the best
-    crossover_prob: float = 0.7
-    transfer_prob: float = 0.5  # share of mutations that also take a level from another (layer, kind)
-    tournament_size: int = 3
-    elite: int = 2
-    prior_fraction: float = 0.5  # share of the initial population derived from the priors (0: none, else >= 1)
-    kappa: float = 1.0  # LCB = mean - kappa * std when screening
-    surrogate_min_points: int = 5
+    population_size: int = bounded(10, ge=2)  # with the budget in fine-tunes: how stage 1 spends it, not how much
+    offspring: int = bounded(6, ge=1)  # children evaluated (at rung 0) per generation
+    offspring_multiplier: int = bounded(4, ge=1)  # children generated per evaluated one; the surrogate keeps the best
+    crossover_prob: float = bounded(0.7, ge=0, le=1)
+    transfer_prob: float = bounded(0.5, ge=0, le=1)  # share of mutations that also take a level from another layer
+    tournament_size: int = bounded(3, ge=1)
+    elite: int = bounded(2, ge=0)
+    prior_fraction: float = bounded(0.5, ge=0, le=1)  # share of the initial population from the priors (0: none)
+    kappa: float = bounded(1.0, ge=0)  # LCB = mean - kappa * std when screening
+    surrogate_min_points: int = bounded(5, ge=2)
     full_fidelity_start: bool = True  # generation 0 also runs the references at the top rung
-    catastrophic_ratio: float = 1.0  # see ``Priors.catastrophic``
-    catastrophic_prob: float = 0.1  # chance a random draw or a mutation may land on a catastrophic pair
+    catastrophic_ratio: float = bounded(1.0, gt=0)  # see ``Priors.catastrophic``
+    catastrophic_prob: float = bounded(0.1, ge=0, le=1)  # chance a random draw or a mutation lands on such a pair
 
 
 def _rng_state(rng: random.Random) -> list:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .evaluation import EvaluateMany, Evaluation, Request, evaluate_new
+from .settings import bounded
 from .space import Config
 
 
@@ -35,10 +36,10 @@ from .space import Config
 class RaceSettings:
     """Intensification's settings (the only defaults: the settings file's schema takes them from here)."""
 
-    max_config_calls: int = 3  # seeds per configuration at the top rung, at most (SMAC3's default)
-    margin: float = 1.0  # a challenger is out when worse by more than this many standard errors of the difference
-    min_dof: int = 3  # replicate degrees of freedom before the pooled noise estimate is trusted
-    noise_sd: float | None = None  # a known seed-to-seed sd; None: pooled from the replicates
+    max_config_calls: int = bounded(3, ge=1, le=100)  # seeds per configuration at the top rung, at most (SMAC3's)
+    margin: float = bounded(1.0, ge=0)  # a challenger is out when worse by this many standard errors of the difference
+    min_dof: int = bounded(3, ge=1)  # replicate degrees of freedom before the pooled noise estimate is trusted
+    noise_sd: float | None = bounded(None, gt=0)  # a known seed-to-seed sd; None: pooled from the replicates
 
 
 Table = dict[str, dict[int, Evaluation]]  # config key -> {seed: evaluation} at one rung

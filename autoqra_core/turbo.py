@@ -52,6 +52,7 @@ from .feasibility import repair
 from .problem import Problem
 from .protocol import race_seeds
 from .racing import RaceSettings, intensify
+from .settings import bounded
 from .space import Config, SearchSpace
 from .surrogate import encode
 
@@ -64,16 +65,16 @@ class TurboSettings:
     ``ceil(max(4, dim) / batch_size)`` the region could never shrink within the iterations.
     """
 
-    iterations: int = 3  # batches evaluated in stage 2
-    batch_size: int = 2
-    n_candidates: int = 256  # continuous candidates per batch, before rounding and repair
-    length_init: float = 0.8
-    length_min: float = 0.5**3
-    length_max: float = 1.6
-    success_tolerance: int = 2  # consecutive improving batches that double the region
-    failure_tolerance: int | None = 2  # consecutive non-improving batches that halve it; None: the tutorial's rule
-    max_restarts: int = 1
-    perturb_dims: float = 4.0  # expected coordinates of the centre a candidate changes (tutorial: 20)
+    iterations: int = bounded(3, ge=0)  # batches evaluated in stage 2 (0: no stage 2)
+    batch_size: int = bounded(2, ge=1)
+    n_candidates: int = bounded(256, ge=1)  # continuous candidates per batch, before rounding and repair
+    length_init: float = bounded(0.8, gt=0)
+    length_min: float = bounded(0.5**3, gt=0)
+    length_max: float = bounded(1.6, gt=0)
+    success_tolerance: int = bounded(2, ge=1)  # consecutive improving batches that double the region
+    failure_tolerance: int | None = bounded(2, ge=1)  # misses in a row that halve it; None: the tutorial's rule
+    max_restarts: int = bounded(1, ge=0)
+    perturb_dims: float = bounded(4.0, gt=0)  # expected coordinates of the centre a candidate changes (tutorial: 20)
 
 
 @dataclass(frozen=True)

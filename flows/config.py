@@ -9,10 +9,11 @@ read them from there (``_default``), so a partial override keeps the others' def
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from autoqra_core.baselines import BaselineSettings
 from autoqra_core.device import checkpointing_on, resolve
@@ -118,46 +119,19 @@ def _default_rungs() -> list[RungSection]:
     return [RungSection(**dataclasses.asdict(r)) for r in DEFAULT_RUNGS]
 
 
-class EvolutionSection(_Strict):
-    """Stage 1 (``autoqra_core.evolution.EvolutionSettings``)."""
-
-    population_size: int = Field(_default(EvolutionSettings, "population_size"), ge=2)
-    offspring: int = Field(_default(EvolutionSettings, "offspring"), ge=1)
-    offspring_multiplier: int = Field(_default(EvolutionSettings, "offspring_multiplier"), ge=1)
-    crossover_prob: float = Field(_default(EvolutionSettings, "crossover_prob"), ge=0, le=1)
-    transfer_prob: float = Field(_default(EvolutionSettings, "transfer_prob"), ge=0, le=1)
-    tournament_size: int = Field(_default(EvolutionSettings, "tournament_size"), ge=1)
-    elite: int = Field(_default(EvolutionSettings, "elite"), ge=0)
-    prior_fraction: float = Field(_default(EvolutionSettings, "prior_fraction"), ge=0, le=1)
-    kappa: float = Field(_default(EvolutionSettings, "kappa"), ge=0)
-    surrogate_min_points: int = Field(_default(EvolutionSettings, "surrogate_min_points"), ge=2)
-    full_fidelity_start: bool = _default(EvolutionSettings, "full_fidelity_start")
-    catastrophic_ratio: float = Field(_default(EvolutionSettings, "catastrophic_ratio"), gt=0)
-    catastrophic_prob: float = Field(_default(EvolutionSettings, "catastrophic_prob"), ge=0, le=1)
+def _section(dc: type, doc: str) -> type[_Strict]:
+    """The settings-file section of the core dataclass ``dc``, generated from it: every field with its type, its
+    default and its bounds (``autoqra_core.settings.bounded``), so nothing is declared twice."""
+    hints = typing.get_type_hints(dc)
+    fields = {f.name: (hints[f.name], Field(_default(dc, f.name), **f.metadata.get("bounds", {})))
+              for f in dataclasses.fields(dc)}
+    return create_model(dc.__name__.replace("Settings", "Section"), __base__=_Strict, __doc__=doc, **fields)
 
 
-class TurboSection(_Strict):
-    """Stage 2 (``autoqra_core.turbo.TurboSettings``); ``iterations: 0`` skips it."""
-
-    iterations: int = Field(_default(TurboSettings, "iterations"), ge=0)
-    batch_size: int = Field(_default(TurboSettings, "batch_size"), ge=1)
-    n_candidates: int = Field(_default(TurboSettings, "n_candidates"), ge=1)
-    length_init: float = Field(_default(TurboSettings, "length_init"), gt=0)
-    length_min: float = Field(_default(TurboSettings, "length_min"), gt=0)
-    length_max: float = Field(_default(TurboSettings, "length_max"), gt=0)
-    success_tolerance: int = Field(_default(TurboSettings, "success_tolerance"), ge=1)
-    failure_tolerance: int | None = Field(_default(TurboSettings, "failure_tolerance"), ge=1)
-    max_restarts: int = Field(_default(TurboSettings, "max_restarts"), ge=0)
-    perturb_dims: float = Field(_default(TurboSettings, "perturb_dims"), gt=0)
-
-
-class RaceSection(_Strict):
-    """Intensification at the top rung (``autoqra_core.racing.RaceSettings``); ``max_config_calls: 1`` turns it off."""
-
-    max_config_calls: int = Field(_default(RaceSettings, "max_config_calls"), ge=1, le=100)
-    margin: float = Field(_default(RaceSettings, "margin"), ge=0)
-    min_dof: int = Field(_default(RaceSettings, "min_dof"), ge=1)
-    noise_sd: float | None = Field(_default(RaceSettings, "noise_sd"), gt=0)
+EvolutionSection = _section(EvolutionSettings, "Stage 1 (``autoqra_core.evolution.EvolutionSettings``).")
+TurboSection = _section(TurboSettings, "Stage 2 (``autoqra_core.turbo.TurboSettings``); ``iterations: 0`` skips it.")
+RaceSection = _section(RaceSettings, "Intensification at the top rung (``autoqra_core.racing.RaceSettings``); "
+                                     "``max_config_calls: 1`` turns it off.")
 
 
 class SearchSection(_Strict):
