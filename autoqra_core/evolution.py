@@ -259,15 +259,20 @@ def prior_configs(p: Problem, splits: Sequence[float] = (0.5, 1.0, 0.0, 0.75, 0.
     return out or [repair(minimal(space), p)]
 
 
-def initial_population(p: Problem, settings: EvolutionSettings, rng: random.Random) -> list[Config]:
-    """Prior-derived configs (up to ``prior_fraction`` of the population), the uniform recipes that fit (each
-    bit-width at its largest rank: the candidates of uniform-best), then repaired random ones."""
+def initial_population(p: Problem, settings: EvolutionSettings, rng: random.Random,
+                       refs: Sequence[Config] = ()) -> list[Config]:
+    """The population that starts at rung 0, beside ``refs`` (generation 0's references, started at the top rung,
+    so the two make ``population_size``): prior-derived configs (up to ``prior_fraction`` of the population), the
+    uniform recipes that fit (each bit-width at its largest rank: the candidates of uniform-best), then repaired
+    random ones. A reference is never among them: its run already passed rung 0, and evaluating it there again
+    would train its first steps a second time."""
     size = settings.population_size
     n_prior = max(1, round(size * settings.prior_fraction)) if settings.prior_fraction > 0 else 0
     start = prior_configs(p)[:n_prior]
     start += list(uniform_best_candidates(p.space, p.cost, p.budget).values())[:max(0, size - len(start))]
-    start = list({c.key(): c for c in start}.values())
-    return random_repaired(_draw(p.space, p.priors, settings, rng), size, p, start=start)
+    taken, n = {c.key() for c in refs}, max(1, size - len(refs))
+    start = [c for c in {c.key(): c for c in start}.values() if c.key() not in taken][:n]
+    return random_repaired(_draw(p.space, p.priors, settings, rng), n, p, start=start, seen=taken)
 
 
 def _draw(space: SearchSpace, priors: Priors, settings: EvolutionSettings, rng: random.Random) -> Callable[[], Config]:
@@ -363,9 +368,8 @@ def step(
     toolbox = make_toolbox(p.space, p.priors, settings)
     refs: list[Config] = []
     if not state.population:
-        children = initial_population(p, settings, rng)
-        if settings.full_fidelity_start and ladder.top > 0:
-            refs = references(p)
+        refs = references(p) if settings.full_fidelity_start and ladder.top > 0 else []
+        children = initial_population(p, settings, rng, refs)
     else:
         children = offspring(state, p, toolbox, ladder, settings, rng)
     seeds = race_seeds(state.seed, race.max_config_calls)

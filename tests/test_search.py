@@ -238,6 +238,19 @@ def test_ga_improves_over_its_initial_population():
     assert {e.seed for e in final.history if e.rung < 2} == {2}
 
 
+def test_references_are_never_evaluated_below_the_top_rung():
+    """Generation 0 starts the references at the top rung. Evaluated again at rung 0 (as members of the initial
+    population), their first steps would be trained a second time, which the cost does not charge (their run
+    already passed that checkpoint); the population around them is still population_size."""
+    result = run_search(PROBLEM, Recorder(), SETTINGS)
+    refs = {c.key() for c in evolution.references(PROBLEM)}
+    top = SETTINGS.ladder.top
+    assert len(refs) == 2 and all(e.rung == top for e in result.history if e.config.key() in refs)
+    gen0 = run_search(PROBLEM, Recorder(), dataclasses.replace(SETTINGS, generations=1, turbo=dataclasses.replace(
+        SETTINGS.turbo, iterations=0))).state.evolution
+    assert sum(e.rung == 0 for e in gen0.history) == SETTINGS.evolution.population_size - len(refs)
+
+
 def test_step_leaves_global_random_alone():
     random.seed(123)
     expected = random.random()
