@@ -46,7 +46,7 @@ search:
 def allocation(space, recipe: str):
     """``uniform-<b>bit-r<r>``, or ``mixed`` (see the module's docstring), over ``space``'s layers."""
     from autoqra_core.space import Config, LayerChoice
-    from bench.final_finetune import uniform
+    from bench.common import uniform
 
     if recipe != "mixed":
         return uniform(space, recipe)

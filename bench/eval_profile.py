@@ -34,7 +34,7 @@ def profile(args) -> dict:
     from autoqra_core.scoring import exact_split
     from autoqra_core.packed import PackedCache
     from autoqra_core.quantize import QuantSettings
-    from bench.final_finetune import uniform
+    from bench.common import uniform
     from flows.config import load_run_config
     from flows.prepared_run import Run
 
@@ -91,7 +91,7 @@ def profile(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
-    from bench.final_finetune import bench_header
+    from bench.common import bench_header
 
     steps = d["rung"]["steps"]
     fwd = d["train"]["body forward"] + d["train"]["LM head + loss"]
@@ -118,7 +118,7 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
-    from bench.final_finetune import run_bench
+    from bench.common import run_bench
 
     run_bench(__doc__, profile, report)
 

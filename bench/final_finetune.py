@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import shown, study_arguments, uniform  # noqa: E402
+
 METHODS = ("autoqra", "uniform-4bit-r16", "uniform-best")
 
 
@@ -55,54 +58,6 @@ def runner_up(result: dict) -> dict | None:
     winner = Config.from_dict(result["best"]["config"]).key()
     raced = {k: sum(e["eval_loss"] for e in v) / len(v) for k, v in runs.items() if len(v) >= 2 and k != winner}
     return runs[min(raced, key=raced.get)][0]["config"] if raced else None
-
-
-def study_arguments(ap: argparse.ArgumentParser) -> None:
-    """--model, --dataset and --config, defaulting to the smollm2-135m addition study's."""
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="addition")
-    ap.add_argument("--config", default=str(ROOT / "bench" / "smollm2-addition.yaml"))
-
-
-def run_bench(doc: str, measure, report, **options) -> None:
-    """The command line of a one-recipe bench on the study's model: ``study_arguments``, ``--recipe``, each of
-    ``options`` (``name=default``, its type the default's) and ``--out``; prints the report, writes it to --out."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    study_arguments(ap)
-    ap.add_argument("--recipe", default="uniform-4bit-r16")
-    for name, default in options.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    start = time.perf_counter()
-    text = report(measure(args), args, time.perf_counter() - start)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-
-
-def shown(value):
-    """An option as a command line in the README would write it: a path inside the checkout made relative."""
-    return os.path.relpath(value, ROOT) if str(value).startswith(str(ROOT)) else value
-
-
-def bench_header(script: str, args, wall: float) -> list[str]:
-    """The Command and Machine lines of a ``run_bench`` report: every option as given, this machine, wall time."""
-    import torch
-
-    flags = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in vars(args).items() if k != "out")
-    return [f"Command: `.venv/bin/python {script} {flags}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
-            f"no GPU; wall time {wall / 60:.1f} min.  "]
-
-
-def uniform(space, recipe: str):
-    """The configuration ``uniform-8bit-r4`` names, over ``space``'s layers."""
-    from autoqra_core.memory import reference_recipe
-
-    if (choice := reference_recipe(recipe)) is None:
-        raise SystemExit(f"cannot read {recipe!r}: write a uniform recipe as uniform-<bits>bit-r<rank>")
-    return space.uniform(*choice)
 
 
 def measure(args) -> dict:
@@ -146,7 +101,7 @@ def measure(args) -> dict:
 def report(data: dict, args, wall: float) -> str:
     from autoqra_core.protocol import fmt_mean_sd
 
-    from bench.quality import _diff
+    from bench.common import paired_diff
 
     cols = [("top rung (the search's)", data["top_rung"])] + [
         (f"{name}: {d['rung']['steps']} steps", d["test"]) for name, d in data["final"].items()]
@@ -172,7 +127,7 @@ def report(data: dict, args, wall: float) -> str:
     lines += ["", "Each method minus each reference (loss; accuracy):", ""]
     for c, t in cols:
         for m in (m for m in data["methods"] if m not in ("uniform-4bit-r16", "uniform-best") and m in t):
-            refs = "; ".join(f"vs {ref}: {_diff(t[m], ref, 'loss')}, accuracy {_diff(t[m], ref, 'accuracy')}"
+            refs = "; ".join(f"vs {ref}: {paired_diff(t[m], ref, 'loss')}, accuracy {paired_diff(t[m], ref, 'accuracy')}"
                              for ref in ("uniform-4bit-r16", "uniform-best"))
             lines.append(f"* {c}, {m}: {refs}")
     for name, d in data["final"].items():

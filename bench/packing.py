@@ -38,7 +38,7 @@ def measure(args) -> dict:
     from autoqra_core.scoring import exact_split
     from autoqra_core.packed import PackedCache
     from autoqra_core.quantize import QuantSettings
-    from bench.final_finetune import uniform
+    from bench.common import uniform
     from flows.config import load_run_config
     from flows.prepared_run import Run
 
@@ -88,7 +88,7 @@ def measure(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
-    from bench.final_finetune import bench_header
+    from bench.common import bench_header
 
     lines = [
         f"# Packing short masked rows vs padding per batch; the LM head at the trained positions only "
@@ -108,7 +108,7 @@ def report(d: dict, args, wall: float) -> str:
 
 
 def main() -> None:
-    from bench.final_finetune import run_bench
+    from bench.common import run_bench
 
     run_bench(__doc__, measure, report, steps=6)
 

@@ -22,16 +22,7 @@ sys.path.insert(0, str(ROOT))
 from autoqra_core.memory import format_bytes  # noqa: E402
 from autoqra_core.protocol import REFERENCES, SeedScores, compare, fmt_mean_sd  # noqa: E402
 from autoqra_core.space import Config  # noqa: E402
-
-
-def _diff(t: dict, ref: str, key: str) -> str:
-    d = (t.get("vs") or {}).get(ref)
-    if not d or d.get("n", 0) == 0 or d[f"{key}_diff_mean"] is None:
-        return "-"
-    mean, sd, n = d[f"{key}_diff_mean"], d[f"{key}_diff_sd"] or 0.0, d["n"]
-    beyond = "*" if n > 1 and abs(mean) > 2 * sd / n**0.5 else ""
-    wins = f" ({d['loss_wins']}/{n} lower)" if key == "loss" else ""
-    return f"{mean:+.4f} ± {sd:.4f}{beyond}{wins}"
+from bench.common import paired_diff  # noqa: E402
 
 
 def compared(result: dict) -> dict[str, dict]:
@@ -58,7 +49,7 @@ def table(result: dict) -> list[str]:
                  "yes" if e["memory_bytes"] <= budget else "**no**", f"{e.get('train_tokens') or 0:,}",
                  "-" if val is None else f"{val:.4f}",
                  fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")), fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3)]
-        cells += [_diff(t, r, "loss") for r in REFERENCES] + [_diff(t, r, "accuracy") for r in REFERENCES]
+        cells += [paired_diff(t, r, "loss") for r in REFERENCES] + [paired_diff(t, r, "accuracy") for r in REFERENCES]
         out.append("| " + " | ".join(cells) + " |")
     return out
 

@@ -90,7 +90,7 @@ def measure(args) -> dict:
     from autoqra_core.scoring import score
     from autoqra_core.memory import score_rows
     from autoqra_core.quantize import QuantSettings
-    from bench.final_finetune import uniform
+    from bench.common import uniform
     from flows.config import load_run_config
     from flows.prepared_run import Run
 
@@ -142,7 +142,7 @@ def measure(args) -> dict:
 
 
 def report(d: dict, args, wall: float) -> str:
-    from bench.final_finetune import bench_header
+    from bench.common import bench_header
 
     lines = [
         f"# Scoring before and after sharing each question's prompt: `{args.model}` on `{args.dataset}`, "
@@ -192,7 +192,7 @@ def _differences_table(d: dict) -> list[str]:
 
 
 def main() -> None:
-    from bench.final_finetune import run_bench
+    from bench.common import run_bench
 
     run_bench(__doc__, measure, report, repeats=2, compute_dtype="config", check_16bit=0)
 
