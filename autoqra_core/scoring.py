@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -120,16 +121,21 @@ def share_prompts(ev: EvalSet, max_tokens: int) -> SharedPrompts | None:
     )
 
 
+def _by_length(ev: EvalSet, rows_per_batch: int, device) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(rows, width, their token ids cut to that width on ``device``), batches of rows of similar length: little
+    compute spent on padding."""
+    order = torch.argsort(ev.lengths)
+    for i in range(0, len(order), rows_per_batch):
+        rows = order[i : i + rows_per_batch]
+        width = int(ev.lengths[rows].max())
+        yield rows, width, ev.input_ids[rows, :width].to(device)
+
+
 def _split_nll(split: tuple[nn.Module, nn.Module], ev: EvalSet, body_rows: int, chunk_rows: int) -> torch.Tensor:
     """Per-row summed NLL, each row run whole through the body, ``body_rows`` rows of similar length per forward."""
     body, head = split
-    device, lengths = model_device(body), ev.lengths
-    order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
     nll_sum = torch.zeros(len(ev.input_ids))
-    for i in range(0, len(order), body_rows):
-        rows = order[i : i + body_rows]
-        width = int(lengths[rows].max())
-        ids = ev.input_ids[rows, :width].to(device)
+    for rows, width, ids in _by_length(ev, body_rows, model_device(body)):
         nll_sum[rows] = _scored_nll(body(input_ids=ids).last_hidden_state, ids, ev.target_mask[rows, 1:width],
                                     head, chunk_rows * width)
     return nll_sum
@@ -208,13 +214,8 @@ def score(model: nn.Module, ev: EvalSet, batch_size: int = SCORE_BATCH_SIZE,
 
 def _whole_nll(model: nn.Module, ev: EvalSet, batch_size: int) -> torch.Tensor:
     """Per-row summed NLL of the scored tokens, each row run whole, ``batch_size`` rows of similar length at a time."""
-    device, lengths = model_device(model), ev.lengths
-    order = torch.argsort(lengths)  # batches of similar length: little compute spent on padding
     nll_sum = torch.zeros(len(ev.input_ids))
-    for i in range(0, len(order), batch_size):
-        rows = order[i : i + batch_size]
-        width = int(lengths[rows].max())
-        ids = ev.input_ids[rows, :width].to(device)
+    for rows, width, ids in _by_length(ev, batch_size, model_device(model)):
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
         del logits
