@@ -193,12 +193,12 @@ def planned_evaluations(s: SearchSettings) -> tuple[list[int], int, int]:
     asynchronous successive halving simulated on counts: each rung keeps at least ``promote_fraction`` of
     everything seen below it), the references started at the top rung, and the whole fine-tunes after stage 1
     (TuRBO's batches and about a quarter of the top-rung configurations' further race seeds)."""
+    refs = 2 if s.evolution.full_fidelity_start else 0  # the best prior configuration and uniform-4bit-r16
     seen = [0] * len(s.ladder.rungs)
     for g in range(s.generations):
-        seen[0] += s.evolution.population_size if g == 0 else s.evolution.offspring
+        seen[0] += max(1, s.evolution.population_size - refs) if g == 0 else s.evolution.offspring
         for r in range(1, len(seen)):
             seen[r] = max(seen[r], max(1, int(seen[r - 1] * s.ladder.promote_fraction)))
-    refs = 2 if s.evolution.full_fidelity_start else 0  # the best prior configuration and uniform-4bit-r16
     turbo_runs = s.turbo.iterations * s.turbo.batch_size
     replicates = -(-(seen[-1] + refs + turbo_runs) * (s.race.max_config_calls - 1) // 4)  # rounded up
     return seen, refs, turbo_runs + replicates
