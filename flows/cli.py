@@ -168,13 +168,14 @@ def _exported(ex: dict) -> None:
         sd = f" ± {t['loss_sd']:.4f}" if t.get("loss_sd") is not None else ""
         loss = f"test loss {t['loss_mean']:.4f}{sd} over seeds {t.get('seeds')}"
     else:
-        loss = f"eval loss {ex['eval_loss']:.4f}"
+        loss = f"test loss {ex['in_memory']['loss']:.4f}, the exported run's"
     typer.echo(f"exported {ex['config_key'][:8]} ({loss}) to {ex['store_url']}; "
                f"registered {ex['registered_model']} v{ex['version']} @{ex['alias']}")
     if ex.get("export_dir"):
         parts = ["model/", "adapter/", *(f"{p}/" for p in ex.get("bytes", {}) if p not in ("model", "adapter"))]
-        typer.echo(f"export folder: {ex['export_dir']} ({', '.join(parts)}, "
-                   f"README.md); load it with mlflow.pyfunc.load_model('{ex.get('model_uri')}')")
+        typer.echo(f"export folder: {ex['export_dir']} ({', '.join(parts)}, README.md)")
+        typer.echo(f"from MLflow: MLFLOW_TRACKING_URI={ex.get('tracking_uri')} python -c \"import mlflow; "
+                   f"m = mlflow.pyfunc.load_model('{ex.get('model_uri')}')\"")
 
 
 @app.command("export")

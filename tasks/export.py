@@ -80,4 +80,4 @@ def publish(export_dir: str, store_url: str | None, prefix: str, name: str, mlfl
                                       tags={**tags, "store": store.url_for(prefix)}, description=description, uri=uri)
     return {"store_url": store.url_for(prefix), "store_keys": keys, "mlflow_run_id": run_id,
             "registered_model": name, "version": str(version.version), "alias": "champion",
-            "source": version.source, "model_uri": f"models:/{name}@champion"}
+            "source": version.source, "model_uri": f"models:/{name}@champion", "tracking_uri": uri}

@@ -110,6 +110,22 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_readmes_loading_code_answers_a_prompt(exported, capsys):
+    """The README's loading code as a user copies it, only its folder pointed at this export: model/ + adapter/
+    through hqq, peft and transformers alone, then one generate() call."""
+    import re
+
+    from .helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "AutoHQQHFModel" in b)
+    code = block.replace('"demo-output/export/autoqra-embedded"', repr(str(exported[0])))
+    assert code != block, "the README's loading code no longer names demo-output's export folder"
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("apple: ")
+
+
+@pytest.mark.slow
 def test_export_folder_reloads_without_autoqra(exported, embedded, tmp_path):
     out, metrics, cfg = exported
     model, tok, task, lmap = embedded
