@@ -197,8 +197,10 @@ class RunOutputs:
         if result["progress"]:
             paths.append(plot_progress([{"evaluations": p["evaluations"], "best_loss": p["best_loss"],
                                          "stage": p["stage"]} for p in result["progress"]], self.out / "progress.png"))
-        paths.append(plot_pareto(result["evaluations"], result["pareto"], self.out / "pareto.png",
-                                 baselines=result["baselines"], budget_bytes=self.run.budget_bytes))
+        top = [e for e in result["evaluations"] if e.get("rung") == self.run.ladder.top]  # the whole fine-tune only
+        paths.append(plot_pareto(top, result["pareto"], self.out / "pareto.png", baselines=result["baselines"],
+                                 budget_bytes=self.run.budget_bytes,
+                                 title="Memory vs. validation loss, at the whole fine-tune (the top rung)"))
         return paths
 
     def _prefect_artifacts(self, result: dict, plots: list[Path]) -> None:

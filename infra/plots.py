@@ -148,11 +148,13 @@ def plot_pareto(
             markersize=5,
             label="Pareto front",
         )
+    at: dict[tuple[float, float], list[str]] = {}  # baselines on the same point (the same recipe): one label
     for name, base in (baselines or {}).items():
         if _finite(base.get("eval_loss")) and base.get("memory_bytes") is not None:
-            x, y = base["memory_bytes"] / MIB, base["eval_loss"]
-            ax.scatter([x], [y], marker="s", color="tab:blue", s=28, zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            at.setdefault((base["memory_bytes"] / MIB, round(base["eval_loss"], 6)), []).append(name)
+    for k, ((x, y), names) in enumerate(sorted(at.items())):
+        ax.scatter([x], [y], marker="s", color="tab:blue", s=28, zorder=3)
+        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (k % 3)), fontsize=7)
     if budget_bytes:
         ax.axvline(budget_bytes / MIB, color="black", linestyle="--", linewidth=1, label="budget")
     ax.set_xlabel("memory (MiB)")
