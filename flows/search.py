@@ -52,11 +52,17 @@ def check_out(out: Path, params: dict) -> None:
 
 
 def _first_started(out: Path) -> float | None:
-    """When the search in ``out`` first started (its snapshot says), or None for a new one."""
+    """When the search in ``out`` first started (its snapshot says), or None for a new one; a resumed search says
+    so, with how far the last attempt got (its evaluations are read back from the cache, not run again)."""
     try:
-        return json.loads((out / STATE_FILE).read_text()).get("started")
+        snap = json.loads((out / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
+    state = snap.get("state") or {}
+    done = len((state.get("evolution") or {}).get("history", [])) + len((state.get("turbo") or {}).get("history", []))
+    get_run_logger().info(f"resuming: the last attempt in {out} reached step {snap.get('step', '-')} after {done} "
+                          f"evaluations; finished work comes back from the cache, only the rest runs")
+    return snap.get("started")
 
 
 def _planned(run: Run, baselines: bool) -> int:

@@ -200,3 +200,21 @@ def test_mlflow_server_killed_mid_search(prefect_env, tmp_path, monkeypatch):
         assert tracking.client(uri).get_run(result["mlflow_run_id"]).info.status == "FINISHED"
     finally:
         local_stack.down(tmp_path / "stack")
+
+
+def test_a_resumed_search_says_how_far_the_last_attempt_got(tmp_path, monkeypatch):
+    """Re-running a search in the same --out says it resumes, from which step and after how many evaluations (the
+    snapshot's); a new --out says nothing and starts its clock now."""
+    from unittest import mock
+
+    import flows.search as fs
+
+    (tmp_path / fs.STATE_FILE).write_text(json.dumps({"started": 5.0, "step": "turbo 1", "state": {
+        "stage": "turbo", "evolution": {"history": [{}, {}, {}]}, "turbo": {"history": [{}]}}}))
+    log = mock.Mock()
+    monkeypatch.setattr(fs, "get_run_logger", lambda: log)
+    assert fs._first_started(tmp_path) == 5.0
+    said = log.info.call_args[0][0]
+    assert said.startswith("resuming:") and "turbo 1" in said and "4 evaluations" in said
+    log.reset_mock()
+    assert fs._first_started(tmp_path / "new") is None and not log.info.called
