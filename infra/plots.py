@@ -86,7 +86,8 @@ def plot_progress(records: Sequence[Mapping[str, Any]], path: str | Path, title:
             zorder=2,
             s=18,
         )
-    ax.set_xlabel("evaluations")
+    ax.set_xlabel("evaluations\n(the incumbent's loss is a mean over the race's seeds: it can rise when a replicate "
+                  "of it lands)", fontsize=9)
     ax.set_ylabel("incumbent's eval_loss (mean over its seeds)")
     ax.set_title(title or "Search progress")
     if stages:
