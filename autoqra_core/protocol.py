@@ -160,3 +160,15 @@ def fmt_mean_sd(mean: float | None, sd: float | None, digits: int = 4) -> str:
     if mean is None or not math.isfinite(mean):
         return "-"
     return f"{mean:.{digits}f} ± {sd or 0.0:.{digits}f}"
+
+
+def fmt_paired_diff(t: dict, ref: str, key: str) -> str:
+    """A method's paired difference to ``ref`` in ``key`` (loss or accuracy) from its test summary ``t`` (``compare``'s
+    entry): mean ± sd over the shared seeds, * beyond 2 standard errors, with how many seeds the loss was lower."""
+    d = (t.get("vs") or {}).get(ref)
+    if not d or d.get("n", 0) == 0 or d[f"{key}_diff_mean"] is None:
+        return "-"
+    mean, sd, n = d[f"{key}_diff_mean"], d[f"{key}_diff_sd"] or 0.0, d["n"]
+    beyond = "*" if n > 1 and abs(mean) > 2 * sd / n**0.5 else ""
+    wins = f" ({d['loss_wins']}/{n} lower)" if key == "loss" else ""
+    return f"{mean:+.4f} ± {sd:.4f}{beyond}{wins}"

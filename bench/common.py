@@ -1,5 +1,5 @@
-"""What the bench scripts share: the study's command line and report header (``run_bench``, ``bench_header``), a
-uniform recipe by name and a paired difference as the reports write it."""
+"""What the bench scripts share: the study's command line and report header (``run_bench``, ``bench_header``) and a
+uniform recipe by name."""
 
 from __future__ import annotations
 
@@ -58,15 +58,3 @@ def uniform(space, recipe: str):
     if (choice := reference_recipe(recipe)) is None:
         raise SystemExit(f"cannot read {recipe!r}: write a uniform recipe as uniform-<bits>bit-r<rank>")
     return space.uniform(*choice)
-
-
-def paired_diff(t: dict, ref: str, key: str) -> str:
-    """A method's paired difference to ``ref`` in ``key`` (loss or accuracy) as mean ± sd over the shared seeds,
-    * beyond 2 standard errors, with how many seeds the loss was lower."""
-    d = (t.get("vs") or {}).get(ref)
-    if not d or d.get("n", 0) == 0 or d[f"{key}_diff_mean"] is None:
-        return "-"
-    mean, sd, n = d[f"{key}_diff_mean"], d[f"{key}_diff_sd"] or 0.0, d["n"]
-    beyond = "*" if n > 1 and abs(mean) > 2 * sd / n**0.5 else ""
-    wins = f" ({d['loss_wins']}/{n} lower)" if key == "loss" else ""
-    return f"{mean:+.4f} ± {sd:.4f}{beyond}{wins}"

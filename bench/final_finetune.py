@@ -101,7 +101,7 @@ def measure(args) -> dict:
 def report(data: dict, args, wall: float) -> str:
     from autoqra_core.protocol import fmt_mean_sd
 
-    from bench.common import paired_diff
+    from autoqra_core.protocol import fmt_paired_diff
 
     cols = [("top rung (the search's)", data["top_rung"])] + [
         (f"{name}: {d['rung']['steps']} steps", d["test"]) for name, d in data["final"].items()]
@@ -127,7 +127,7 @@ def report(data: dict, args, wall: float) -> str:
     lines += ["", "Each method minus each reference (loss; accuracy):", ""]
     for c, t in cols:
         for m in (m for m in data["methods"] if m not in ("uniform-4bit-r16", "uniform-best") and m in t):
-            refs = "; ".join(f"vs {ref}: {paired_diff(t[m], ref, 'loss')}, accuracy {paired_diff(t[m], ref, 'accuracy')}"
+            refs = "; ".join(f"vs {ref}: {fmt_paired_diff(t[m], ref, 'loss')}, accuracy {fmt_paired_diff(t[m], ref, 'accuracy')}"
                              for ref in ("uniform-4bit-r16", "uniform-best"))
             lines.append(f"* {c}, {m}: {refs}")
     for name, d in data["final"].items():

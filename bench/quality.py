@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoqra_core.memory import format_bytes  # noqa: E402
-from autoqra_core.protocol import REFERENCES, SeedScores, compare, fmt_mean_sd  # noqa: E402
+from autoqra_core.protocol import REFERENCES, SeedScores, compare, fmt_mean_sd, fmt_paired_diff  # noqa: E402
 from autoqra_core.space import Config  # noqa: E402
-from bench.common import paired_diff  # noqa: E402
 
 
 def compared(result: dict) -> dict[str, dict]:
@@ -49,7 +48,7 @@ def table(result: dict) -> list[str]:
                  "yes" if e["memory_bytes"] <= budget else "**no**", f"{e.get('train_tokens') or 0:,}",
                  "-" if val is None else f"{val:.4f}",
                  fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")), fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3)]
-        cells += [paired_diff(t, r, "loss") for r in REFERENCES] + [paired_diff(t, r, "accuracy") for r in REFERENCES]
+        cells += [fmt_paired_diff(t, r, "loss") for r in REFERENCES] + [fmt_paired_diff(t, r, "accuracy") for r in REFERENCES]
         out.append("| " + " | ".join(cells) + " |")
     return out
 

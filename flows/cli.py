@@ -107,17 +107,22 @@ def _summary(result: dict) -> None:
     from rich.table import Table
 
     from autoqra_core.memory import format_bytes
+    from autoqra_core.protocol import fmt_mean_sd, fmt_paired_diff
 
-    table = Table(title=f"budget {format_bytes(result['budget_bytes'])}")
-    for col in ("name", "eval loss", "accuracy", "memory", "bits/rank per layer"):
+    ref, seeds = DEFAULT_BUDGET, result.get("protocol", {}).get("report_seeds")
+    table = Table(title=f"budget {format_bytes(result['budget_bytes'])}; test on seeds {seeds}, "
+                        f"{result.get('protocol', {}).get('test_examples')} rows")
+    for col in ("method", "validation loss", "test loss", "test accuracy", f"Δ test loss vs {ref}", "memory"):
         table.add_column(col)
     rows = ([("AutoQRA best", result["best"])] if result.get("best") else []) + list(result["baselines"].items())
     for name, e in rows:
-        acc = e.get("accuracy")
-        loss = e.get("eval_loss")
-        table.add_row(name, "-" if loss is None else f"{loss:.4f}", "-" if acc is None else f"{acc:.3f}",
-                      format_bytes(e["memory_bytes"]), Config.from_dict(e["config"]).short())
+        loss, t = e.get("eval_loss"), e.get("test") or {}
+        table.add_row(name, "-" if loss is None else f"{loss:.4f}", fmt_mean_sd(t.get("loss_mean"), t.get("loss_sd")),
+                      fmt_mean_sd(t.get("accuracy_mean"), t.get("accuracy_sd"), 3), fmt_paired_diff(t, ref, "loss"),
+                      format_bytes(e["memory_bytes"]))
     Console().print(table)
+    if result.get("best"):
+        Console().print(f"AutoQRA's configuration (bits/rank per layer): {Config.from_dict(result['best']['config']).short()}")
     if cost := result.get("search_cost"):
         ft = result["fine_tune"]
         cap = cost.get("budget_fine_tunes")

@@ -129,3 +129,24 @@ def test_the_cli_the_flows_and_their_deployments_share_defaults():
         cli = {p.name: p.default for p in commands[name].params if p.name in defaults[name]}
         assert {"model", "budget", "out", "seed"} <= set(cli) and (name != "search" or "baselines" in cli)
         assert {k: str(v) for k, v in cli.items()} == {k: str(defaults[name][k]) for k in cli}, name
+
+
+def test_the_summary_shows_each_methods_test_numbers_and_the_paired_difference(capsys, monkeypatch):
+    """After a search the CLI prints, per method, the validation loss it was chosen on, its test mean ± sd over the
+    report's seeds and its paired difference to uniform-4bit-r16 (from result.json's test entries)."""
+    from autoqra_core.protocol import SeedScores, compare
+    from autoqra_core.space import SearchSpace
+    from flows.cli import _summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    config = SearchSpace(("a", "b")).uniform(4, 16).to_dict()
+    tests = compare({"autoqra": SeedScores((1, 2), (1.0, 1.2), (0.5, 0.6)),
+                     "uniform-4bit-r16": SeedScores((1, 2), (1.5, 1.6), (0.4, 0.4))})
+    result = {"budget_bytes": 2**20, "protocol": {"report_seeds": [1, 2], "test_examples": 30},
+              "best": {"config": config, "eval_loss": 0.9, "memory_bytes": 2**19, "test": tests["autoqra"]},
+              "baselines": {"uniform-4bit-r16": {"config": config, "eval_loss": 1.4, "memory_bytes": 2**19,
+                                                 "test": tests["uniform-4bit-r16"]}}}
+    _summary(result)
+    out = capsys.readouterr().out
+    assert "test on seeds [1, 2], 30 rows" in out and "1.1000 ± 0.1414" in out and "1.5500 ± 0.0707" in out
+    assert "-0.4500 ± 0.0707* (2/2 lower)" in out and "0.550 ± 0.071" in out
